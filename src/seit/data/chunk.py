@@ -1,0 +1,72 @@
+"""One chunk = hundreds of samples in one tar member.
+
+A tar member costs a 512-byte header plus padding, which would dwarf a ~1 KB token sample, so
+samples are packed in chunks. A chunk holds the codec-encoded ids, the labels and the sample
+keys, each compressed on its own so that the id codec can change without touching the rest.
+
+Layout: header ``<4sIIII`` (magic, n, ids bytes, labels bytes, keys bytes), then the three
+payloads. Labels are int32 (-1 means unlabelled), keys are newline-separated UTF-8.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from seit.data.codec import CodecError, get_codec
+
+CHUNK_EXT = "tokens"
+_HEADER = struct.Struct("<4sIIII")
+_MAGIC = b"SCHK"
+
+
+@dataclass
+class Chunk:
+    ids: np.ndarray  # uint16 [n, H, W]
+    labels: np.ndarray  # int64 [n]
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def encode_chunk(chunk: Chunk, codec: str, codebook_size: int) -> bytes:
+    n = len(chunk.keys)
+    if chunk.ids.shape[0] != n or chunk.labels.shape[0] != n:
+        raise ValueError(f"chunk has {chunk.ids.shape[0]} id grids, {chunk.labels.shape[0]} labels, {n} keys")
+    bad = [k for k in chunk.keys if "\n" in k or not k]
+    if bad:
+        raise ValueError(f"sample keys must be non-empty and single-line: {bad[:3]}")
+    encode, _ = get_codec(codec)
+    ids = encode(chunk.ids, codebook_size)
+    zc = zstandard.ZstdCompressor(level=19, write_checksum=True)
+    labels = zc.compress(chunk.labels.astype("<i4").tobytes())
+    keys = zc.compress("\n".join(chunk.keys).encode())
+    return _HEADER.pack(_MAGIC, n, len(ids), len(labels), len(keys)) + ids + labels + keys
+
+
+def decode_chunk(payload: bytes, codec: str) -> Chunk:
+    """Decode one chunk; raises CodecError on anything malformed (callers add the shard name)."""
+    if len(payload) < _HEADER.size:
+        raise CodecError(f"chunk of {len(payload)} bytes is shorter than its header")
+    magic, n, n_ids, n_labels, n_keys = _HEADER.unpack_from(payload)
+    if magic != _MAGIC:
+        raise CodecError(f"bad chunk magic {magic!r}")
+    if _HEADER.size + n_ids + n_labels + n_keys != len(payload):
+        raise CodecError(f"chunk size {len(payload)} does not match its header (truncated?)")
+    _, decode = get_codec(codec)
+    start = _HEADER.size
+    ids = decode(payload[start : start + n_ids])
+    start += n_ids
+    zd = zstandard.ZstdDecompressor()
+    try:
+        labels = np.frombuffer(zd.decompress(payload[start : start + n_labels]), dtype="<i4")
+        keys = zd.decompress(payload[start + n_labels :]).decode().split("\n")
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"labels or keys stream is corrupt: {exc}") from exc
+    if not (ids.shape[0] == labels.shape[0] == len(keys) == n):
+        raise CodecError(f"chunk claims {n} samples, holds {ids.shape[0]} ids / {labels.shape[0]} labels / {len(keys)} keys")
+    return Chunk(ids=ids, labels=labels.astype(np.int64), keys=keys)

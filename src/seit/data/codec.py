@@ -1,0 +1,79 @@
+"""Lossless codecs for blocks of token ids.
+
+A codec turns an id array ``[n, H, W]`` into bytes and back, bit-exactly. The dataset names
+its codec in ``dataset.json`` so readers pick the matching decoder; new codecs register here.
+
+``zstd-planes`` (v1): ids are stored in the narrowest unsigned dtype that holds the codebook
+(uint8 for K <= 256, else uint16), the little-endian byte planes are split apart (all low
+bytes, then all high bytes) and the result is zstd-compressed with a frame checksum. The high
+plane of a K=1024 codebook only holds values 0..3, so it compresses to almost nothing, while
+interleaved uint16 would hide that structure from zstd.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable
+
+import numpy as np
+import zstandard
+
+_HEADER = struct.Struct("<4sBBHHI")  # magic, version, bytes per id, H, W, n
+_MAGIC = b"STOK"
+
+
+class CodecError(ValueError):
+    """A payload that cannot be decoded: corrupt, truncated or of the wrong shape."""
+
+
+def id_dtype(codebook_size: int) -> np.dtype:
+    if codebook_size <= 0 or codebook_size > 65536:
+        raise ValueError(f"codebook_size must be in 1..65536, got {codebook_size}")
+    return np.dtype(np.uint8) if codebook_size <= 256 else np.dtype("<u2")
+
+
+def encode_zstd_planes(ids: np.ndarray, codebook_size: int, level: int = 19) -> bytes:
+    if ids.ndim != 3:
+        raise ValueError(f"ids must be [n, H, W], got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= codebook_size):
+        raise ValueError(f"ids out of range [0, {codebook_size}): min {ids.min()}, max {ids.max()}")
+    dtype = id_dtype(codebook_size)
+    n, h, w = ids.shape
+    planes = ids.astype(dtype).reshape(-1).view(np.uint8).reshape(-1, dtype.itemsize).T
+    body = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(
+        np.ascontiguousarray(planes).tobytes()
+    )
+    return _HEADER.pack(_MAGIC, 1, dtype.itemsize, h, w, n) + body
+
+
+def decode_zstd_planes(payload: bytes) -> np.ndarray:
+    if len(payload) < _HEADER.size:
+        raise CodecError(f"payload of {len(payload)} bytes is shorter than the header")
+    magic, version, itemsize, h, w, n = _HEADER.unpack_from(payload)
+    if magic != _MAGIC or version != 1 or itemsize not in (1, 2):
+        raise CodecError(f"bad header (magic={magic!r}, version={version}, itemsize={itemsize})")
+    expected = n * h * w * itemsize
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(payload[_HEADER.size :], max_output_size=expected)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"zstd stream is corrupt or truncated: {exc}") from exc
+    if len(raw) != expected:
+        raise CodecError(f"decoded {len(raw)} bytes, expected {expected} for [{n},{h},{w}]")
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, -1)
+    dtype = np.uint8 if itemsize == 1 else np.dtype("<u2")
+    ids = np.ascontiguousarray(planes.T).view(dtype).reshape(n, h, w)
+    return ids.astype(np.uint16, copy=False)
+
+
+Encoder = Callable[[np.ndarray, int], bytes]
+Decoder = Callable[[bytes], np.ndarray]
+CODECS: dict[str, tuple[Encoder, Decoder]] = {
+    "zstd-planes": (encode_zstd_planes, decode_zstd_planes),
+}
+
+
+def get_codec(name: str) -> tuple[Encoder, Decoder]:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; known codecs: {sorted(CODECS)}") from None

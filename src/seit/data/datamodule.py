@@ -1,0 +1,76 @@
+"""TokenDataModule: a token dataset directory as Lightning train/val loaders.
+
+World size and rank are read in ``setup()`` (never in ``__init__``, where torch.distributed is
+not initialised yet). Loaders are plain ``torch.utils.data.DataLoader`` objects with
+``batch_size=None`` over a ``TokenStream``, so Lightning still injects its seeded
+``worker_init_fn``. When the dataset is missing and ``build.source`` is set, ``prepare_data``
+builds it with the tokenize pipeline (once per node).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from seit.data.dataset_info import INFO_FILE, TokenDatasetInfo
+from seit.data.token_stream import SharedEpoch, TokenStream
+
+
+class TokenDataModule(pl.LightningDataModule):
+    def __init__(self, cfg: DictConfig, *, build_cfg: DictConfig | None = None, seed: int = 0):
+        """`cfg` is the ``data`` config group; `build_cfg` is the whole config, for building."""
+        super().__init__()
+        self.cfg = cfg
+        self.build_cfg = build_cfg
+        self.seed = seed
+        self.epoch = SharedEpoch()
+        self.info: TokenDatasetInfo | None = None
+
+    def prepare_data(self) -> None:
+        if not (Path(self.cfg.root) / INFO_FILE).is_file() and self.build_cfg is not None and self.cfg.build.source:
+            from seit.pipelines.tokenize import tokenize
+
+            tokenize(self.build_cfg)
+
+    def load_info(self) -> TokenDatasetInfo:
+        if self.info is None:
+            self.info = TokenDatasetInfo.open(self.cfg.root)
+        return self.info
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load_info()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.load_info().classes)
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def stream(self, split: str, train: bool) -> TokenStream:
+        info = self.load_info()
+        rank, world = self._rank_world()
+        batch = self.cfg.batch_size if train else self.cfg.eval_batch_size
+        return TokenStream(info.shards(split), info.shard_paths(split), codec=info.codec,
+                           codebook_size=info.codebook_size, grid=info.grid, chunk_size=info.meta["chunk_size"],
+                           batch_size=batch, train=train, rank=rank, world_size=world,
+                           num_workers=self.cfg.num_workers, seed=self.seed,
+                           shuffle_buffer=self.cfg.shuffle_buffer, epoch=self.epoch)
+
+    def _loader(self, stream: TokenStream) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.cfg.pin_memory,
+                          persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.stream(self.cfg.train_split, train=True))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.stream(self.cfg.val_split, train=False))

@@ -1,0 +1,154 @@
+"""The self-describing token dataset directory.
+
+    DIR/dataset.json          what is in it (see REQUIRED_FIELDS), written last and atomically
+    DIR/codebook.safetensors  the K x D codebook the ids index into
+    DIR/tokenizer.safetensors the tokenizer that made the ids (decode back to images)
+    DIR/shards/*.tar          chunked token shards
+
+A reader trusts nothing it has not checked: missing files, fields and fingerprint mismatches
+raise ``DatasetError`` naming the directory and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_NAME = "seit-tokens"
+FORMAT_VERSION = 1
+INFO_FILE = "dataset.json"
+CODEBOOK_FILE = "codebook.safetensors"
+TOKENIZER_FILE = "tokenizer.safetensors"
+SHARD_DIR = "shards"
+REQUIRED_FIELDS = ("format", "version", "num_samples", "grid", "codebook_size", "codec", "codebook_sha256",
+                   "classes", "shards", "bytes_on_disk", "source_bytes", "chunk_size")
+
+
+class DatasetError(ValueError):
+    """A token dataset that is missing, incomplete or does not match what the caller expects."""
+
+
+def codebook_fingerprint(codebook: torch.Tensor) -> str:
+    """sha256 over the shape and the float16 values of the codebook.
+
+    Codebooks are stored in float16 (a token embedding needs no more, and on a small dataset
+    the codebook is a visible share of the bytes), so the fingerprint is taken at that precision.
+    """
+    arr = codebook.detach().cpu().to(torch.float16).contiguous().numpy().astype("<f2", copy=False)
+    h = hashlib.sha256(f"{arr.shape[0]}x{arr.shape[1]}:".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def save_codebook(path: str | os.PathLike, codebook: torch.Tensor) -> str:
+    codebook = codebook.detach().cpu().to(torch.float16).contiguous()
+    fingerprint = codebook_fingerprint(codebook)
+    tmp = f"{path}.tmp"
+    save_file({"codebook": codebook}, tmp, metadata={"sha256": fingerprint})
+    os.replace(tmp, path)
+    return fingerprint
+
+
+def dir_bytes(root: str | os.PathLike) -> int:
+    """Every byte of every file under root, as the dataset costs on disk (temp files excluded)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files if not f.endswith(".tmp"))
+    return total
+
+
+@dataclass
+class TokenDatasetInfo:
+    root: Path
+    meta: dict
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "TokenDatasetInfo":
+        root = Path(root)
+        info_path = root / INFO_FILE
+        if not info_path.is_file():
+            hint = " (the directory does not exist)" if not root.exists() else ""
+            raise DatasetError(f"{info_path} not found{hint}: not a token dataset; build one with "
+                               f"`python run.py task=tokenize data.source=IMAGES data.root={root}`")
+        try:
+            meta = json.loads(info_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{info_path} is not valid JSON: {exc}") from exc
+        missing = [f for f in REQUIRED_FIELDS if f not in meta]
+        if missing:
+            raise DatasetError(f"{info_path} lacks required fields {missing}")
+        if meta["format"] != FORMAT_NAME or meta["version"] > FORMAT_VERSION:
+            raise DatasetError(f"{info_path}: format {meta['format']!r} v{meta['version']} is not readable "
+                               f"by this version (reads {FORMAT_NAME!r} up to v{FORMAT_VERSION})")
+        absent = [s["name"] for s in meta["shards"] if not (root / SHARD_DIR / s["name"]).is_file()]
+        if absent:
+            raise DatasetError(f"{root}: {len(absent)} shard(s) listed in {INFO_FILE} are missing: {absent[:5]}")
+        return cls(root=root, meta=meta)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.meta["grid"])
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.meta["codebook_size"])
+
+    @property
+    def codec(self) -> str:
+        return self.meta["codec"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["codebook_sha256"]
+
+    def shards(self, split: str) -> list[dict]:
+        shards = [s for s in self.meta["shards"] if s["split"] == split]
+        if not shards:
+            splits = sorted({s["split"] for s in self.meta["shards"]})
+            raise DatasetError(f"{self.root} has no split {split!r}; it has {splits}")
+        return shards
+
+    def shard_paths(self, split: str) -> list[str]:
+        return [str(self.root / SHARD_DIR / s["name"]) for s in self.shards(split)]
+
+    def num_samples(self, split: str) -> int:
+        return sum(s["count"] for s in self.shards(split))
+
+    def load_codebook(self) -> torch.Tensor:
+        path = self.root / CODEBOOK_FILE
+        if not path.is_file():
+            raise DatasetError(f"{path} not found")
+        codebook = load_file(str(path))["codebook"].to(torch.float32)
+        actual = codebook_fingerprint(codebook)
+        if actual != self.fingerprint:
+            raise DatasetError(f"{path} has fingerprint {actual[:12]}…, but {INFO_FILE} says "
+                               f"{self.fingerprint[:12]}…: the codebook was replaced or corrupted")
+        if codebook.shape[0] != self.codebook_size:
+            raise DatasetError(f"{path} has {codebook.shape[0]} entries, {INFO_FILE} says {self.codebook_size}")
+        return codebook
+
+    def check_fingerprint(self, expected: str, what: str) -> None:
+        """Refuse to mix tokens from one codebook with a model built on another."""
+        if expected != self.fingerprint:
+            raise DatasetError(
+                f"codebook mismatch: the dataset {self.root} was tokenized with codebook "
+                f"{self.fingerprint[:12]}…, but {what} uses codebook {expected[:12]}…. Token ids only mean "
+                "something under the codebook that produced them; re-tokenize or use a matching checkpoint.")
+
+
+def storage_summary(meta: dict) -> dict:
+    n = max(int(meta["num_samples"]), 1)
+    summary = {"bytes_per_sample": meta["bytes_on_disk"] / n}
+    if meta.get("source_bytes"):
+        summary["percent_of_source"] = 100.0 * meta["bytes_on_disk"] / meta["source_bytes"]
+    return summary

@@ -1,0 +1,56 @@
+"""What turns a batch into a ``[B, C, H, W]`` map that the ViT stem consumes.
+
+Tokens: a frozen codebook lookup (SeiT keeps the tokenizer's codebook fixed), so every
+augmentation can work on the D-channel embedding map. Pixels: uint8 images normalised with the
+ImageNet statistics, for the pixel baseline that shares the rest of the code path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seit.data.dataset_info import codebook_fingerprint
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CodebookEmbedding(nn.Module):
+    """ids [B,H,W] (any integer dtype, uint16 from the loader) -> [B,D,H,W]; the codebook is frozen."""
+
+    def __init__(self, codebook_size: int, embed_dim: int):
+        super().__init__()
+        self.register_buffer("codebook", torch.zeros(codebook_size, embed_dim))
+
+    @property
+    def out_chans(self) -> int:
+        return self.codebook.shape[1]
+
+    @property
+    def fingerprint(self) -> str:
+        return codebook_fingerprint(self.codebook)
+
+    def load_codebook(self, codebook: torch.Tensor) -> None:
+        if codebook.shape != self.codebook.shape:
+            raise ValueError(f"codebook shape {tuple(codebook.shape)} does not match the model's "
+                             f"{tuple(self.codebook.shape)} (model.codebook_size / embed_dim)")
+        self.codebook.copy_(codebook)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids.long(), self.codebook).permute(0, 3, 1, 2)
+
+
+class PixelNormalize(nn.Module):
+    """uint8 images [B,3,H,W] -> normalised float."""
+
+    out_chans = 3
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std

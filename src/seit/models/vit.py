@@ -1,0 +1,55 @@
+"""Assemble a classifier: input embedding -> stem -> timm ViT blocks -> mean pool + LN + linear.
+
+The transformer is timm's ``VisionTransformer``; only its ``embed_layer`` is swapped (the
+Stem-Adaptor for tokens, the stock patchify for pixels), so tokens and pixels share one body.
+The head is SeiT's: global average pooling, LayerNorm, linear (no class token, which SeiT
+prepends but never reads).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import VisionTransformer
+
+from seit.models.input_embed import CodebookEmbedding, PixelNormalize
+from seit.models.stem import StemAdaptor
+
+INPUTS = ("tokens", "pixels")
+
+
+class TokenViT(nn.Module):
+    """``embed(x)`` gives the map the augmentations work on; ``forward(map)`` gives logits."""
+
+    def __init__(self, *, input: str, input_size: int, num_classes: int, embed_dim: int, depth: int,
+                 num_heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
+                 codebook_size: int = 0, codebook_dim: int = 32, patch_size: int = 16):
+        super().__init__()
+        if input not in INPUTS:
+            raise ValueError(f"model.input must be one of {INPUTS}, got {input!r}")
+        if input == "tokens":
+            if codebook_size <= 0:
+                raise ValueError("a token model needs codebook_size > 0")
+            self.embed = CodebookEmbedding(codebook_size, codebook_dim)
+            embed_layer, patch = StemAdaptor, 2
+        else:
+            self.embed = PixelNormalize()
+            embed_layer, patch = PatchEmbed, patch_size
+        if input_size < patch:
+            raise ValueError(f"input size {input_size} is smaller than the stem's stride {patch}")
+        self.vit = VisionTransformer(
+            img_size=input_size, patch_size=patch, in_chans=self.embed.out_chans, num_classes=num_classes,
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+            class_token=False, global_pool="avg", fc_norm=True, drop_path_rate=drop_path_rate,
+            embed_layer=embed_layer)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"vit.{n}" for n in self.vit.no_weight_decay()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled, normalised features (pre-logits): what embedding and probing tasks read."""
+        return self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)

@@ -1,0 +1,45 @@
+"""What run.py dispatches to: one function per ``task.name``."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def _train(cfg):
+    from seit.pipelines.train import train
+
+    return train(cfg)
+
+
+def _tokenize(cfg):
+    from seit.pipelines.tokenize import tokenize
+
+    return tokenize(cfg)
+
+
+TASKS = {"train": _train, "tokenize": _tokenize}
+
+
+def run_task(cfg: DictConfig):
+    """Run the task, and always close the loggers (a multirun reuses the process)."""
+    name = cfg.task.name
+    if name not in TASKS:
+        raise ValueError(f"unknown task.name {name!r}; known tasks: {sorted(TASKS)}")
+    try:
+        return TASKS[name](cfg)
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

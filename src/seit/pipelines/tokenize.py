@@ -1,0 +1,236 @@
+"""``task=tokenize``: images -> a token dataset directory.
+
+Work is planned as a fixed list of shards (images sorted, then shuffled with a fixed seed so
+that every shard mixes all classes; ``shard_size`` per shard), so the
+result does not depend on how many processes run or how often the job was interrupted: every
+shard is written atomically with a progress record, a re-run skips the shards already done, and
+``dataset.json`` is written last. The plan and the fitted tokenizer are saved first, and a re-run
+that would produce something different from the interrupted one refuses to mix the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from seit.data.dataset_info import (CODEBOOK_FILE, FORMAT_NAME, FORMAT_VERSION, INFO_FILE, SHARD_DIR,
+                                    TokenDatasetInfo, dir_bytes, save_codebook, storage_summary)
+from seit.data.embedded import resolve_source
+from seit.data.image_source import ImageReadError, ImageRecord, load_image, scan_source
+from seit.data.shard_writer import write_shard
+from seit.tokenizers import PatchKMeansTokenizer, Tokenizer, load_tokenizer
+from seit.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+PROGRESS_DIR = ".progress"
+_ENCODE_BATCH = 64
+
+
+def tokenizer_path(cfg) -> Path:
+    """Where the tokenizer lives: the given checkpoint, else beside the dataset dir."""
+    if cfg.tokenizer.checkpoint:
+        return Path(cfg.tokenizer.checkpoint)
+    root = Path(cfg.data.root)
+    return root.parent / f"{root.name}.tokenizer.safetensors"
+
+
+def fit_tokenizer(cfg, records: list[ImageRecord]) -> Tokenizer:
+    t = cfg.tokenizer
+    if t.kind != PatchKMeansTokenizer.kind:
+        raise ValueError(f"tokenizer kind {t.kind!r} cannot be fitted here; give tokenizer.checkpoint=PATH")
+    rng = np.random.default_rng(t.seed)
+    pick = rng.choice(len(records), size=min(t.fit_images, len(records)), replace=False)
+    images = np.stack([load_image(records[i], t.image_size) for i in tqdm(sorted(pick), desc="fit: load images")])
+    log.info("fitting %s tokenizer (K=%d, D=%d, patch %d) on %d images", t.kind, t.codebook_size, t.embed_dim,
+             t.patch_size, len(images))
+    return PatchKMeansTokenizer.fit(torch.from_numpy(images).float() / 255, patch_size=t.patch_size,
+                                    codebook_size=t.codebook_size, embed_dim=t.embed_dim,
+                                    max_patches=t.fit_patches, iters=t.fit_iters, seed=t.seed)
+
+
+def obtain_tokenizer(cfg, train_records: list[ImageRecord]) -> tuple[Tokenizer, Path]:
+    path = tokenizer_path(cfg)
+    if path.is_file():
+        tokenizer = load_tokenizer(path)
+        log.info("tokenizer: %s (%s, codebook %s…)", path, tokenizer.kind, tokenizer.fingerprint[:12])
+    elif cfg.tokenizer.checkpoint:
+        raise FileNotFoundError(f"tokenizer.checkpoint={path} does not exist")
+    else:
+        tokenizer = fit_tokenizer(cfg, train_records)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(path)
+        log.info("fitted tokenizer saved to %s", path)
+    if tokenizer.image_size != cfg.tokenizer.image_size:
+        log.warning("the tokenizer at %s works at %d px, not tokenizer.image_size=%d; using %d", path,
+                    tokenizer.image_size, cfg.tokenizer.image_size, tokenizer.image_size)
+    return tokenizer, path
+
+
+# --- worker side: one shard per call --------------------------------------------------------
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(path: str) -> None:
+    global _WORKER_TOKENIZER
+    torch.set_num_threads(1)
+    _WORKER_TOKENIZER = load_tokenizer(path)
+
+
+def _encode_shard(job: dict) -> dict:
+    tokenizer = _WORKER_TOKENIZER
+    records: list[ImageRecord] = job["records"]
+    ids, labels, keys, skipped = [], [], [], []
+    for start in range(0, len(records), _ENCODE_BATCH):
+        batch, batch_records = [], []
+        for rec in records[start : start + _ENCODE_BATCH]:
+            try:
+                batch.append(load_image(rec, tokenizer.image_size))
+            except ImageReadError as exc:
+                if not job["skip_bad_images"]:
+                    raise ImageReadError(f"{exc} (pass data.build.skip_bad_images=true to skip and count such images)") from None
+                skipped.append(rec.where)
+                continue
+            batch_records.append(rec)
+        if batch:
+            with torch.inference_mode():
+                ids.append(tokenizer.encode(torch.from_numpy(np.stack(batch)).float() / 255).numpy())
+            labels += [r.label for r in batch_records]
+            keys += [r.key for r in batch_records]
+    grid = tokenizer.grid
+    record = write_shard(job["path"], np.concatenate(ids) if ids else np.zeros((0, *grid), np.uint16),
+                         np.asarray(labels, np.int64), keys, split=job["split"], codec=job["codec"],
+                         codebook_size=tokenizer.codebook_size, chunk_size=job["chunk_size"],
+                         skipped=len(skipped)).to_dict()
+    record["skipped_samples"] = skipped
+    atomic_write_json(job["progress"], record)
+    return record
+
+
+# --- driver -----------------------------------------------------------------------------------
+def _listing_hash(splits: dict[str, list[ImageRecord]]) -> str:
+    h = hashlib.sha256()
+    for name, recs in splits.items():
+        for r in recs:
+            h.update(f"{name}\t{r.key}\t{r.label}\n".encode())
+    return h.hexdigest()
+
+
+def _check_plan(progress: Path, plan: dict) -> None:
+    plan_path = progress / "plan.json"
+    if plan_path.is_file():
+        old = json.loads(plan_path.read_text())
+        diff = sorted(k for k in plan if old.get(k) != plan[k])
+        if diff:
+            raise ValueError(f"{progress.parent} holds an interrupted tokenize run with different settings "
+                             f"({', '.join(diff)}); resume it with the same settings, or pick another data.root")
+    else:
+        atomic_write_json(plan_path, plan)
+
+
+def tokenize(cfg) -> dict:
+    """Build (or finish building) the token dataset at cfg.data.root; returns its dataset.json."""
+    root = Path(cfg.data.root)
+    build = cfg.data.build
+    if (root / INFO_FILE).is_file():
+        meta = TokenDatasetInfo.open(root).meta
+        log.info("%s already complete (%d samples); nothing to do", root, meta["num_samples"])
+        return meta
+    if not build.source:
+        raise ValueError(f"no token dataset at {root} and no data.build.source to build it from")
+    source = resolve_source(str(build.source), cfg.paths.cache_dir)
+    splits, classes = scan_source(source)
+    for recs in splits.values():  # mix classes across shards: resampled shards then give mixed batches
+        np.random.default_rng(build.shuffle_seed).shuffle(recs)
+    tokenizer, tok_path = obtain_tokenizer(cfg, splits.get("train") or next(iter(splits.values())))
+
+    progress = root / PROGRESS_DIR
+    (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    progress.mkdir(exist_ok=True)
+    plan = {"source": os.path.abspath(source), "listing_sha256": _listing_hash(splits),
+            "codebook_sha256": tokenizer.fingerprint, "shard_size": build.shard_size,
+            "chunk_size": build.chunk_size, "codec": build.codec, "shuffle_seed": build.shuffle_seed}
+    _check_plan(progress, plan)
+    fingerprint = save_codebook(root / CODEBOOK_FILE, tokenizer.codebook)
+
+    jobs, done = [], []
+    for split, recs in splits.items():
+        for s, start in enumerate(range(0, len(recs), build.shard_size)):
+            name = f"{split}-{s:06d}.tar"
+            job = {"path": str(root / SHARD_DIR / name), "progress": str(progress / f"{name}.json"),
+                   "split": split, "records": recs[start : start + build.shard_size], "codec": build.codec,
+                   "chunk_size": build.chunk_size, "skip_bad_images": build.skip_bad_images}
+            if Path(job["path"]).is_file() and Path(job["progress"]).is_file():
+                done.append(json.loads(Path(job["progress"]).read_text()))
+            else:
+                jobs.append(job)
+    total = sum(len(r) for r in splits.values())
+    if done:
+        log.info("resuming: %d of %d shards already written", len(done), len(done) + len(jobs))
+    bar = tqdm(total=total, initial=sum(d["count"] + d["skipped"] for d in done), desc="tokenize", unit="img")
+    if build.workers > 0 and len(jobs) > 1:
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(build.workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(str(tok_path),)) as pool:
+            for record in pool.map(_encode_shard, jobs):
+                done.append(record)
+                bar.update(record["count"] + record["skipped"])
+    else:
+        _init_worker(str(tok_path))
+        for job in jobs:
+            done.append(_encode_shard(job))
+            bar.update(done[-1]["count"] + done[-1]["skipped"])
+    bar.close()
+
+    order = {n: i for i, n in enumerate(splits)}
+    done.sort(key=lambda r: (order[r["split"]], r["name"]))
+    skipped = [s for r in done for s in r.pop("skipped_samples")]
+    meta = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "num_samples": sum(r["count"] for r in done),
+        "splits": {s: sum(r["count"] for r in done if r["split"] == s) for s in splits},
+        "grid": list(tokenizer.grid), "image_size": tokenizer.image_size,
+        "codebook_size": tokenizer.codebook_size, "embed_dim": int(tokenizer.codebook.shape[1]),
+        "codec": build.codec, "chunk_size": build.chunk_size,
+        "codebook_sha256": fingerprint, "codebook_file": CODEBOOK_FILE,
+        "tokenizer": {"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve())},
+        "classes": classes,
+        "skipped": {"count": len(skipped), "samples": skipped},
+        "shards": done,
+        "source": os.path.abspath(source),
+        "source_bytes": sum(_size(r) for recs in splits.values() for r in recs),
+    }
+    shutil.rmtree(progress)
+    meta["bytes_on_disk"] = 0
+    # dataset.json counts itself: write once to learn its size, then with the final total.
+    atomic_write_json(root / INFO_FILE, meta)
+    for _ in range(3):
+        meta["bytes_on_disk"] = dir_bytes(root)
+        meta.update(storage_summary(meta))
+        atomic_write_json(root / INFO_FILE, meta)
+    report(meta)
+    return meta
+
+
+def _size(record: ImageRecord) -> int:
+    return record.size if record.offset >= 0 else os.path.getsize(record.path)
+
+
+def report(meta: dict) -> None:
+    line = (f"token dataset: {meta['num_samples']} samples, grid {meta['grid'][0]}x{meta['grid'][1]}, "
+            f"K={meta['codebook_size']}, {meta['bytes_on_disk']:,} bytes on disk = "
+            f"{meta['bytes_per_sample']:.1f} B/sample")
+    if "percent_of_source" in meta:
+        line += f" = {meta['percent_of_source']:.2f}% of the {meta['source_bytes']:,} source bytes"
+    if meta["skipped"]["count"]:
+        line += f"; skipped {meta['skipped']['count']} unreadable images (listed in dataset.json)"
+    print(line, flush=True)

@@ -1,0 +1,110 @@
+"""``task=train``: fit a classifier on a token dataset (or on images, for the pixel baseline)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from seit.data.datamodule import TokenDataModule
+from seit.data.dataset_info import storage_summary
+from seit.data.image_datamodule import ImageFolderDataModule, input_grid
+from seit.tasks.classification import ClassificationTask
+from seit.utils.summary import config_hash, to_float, write_summary
+
+log = logging.getLogger(__name__)
+DATA_KINDS = ("tokens", "images")
+
+
+def build_datamodule(cfg: DictConfig):
+    kind = cfg.data.kind
+    if kind == "tokens":
+        return TokenDataModule(cfg.data, build_cfg=cfg, seed=cfg.seed)
+    if kind == "images":
+        return ImageFolderDataModule(cfg.data, cache_dir=cfg.paths.cache_dir)
+    raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {kind!r}")
+
+
+def build_task(cfg: DictConfig, dm) -> ClassificationTask:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    tokens = cfg.data.kind == "tokens"
+    if tokens != (model["input"] == "tokens"):
+        raise ValueError(f"model.input={model['input']!r} does not fit data.kind={cfg.data.kind!r}")
+    fingerprint = None
+    if tokens:
+        info = dm.load_info()
+        model["codebook_size"] = info.codebook_size
+        model["codebook_dim"] = int(info.meta.get("embed_dim", 32))
+        fingerprint = info.fingerprint
+    task = ClassificationTask(
+        model=model, optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        aug=OmegaConf.to_container(cfg.aug, resolve=True), num_classes=dm.num_classes,
+        input_grid=input_grid(dm), batch_size=int(cfg.data.batch_size), codebook_sha256=fingerprint,
+        label_smoothing=cfg.task.label_smoothing, ema_decay=cfg.task.ema_decay)
+    if tokens:
+        task.load_codebook(info.load_codebook())
+    return task
+
+
+def instantiate_all(node: DictConfig | None) -> list:
+    return [hydra.utils.instantiate(c) for c in (node or {}).values() if c is not None and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> dict:
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    if dm.num_classes < 2:
+        raise ValueError(f"{cfg.data.get('root') or cfg.data.source} has {dm.num_classes} classes; "
+                         "classification needs labelled images (class subfolders)")
+    task = build_task(cfg, dm)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
+                                      logger=instantiate_all(cfg.get("logger")) or False)
+    for lg in trainer.loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    start = time.perf_counter()
+    trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    wall = time.perf_counter() - start
+
+    metrics = {k: to_float(v) for k, v in trainer.callback_metrics.items()}
+    ckpt = trainer.checkpoint_callback
+    summary = {
+        "task": "train",
+        "metrics": {k: v for k, v in sorted(metrics.items()) if v is not None},
+        "wall_s": round(wall, 3),
+        "train_s": round(task.train_seconds, 3),
+        "samples_seen": task.samples_seen,
+        "samples_per_s": round(task.samples_seen / task.train_seconds, 2) if task.train_seconds else None,
+        "global_step": trainer.global_step,
+        "config_hash": config_hash(cfg),
+        "ckpt_path": (ckpt.best_model_path or ckpt.last_model_path) if ckpt else None,
+        "output_dir": str(output_dir),
+    }
+    summary.update({k: summary["metrics"][k] for k in ("val/acc1", "val/acc5", "val/loss") if k in summary["metrics"]})
+    if cfg.data.kind == "tokens":
+        summary["dataset"] = {"root": str(dm.load_info().root), **storage_summary(dm.load_info().meta)}
+    if trainer.is_global_zero:
+        write_summary(output_dir, summary)
+        report(summary)
+    return summary
+
+
+def report(summary: dict) -> None:
+    parts = [f"{k}={summary[k]:.4f}" for k in ("val/acc1", "val/acc5", "val/loss") if k in summary]
+    parts.append(f"wall {summary['wall_s']:.1f}s")
+    if summary.get("samples_per_s"):
+        parts.append(f"{summary['samples_per_s']:.0f} train samples/s")
+    if "dataset" in summary:
+        d = summary["dataset"]
+        storage = f"{d['bytes_per_sample']:.0f} B/sample"
+        if "percent_of_source" in d:
+            storage += f" ({d['percent_of_source']:.2f}% of the source image bytes)"
+        parts.append(storage)
+    print("final: " + ", ".join(parts), flush=True)
+    print(f"summary: {Path(summary['output_dir']) / 'summary.json'}", flush=True)

@@ -1,0 +1,28 @@
+"""Tokenizers: images <-> token-id grids. ``load_tokenizer`` opens any saved one by its kind."""
+
+from __future__ import annotations
+
+import os
+
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from seit.tokenizers.base import Tokenizer
+from seit.tokenizers.patch_kmeans import PatchKMeansTokenizer
+
+TOKENIZERS = {PatchKMeansTokenizer.kind: PatchKMeansTokenizer}
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer checkpoint {path} not found")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    tensors = load_file(str(path))
+    kind = metadata.get("kind")
+    if kind not in TOKENIZERS:
+        raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; known kinds: {sorted(TOKENIZERS)}")
+    return TOKENIZERS[kind].from_state(tensors, metadata)
+
+
+__all__ = ["Tokenizer", "PatchKMeansTokenizer", "load_tokenizer", "TOKENIZERS"]

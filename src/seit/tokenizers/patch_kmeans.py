@@ -1,0 +1,126 @@
+"""A k-means patch codebook: the simplest real tokenizer, fitted on CPU in about a minute.
+
+Each p x p RGB patch is projected onto its top-D principal components (D=32, like the
+ViT-VQGAN codebook SeiT uses), and the id is its nearest k-means centroid in that space.
+Distances in the PCA space equal pixel-space squared error up to the dropped components, so
+the nearest centroid is also the best reconstruction the codebook can give. Decoding maps a
+centroid back through the PCA basis. The codebook is scaled to unit RMS so that the ViT sees
+embeddings of a sensible magnitude, and rounded to float16, the precision it is stored at.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from seit.tokenizers.base import Tokenizer
+
+_ASSIGN_BLOCK = 16384
+
+
+def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """argmin_k ||x - c_k||^2 in blocks, so memory stays bounded on millions of points."""
+    c2 = (centroids * centroids).sum(1)
+    out = torch.empty(points.shape[0], dtype=torch.long)
+    for start in range(0, points.shape[0], _ASSIGN_BLOCK):
+        block = points[start : start + _ASSIGN_BLOCK]
+        out[start : start + block.shape[0]] = (c2 - 2 * block @ centroids.T).argmin(1)
+    return out
+
+
+def kmeans(points: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """Lloyd's k-means from a random-sample init; empty clusters are re-seeded at random points."""
+    if points.shape[0] < k:
+        raise ValueError(f"k-means needs at least k={k} points, got {points.shape[0]}")
+    centroids = points[torch.randperm(points.shape[0], generator=generator)[:k]].clone()
+    for _ in range(iters):
+        assign = nearest_centroid(points, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
+        counts = torch.bincount(assign, minlength=k).to(points.dtype)
+        empty = counts == 0
+        centroids = sums / counts.clamp_min(1)[:, None]
+        if empty.any():
+            picks = torch.randint(points.shape[0], (int(empty.sum()),), generator=generator)
+            centroids[empty] = points[picks]
+    return centroids
+
+
+class PatchKMeansTokenizer(Tokenizer):
+    kind = "patch_kmeans"
+
+    def __init__(self, image_size: int, patch_size: int, mean: torch.Tensor, basis: torch.Tensor,
+                 scale: float, codebook: torch.Tensor):
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.image_size = image_size
+        self.downsample = patch_size
+        self.mean = mean  # [P]
+        self.basis = basis  # [D, P], orthonormal rows
+        self.scale = float(scale)
+        self._codebook = codebook  # [K, D]
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self._codebook
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,S,S] -> [B*L, 3*p*p] in raster order."""
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {tuple(images.shape[-2:])}")
+        p = self.downsample
+        cols = F.unfold(images.float(), kernel_size=p, stride=p)  # [B, P, L]
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    def project(self, patches: torch.Tensor) -> torch.Tensor:
+        return (patches - self.mean) @ self.basis.T / self.scale
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        g = self.grid
+        ids = nearest_centroid(self.project(self.patches(images)), self._codebook)
+        return ids.reshape(images.shape[0], *g)
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        b, gh, gw = ids.shape
+        p = self.downsample
+        patches = (self._codebook[ids.long().reshape(-1)] * self.scale) @ self.basis + self.mean
+        cols = patches.reshape(b, gh * gw, -1).transpose(1, 2)
+        images = F.fold(cols, output_size=(gh * p, gw * p), kernel_size=p, stride=p)
+        return images.clamp(0, 1)
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, *, patch_size: int, codebook_size: int, embed_dim: int,
+            max_patches: int, iters: int, seed: int) -> "PatchKMeansTokenizer":
+        """Fit PCA + k-means on the patches of `images` ([N,3,S,S] in [0,1])."""
+        gen = torch.Generator().manual_seed(seed)
+        probe = cls(images.shape[-1], patch_size, torch.zeros(1), torch.zeros(1), 1.0, torch.zeros(1))
+        patches = probe.patches(images)
+        if patches.shape[0] > max_patches:
+            patches = patches[torch.randperm(patches.shape[0], generator=gen)[:max_patches]]
+        if embed_dim > patches.shape[1]:
+            raise ValueError(f"embed_dim {embed_dim} exceeds the patch dimension {patches.shape[1]}")
+        mean = patches.mean(0)
+        centered = patches - mean
+        cov = centered.T @ centered / centered.shape[0]
+        _, vecs = torch.linalg.eigh(cov.double())
+        basis = vecs.flip(1)[:, :embed_dim].T.float().contiguous()  # top-D principal directions
+        coords = centered @ basis.T
+        scale = float(coords.pow(2).mean().sqrt()) or 1.0
+        centroids = kmeans(coords / scale, codebook_size, iters, gen)
+        codebook = centroids.to(torch.float16).to(torch.float32)
+        return cls(images.shape[-1], patch_size, mean, basis, scale, codebook)
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = f"{path}.tmp"
+        save_file({"mean": self.mean, "basis": self.basis, "codebook": self._codebook}, tmp,
+                  metadata={"kind": self.kind, "image_size": str(self.image_size),
+                            "patch_size": str(self.downsample), "scale": repr(self.scale)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_state(cls, tensors: dict, metadata: dict) -> "PatchKMeansTokenizer":
+        return cls(int(metadata["image_size"]), int(metadata["patch_size"]), tensors["mean"],
+                   tensors["basis"], float(metadata["scale"]), tensors["codebook"])
+
