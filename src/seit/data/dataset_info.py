@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from seit.utils.io import atomic_write_json
+
 FORMAT_NAME = "seit-tokens"
 FORMAT_VERSION = 1
 INFO_FILE = "dataset.json"
@@ -56,11 +58,42 @@ def save_codebook(path: str | os.PathLike, codebook: torch.Tensor) -> str:
 
 
 def dir_bytes(root: str | os.PathLike) -> int:
-    """Every byte of every file under root, as the dataset costs on disk (temp files excluded)."""
+    """Every byte of every file under root, as the dataset costs on disk.
+
+    Hidden entries (in-flight temp files, the ``.progress`` dir of a running tokenize) are not
+    part of the finished dataset and are left out.
+    """
     total = 0
-    for dirpath, _, files in os.walk(root):
-        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files if not f.endswith(".tmp"))
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files if not f.startswith("."))
     return total
+
+
+def write_dataset_info(root: str | os.PathLike, *, shards: list[dict], grid: tuple[int, int], codebook_size: int,
+                       embed_dim: int, codec: str, chunk_size: int, codebook_sha256: str, classes: list[str],
+                       source_bytes: int, **extra) -> dict:
+    """Write dataset.json last, once every shard and the codebook are in place.
+
+    ``bytes_on_disk`` counts every file of the dataset dir, dataset.json included, so the file
+    is written until its own size stops changing the total.
+    """
+    root = Path(root)
+    splits: dict[str, int] = {}
+    for s in shards:
+        splits[s["split"]] = splits.get(s["split"], 0) + s["count"]
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "num_samples": sum(splits.values()), "splits": splits,
+            "grid": list(grid), "codebook_size": codebook_size, "embed_dim": embed_dim, "codec": codec,
+            "chunk_size": chunk_size, "codebook_sha256": codebook_sha256, "codebook_file": CODEBOOK_FILE,
+            "classes": list(classes), **extra, "shards": shards, "source_bytes": source_bytes, "bytes_on_disk": 0}
+    for _ in range(4):
+        atomic_write_json(root / INFO_FILE, meta)
+        total = dir_bytes(root)
+        if total == meta["bytes_on_disk"]:
+            break
+        meta["bytes_on_disk"] = total
+        meta.update(storage_summary(meta))
+    return meta
 
 
 @dataclass

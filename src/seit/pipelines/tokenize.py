@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seit.data.dataset_info import (CODEBOOK_FILE, FORMAT_NAME, FORMAT_VERSION, INFO_FILE, SHARD_DIR,
-                                    TokenDatasetInfo, dir_bytes, save_codebook, storage_summary)
+from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, SHARD_DIR, TokenDatasetInfo, save_codebook,
+                                    write_dataset_info)
 from seit.data.embedded import resolve_source
 from seit.data.image_source import ImageReadError, ImageRecord, load_image, scan_source
 from seit.data.shard_writer import write_shard
@@ -194,29 +194,14 @@ def tokenize(cfg) -> dict:
     order = {n: i for i, n in enumerate(splits)}
     done.sort(key=lambda r: (order[r["split"]], r["name"]))
     skipped = [s for r in done for s in r.pop("skipped_samples")]
-    meta = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
-        "num_samples": sum(r["count"] for r in done),
-        "splits": {s: sum(r["count"] for r in done if r["split"] == s) for s in splits},
-        "grid": list(tokenizer.grid), "image_size": tokenizer.image_size,
-        "codebook_size": tokenizer.codebook_size, "embed_dim": int(tokenizer.codebook.shape[1]),
-        "codec": build.codec, "chunk_size": build.chunk_size,
-        "codebook_sha256": fingerprint, "codebook_file": CODEBOOK_FILE,
-        "tokenizer": {"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve())},
-        "classes": classes,
-        "skipped": {"count": len(skipped), "samples": skipped},
-        "shards": done,
-        "source": os.path.abspath(source),
-        "source_bytes": sum(_size(r) for recs in splits.values() for r in recs),
-    }
+    meta = write_dataset_info(
+        root, shards=done, grid=tokenizer.grid, codebook_size=tokenizer.codebook_size,
+        embed_dim=int(tokenizer.codebook.shape[1]), codec=build.codec, chunk_size=build.chunk_size,
+        codebook_sha256=fingerprint, classes=classes, image_size=tokenizer.image_size,
+        tokenizer={"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve())},
+        skipped={"count": len(skipped), "samples": skipped}, source=os.path.abspath(source),
+        source_bytes=sum(_size(r) for recs in splits.values() for r in recs))
     shutil.rmtree(progress)
-    meta["bytes_on_disk"] = 0
-    # dataset.json counts itself: write once to learn its size, then with the final total.
-    atomic_write_json(root / INFO_FILE, meta)
-    for _ in range(3):
-        meta["bytes_on_disk"] = dir_bytes(root)
-        meta.update(storage_summary(meta))
-        atomic_write_json(root / INFO_FILE, meta)
     report(meta)
     return meta
 

@@ -1,0 +1,62 @@
+"""Shared fixtures: small synthetic images and token datasets that the tests make themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_image_folder(root: Path, *, classes: int = 3, train: int = 12, val: int = 4, size: int = 16,
+                      fmt: str = "PNG") -> Path:
+    """ImageFolder with train/ and val/: each class a distinct colour plus noise, so it is learnable."""
+    rng = np.random.default_rng(0)
+    ext = {"PNG": "png", "JPEG": "jpg"}[fmt]
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            base = np.array([(c * 97) % 256, (c * 53 + 40) % 256, (c * 31 + 90) % 256])
+            for i in range(n):
+                img = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{split}_{c}_{i:03d}.{ext}", format=fmt)
+    return root
+
+
+def write_token_dataset(root: Path, *, counts: dict[str, list[int]], grid=(8, 8), codebook_size: int = 300,
+                        chunk_size: int = 16, num_classes: int = 5, seed: int = 0) -> dict:
+    """A token dataset with random ids; a sample's label is derived from its key, so tests can check pairing."""
+    from seit.data.dataset_info import CODEBOOK_FILE, SHARD_DIR, save_codebook, write_dataset_info
+    from seit.data.shard_writer import write_shard
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    fingerprint = save_codebook(root / CODEBOOK_FILE, torch.randn(codebook_size, 4))
+    records = []
+    for split, shard_counts in counts.items():
+        for s, n in enumerate(shard_counts):
+            keys = [f"{split}/{s}/{i}" for i in range(n)]
+            labels = np.array([label_of(k, num_classes) for k in keys], dtype=np.int64)
+            ids = rng.integers(0, codebook_size, (n, *grid)).astype(np.uint16)
+            records.append(write_shard(root / SHARD_DIR / f"{split}-{s:06d}.tar", ids, labels, keys, split=split,
+                                       codec="zstd-planes", codebook_size=codebook_size,
+                                       chunk_size=chunk_size).to_dict())
+    return write_dataset_info(root, shards=records, grid=grid, codebook_size=codebook_size, embed_dim=4,
+                              codec="zstd-planes", chunk_size=chunk_size, codebook_sha256=fingerprint,
+                              classes=[f"c{i}" for i in range(num_classes)], source_bytes=0)
+
+
+def label_of(key: str, num_classes: int) -> int:
+    return sum(map(ord, key)) % num_classes
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+
+from seit.tokenizers import PatchKMeansTokenizer, load_tokenizer
+
+
+def _images(n=24, size=32, seed=0):
+    """Smooth random images: a few blobs of colour, so patches have structure to learn."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return PatchKMeansTokenizer.fit(_images(), patch_size=4, codebook_size=64, embed_dim=8, max_patches=5000,
+                                    iters=10, seed=0)
+
+
+def test_encode_decode_shapes_and_grid(tokenizer):
+    ids = tokenizer.encode(_images(3, seed=1))
+    assert ids.shape == (3, 8, 8) and tokenizer.grid == (8, 8)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 64
+    assert tokenizer.decode(ids).shape == (3, 3, 32, 32)
+
+
+def test_reconstruction_beats_the_mean_image(tokenizer):
+    x = _images(8, seed=2)  # held out
+    err = (tokenizer.decode(tokenizer.encode(x)) - x).pow(2).mean()
+    baseline = (x - x.mean(dim=(0, 2, 3), keepdim=True)).pow(2).mean()
+    assert err < 0.25 * baseline
+
+
+def test_save_load_round_trip(tokenizer, tmp_path):
+    tokenizer.save(tmp_path / "t.safetensors")
+    loaded = load_tokenizer(tmp_path / "t.safetensors")
+    x = _images(4, seed=3)
+    assert torch.equal(loaded.encode(x), tokenizer.encode(x))
+    assert loaded.fingerprint == tokenizer.fingerprint
+
+
+def test_codebook_is_stored_at_float16_precision(tokenizer):
+    cb = tokenizer.codebook
+    assert torch.equal(cb, cb.half().float())
+
+
+def test_wrong_image_size_and_missing_checkpoint(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="32x32"):
+        tokenizer.encode(torch.rand(1, 3, 16, 16))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_tokenizer(tmp_path / "nope.safetensors")
