@@ -50,7 +50,14 @@ def fit_tokenizer(cfg, records: list[ImageRecord]) -> Tokenizer:
         raise ValueError(f"tokenizer kind {t.kind!r} cannot be fitted here; give tokenizer.checkpoint=PATH")
     rng = np.random.default_rng(t.seed)
     pick = rng.choice(len(records), size=min(t.fit_images, len(records)), replace=False)
-    images = np.stack([load_image(records[i], t.image_size) for i in tqdm(sorted(pick), desc="fit: load images")])
+    images = []
+    for i in tqdm(sorted(pick), desc="fit: load images"):
+        try:
+            images.append(load_image(records[i], t.image_size))
+        except ImageReadError:
+            if not cfg.data.build.skip_bad_images:
+                raise
+    images = np.stack(images)
     log.info("fitting %s tokenizer (K=%d, D=%d, patch %d) on %d images", t.kind, t.codebook_size, t.embed_dim,
              t.patch_size, len(images))
     return PatchKMeansTokenizer.fit(torch.from_numpy(images).float() / 255, patch_size=t.patch_size,

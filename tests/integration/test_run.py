@@ -1,0 +1,128 @@
+"""End to end through run.py, as a user runs it, on data the tests make (and the embedded set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, make_image_folder
+from seit.data.chunk import decode_chunk
+from seit.data.dataset_info import TokenDatasetInfo
+
+pytestmark = pytest.mark.integration
+
+
+def run(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "run.py", *overrides], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(overrides)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def paths(tmp: Path) -> list[str]:
+    return [f"paths.data_dir={tmp}/tokens", f"paths.log_dir={tmp}/logs", f"hydra.run.dir={tmp}/run",
+            "print_config=false"]
+
+
+def synthetic(tmp: Path, images: Path, **tok) -> list[str]:
+    """Overrides that train a tiny token model on a synthetic image folder."""
+    t = {"image_size": 16, "patch_size": 2, "codebook_size": 32, "embed_dim": 4, **tok}
+    return [*paths(tmp), f"data.build.source={images}", "data.build.workers=0", "data.build.shard_size=10",
+            "data.build.chunk_size=4", "debug=fast", "aug.crop=6", *[f"tokenizer.{k}={v}" for k, v in t.items()]]
+
+
+def last_key(root: Path, split: str) -> str:
+    info = TokenDatasetInfo.open(root)
+    with tarfile.open(info.shard_paths(split)[-1]) as tar:
+        return decode_chunk(tar.extractfile(tar.getmembers()[-1]).read(), info.codec).keys[-1]
+
+
+@pytest.fixture(scope="module")
+def embedded_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_quickstart_debug_fast_on_embedded_data(tmp_path, embedded_cache):
+    proc = run(*paths(tmp_path), f"paths.cache_dir={embedded_cache}", "debug=fast")
+    assert "final: val/acc1=" in proc.stdout and "of the source image bytes" in proc.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0.0 <= summary["val/acc1"] <= 1.0 and summary["wall_s"] > 0
+    assert Path(summary["ckpt_path"]).is_file() and len(summary["config_hash"]) == 16
+    assert summary["global_step"] == 3
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    meta = json.loads((Path(summary["dataset"]["root"]) / "dataset.json").read_text())
+    assert meta["splits"] == {"train": 4000, "val": 1000} and meta["classes"] == [str(d) for d in range(10)]
+
+
+def test_interrupted_tokenize_resumes_to_identical_shards(tmp_path):
+    images = make_image_folder(tmp_path / "images", classes=3, train=20, val=6)
+    clean = [*synthetic(tmp_path, images), "task=tokenize", f"data.root={tmp_path}/clean"]
+    run(*clean)
+    tokenizer = f"tokenizer.checkpoint={tmp_path}/clean.tokenizer.safetensors"
+
+    key = last_key(tmp_path / "clean", "train")  # an image of the last shard: earlier shards finish first
+    bad = images / "train" / f"{key}.png"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:40])  # a truncated image stops the run part-way
+    resumed = [*synthetic(tmp_path, images), "task=tokenize", f"data.root={tmp_path}/resumed", tokenizer]
+    proc = run(*resumed, check=False)
+    assert proc.returncode != 0 and bad.name in proc.stderr
+    out = tmp_path / "resumed"
+    assert not (out / "dataset.json").exists()
+    written = sorted(p.name for p in (out / "shards").iterdir())
+    assert written and all(n.endswith(".tar") for n in written)  # finished shards only, nothing partial
+
+    bad.write_bytes(good)
+    run(*resumed)
+    a = json.loads((tmp_path / "clean" / "dataset.json").read_text())
+    b = json.loads((out / "dataset.json").read_text())
+    assert [(s["name"], s["sha256"]) for s in a["shards"]] == [(s["name"], s["sha256"]) for s in b["shards"]]
+    assert a["num_samples"] == b["num_samples"] == 78
+
+
+def test_skip_bad_images_counts_them(tmp_path):
+    images = make_image_folder(tmp_path / "images", classes=2, train=6, val=2)
+    (images / "train" / "class0" / "broken.png").write_bytes(b"garbage")
+    run(*synthetic(tmp_path, images), "task=tokenize", f"data.root={tmp_path}/ds", "data.build.skip_bad_images=true")
+    meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert meta["skipped"]["count"] == 1 and "broken.png" in meta["skipped"]["samples"][0]
+    assert meta["splits"]["train"] == 12
+
+
+def test_two_job_multirun(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    run("-m", *synthetic(tmp_path, images), f"data.root={tmp_path}/ds", f"hydra.sweep.dir={tmp_path}/sweep",
+        "optim.lr=0.001,0.002")
+    summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    assert len(summaries) == 2
+    lrs = set()
+    for path in summaries:
+        lrs |= {line.strip("- \n") for line in (path.parent / ".hydra" / "overrides.yaml").read_text().splitlines()
+                if "optim.lr" in line}
+        assert "val/acc1" in json.loads(path.read_text())
+    assert lrs == {"optim.lr=0.001", "optim.lr=0.002"}
+
+
+def test_codebook_mismatch_is_refused(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    run(*synthetic(tmp_path, images), f"data.root={tmp_path}/a")
+    ckpt = json.loads((tmp_path / "run" / "summary.json").read_text())["ckpt_path"]
+    proc = run(*synthetic(tmp_path, images, seed=1), f"data.root={tmp_path}/b", f"ckpt_path={ckpt}",
+               f"hydra.run.dir={tmp_path}/run2", check=False)
+    assert proc.returncode != 0 and "codebook mismatch" in proc.stderr
+
+
+def test_bad_config_and_missing_source_errors(tmp_path):
+    proc = run("experiment=nope", check=False)
+    assert proc.returncode != 0 and "quickstart" in proc.stderr and "seit_supervised" in proc.stderr
+    proc = run(*paths(tmp_path), "task=tokenize", f"data.build.source={tmp_path}/absent", f"data.root={tmp_path}/x",
+               check=False)
+    assert proc.returncode != 0 and f"{tmp_path}/absent" in proc.stderr
