@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, make_image_folder
 from seit.data.chunk import decode_chunk
@@ -18,8 +19,8 @@ from seit.data.dataset_info import TokenDatasetInfo
 pytestmark = pytest.mark.integration
 
 
-def run(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+def run(*overrides: str, check: bool = True, **env_overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **env_overrides}
     proc = subprocess.run([sys.executable, "run.py", *overrides], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -56,6 +57,8 @@ def test_quickstart_debug_fast_on_embedded_data(tmp_path, embedded_cache):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0.0 <= summary["val/acc1"] <= 1.0 and summary["wall_s"] > 0
     assert Path(summary["ckpt_path"]).is_file() and len(summary["config_hash"]) == 16
+    ckpt = torch.load(summary["ckpt_path"], weights_only=True)  # primitive hparams only
+    assert ckpt["hyper_parameters"]["model"]["input"] == "tokens"
     assert summary["global_step"] == 3
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
     meta = json.loads((Path(summary["dataset"]["root"]) / "dataset.json").read_text())
@@ -109,6 +112,14 @@ def test_two_job_multirun(tmp_path):
                 if "optim.lr" in line}
         assert "val/acc1" in json.loads(path.read_text())
     assert lrs == {"optim.lr=0.001", "optim.lr=0.002"}
+
+
+def test_wandb_runs_offline_without_a_login(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    run(*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "logger=wandb", WANDB_MODE="",
+        HOME=str(tmp_path), WANDB_API_KEY="", NETRC=str(tmp_path / "no-netrc"))
+    offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
 
 
 def test_codebook_mismatch_is_refused(tmp_path):

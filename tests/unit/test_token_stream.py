@@ -1,3 +1,4 @@
+import random
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -54,7 +55,21 @@ def test_train_gives_equal_full_batches_per_rank(info):
     assert per_rank[0] == per_rank[1] >= -(-total // (8 * 2))
 
 
-def test_train_labels_stay_paired_with_ids_and_epochs_differ(info):
+def test_train_splits_shards_by_node_then_worker(tmp_path):
+    write_token_dataset(tmp_path, counts={"train": [16] * 8}, chunk_size=8)
+    info = TokenDatasetInfo.open(tmp_path)
+    shards_seen = []
+    for rank in range(2):
+        seen = set()
+        for worker in range(2):
+            stream = _stream(info, "train", train=True, rank=rank, world=2, workers=2)
+            urls = stream._resampled_urls(random.Random(0), worker)
+            seen |= {next(urls)["url"] for _ in range(200)}
+        shards_seen.append(seen)
+    assert len(shards_seen[0]) == len(shards_seen[1]) == 4 and not shards_seen[0] & shards_seen[1]
+
+
+def test_train_epochs_reshuffle_and_are_reproducible(info):
     stream = _stream(info, "train", train=True)
     first = _iterate(stream, 0)
     stream.epoch.set(1)

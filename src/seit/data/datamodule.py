@@ -9,6 +9,8 @@ builds it with the tokenize pipeline (once per node).
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,6 +22,7 @@ from seit.data.token_stream import SharedEpoch, TokenStream
 
 
 class TokenDataModule(pl.LightningDataModule):
+    BUILD_WAIT_S = 24 * 3600
     def __init__(self, cfg: DictConfig, *, build_cfg: DictConfig | None = None, seed: int = 0):
         """`cfg` is the ``data`` config group; `build_cfg` is the whole config, for building."""
         super().__init__()
@@ -30,10 +33,20 @@ class TokenDataModule(pl.LightningDataModule):
         self.info: TokenDatasetInfo | None = None
 
     def prepare_data(self) -> None:
-        if not (Path(self.cfg.root) / INFO_FILE).is_file() and self.build_cfg is not None and self.cfg.build.source:
+        """Build the dataset if it is missing: local rank 0 tokenizes, the other ranks wait for it."""
+        info = Path(self.cfg.root) / INFO_FILE
+        if info.is_file() or self.build_cfg is None or not self.cfg.build.source:
+            return
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             from seit.pipelines.tokenize import tokenize
 
             tokenize(self.build_cfg)
+            return
+        deadline = time.monotonic() + self.BUILD_WAIT_S
+        while not info.is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {self.BUILD_WAIT_S}s for local rank 0 to build {info}")
+            time.sleep(5)
 
     def load_info(self) -> TokenDatasetInfo:
         if self.info is None:

@@ -1,9 +1,10 @@
 """Streaming token shards with webdataset: the CPU side only reads and decodes.
 
-Training (after OpenCLIP): every rank and worker resamples shards with its own seeded RNG
-(seed, epoch, rank, worker), so no shard split can leave a worker empty, and each worker yields
-exactly ``batches_per_worker`` full batches: every rank gets the same number of steps and DDP
-never waits on a rank that ran dry. The epoch comes from a shared counter that the training
+Training (after OpenCLIP): the shard list is split by node, then by worker, and every worker
+resamples shards from its own part with its own seeded RNG (seed, epoch, rank, worker). When
+there are fewer shards than rank x worker slots, every worker resamples from all shards instead,
+so no worker is ever left empty. Each worker yields exactly ``batches_per_worker`` full batches:
+every rank gets the same number of steps and DDP never waits on a rank that ran dry. The epoch comes from a shared counter that the training
 loop advances, so persistent workers reshuffle every epoch.
 
 Evaluation: every worker of every rank walks all shards in order and decodes only the chunks
@@ -78,9 +79,12 @@ class TokenStream(IterableDataset):
         return self.batches_per_worker * self.num_workers
 
     # -- stages ----------------------------------------------------------------------------
-    def _resampled_urls(self, rng: random.Random) -> Iterator[dict]:
+    def _resampled_urls(self, rng: random.Random, worker: int) -> Iterator[dict]:
+        urls = self.urls
+        if len(urls) >= self.world_size * self.num_workers:
+            urls = urls[self.rank :: self.world_size][worker :: self.num_workers]
         while True:
-            yield {"url": rng.choice(self.urls)}
+            yield {"url": rng.choice(urls)}
 
     def _checked(self, samples: Iterator[dict]) -> Iterator[dict]:
         """Pass chunks through, and fail loudly when a shard ends with chunks missing."""
@@ -144,7 +148,7 @@ class TokenStream(IterableDataset):
         if self.train:
             rng = random.Random(f"{self.seed}-{self.epoch.get()}-{slot}")
             stream = wds.DataPipeline(
-                lambda: self._resampled_urls(rng),
+                lambda: self._resampled_urls(rng, worker),
                 wds.tarfile_to_samples(handler=_raise_shard_error),
                 self._with_chunk_index, self._checked, wds.map(self._decode), self._unchunk,
                 wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng),
