@@ -19,8 +19,10 @@ from seit.data.dataset_info import TokenDatasetInfo
 pytestmark = pytest.mark.integration
 
 
-def run(*overrides: str, check: bool = True, **env_overrides: str) -> subprocess.CompletedProcess:
+def run(*overrides: str, check: bool = True, **env_overrides: str | None) -> subprocess.CompletedProcess:
+    """run.py in a subprocess; an env override of None removes that variable."""
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **env_overrides}
+    env = {k: v for k, v in env.items() if v is not None}
     proc = subprocess.run([sys.executable, "run.py", *overrides], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -114,10 +116,20 @@ def test_two_job_multirun(tmp_path):
     assert lrs == {"optim.lr=0.001", "optim.lr=0.002"}
 
 
+def test_seit_recipe_runs_with_debug_fast(tmp_path):
+    """The paper recipe's own settings (ViT-B body, EMA, bf16-mixed, blr scaling) on tiny data."""
+    images = make_image_folder(tmp_path / "images")
+    run("experiment=seit_supervised", *synthetic(tmp_path, images), f"data.root={tmp_path}/ds")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "val_ema/acc1" in summary["metrics"] and summary["global_step"] == 3
+    hparams = torch.load(summary["ckpt_path"], weights_only=True)["hyper_parameters"]
+    assert hparams["ema_decay"] == 0.99996 and hparams["model"]["embed_dim"] == 768
+
+
 def test_wandb_runs_offline_without_a_login(tmp_path):
     images = make_image_folder(tmp_path / "images")
-    run(*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "logger=wandb", WANDB_MODE="",
-        HOME=str(tmp_path), WANDB_API_KEY="", NETRC=str(tmp_path / "no-netrc"))
+    run(*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "logger=wandb", WANDB_MODE=None,
+        HOME=str(tmp_path), WANDB_API_KEY=None, NETRC=str(tmp_path / "no-netrc"))
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
 
