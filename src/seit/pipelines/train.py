@@ -78,12 +78,13 @@ def train(cfg: DictConfig) -> dict:
         "task": "train",
         "metrics": {k: v for k, v in sorted(metrics.items()) if v is not None},
         "wall_s": round(wall, 3),
-        "train_s": round(task.train_seconds, 3),
+        "train_s": round(task.train_seconds, 3),  # training epochs without their validation
         "samples_seen": task.samples_seen,
         "samples_per_s": round(task.samples_seen / task.train_seconds, 2) if task.train_seconds else None,
         "global_step": trainer.global_step,
         "config_hash": config_hash(cfg),
-        "ckpt_path": (ckpt.best_model_path or ckpt.last_model_path) if ckpt else None,
+        "ckpt_path": (ckpt.best_model_path or ckpt.last_model_path) if ckpt else None,  # best by val/acc1
+        "last_ckpt_path": ckpt.last_model_path if ckpt else None,
         "output_dir": str(output_dir),
     }
     summary.update({k: summary["metrics"][k] for k in ("val/acc1", "val/acc5", "val/loss") if k in summary["metrics"]})

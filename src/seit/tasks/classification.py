@@ -54,6 +54,8 @@ class ClassificationTask(pl.LightningModule):
         self.samples_seen = 0
         self.train_seconds = 0.0
         self._epoch_start: float | None = None
+        self._val_start = 0.0
+        self._val_seconds = 0.0
 
     # -- data on the device -------------------------------------------------------------------
     def embed(self, batch: dict, train: bool) -> torch.Tensor:
@@ -93,7 +95,6 @@ class ClassificationTask(pl.LightningModule):
         bs = batch["label"].shape[0]
         self.samples_seen += bs
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -104,11 +105,20 @@ class ClassificationTask(pl.LightningModule):
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "set_epoch"):
             dm.set_epoch(self.current_epoch)
-        self._epoch_start = time.perf_counter()
+        self._epoch_start, self._val_seconds = time.perf_counter(), 0.0
 
     def on_train_epoch_end(self) -> None:
         if self._epoch_start is not None:
-            self.train_seconds += time.perf_counter() - self._epoch_start
+            self.train_seconds += time.perf_counter() - self._epoch_start - self._val_seconds
+        self._epoch_start, self._val_seconds = None, 0.0
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self) -> None:
+        if self._epoch_start is not None:  # validation inside a training epoch: not training time
+            self._val_seconds += time.perf_counter() - self._val_start
+        self._log_val_metrics()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = self.embed(batch, train=False)
@@ -119,7 +129,7 @@ class ClassificationTask(pl.LightningModule):
         if self.ema is not None:
             self.val_metrics["val_ema"].update(self.ema.module(x), labels)
 
-    def on_validation_epoch_end(self) -> None:
+    def _log_val_metrics(self) -> None:
         for prefix, metrics in self.val_metrics.items():
             for name, value in metrics.compute().items():
                 self.log(f"{prefix}/{name}", value, prog_bar=name == "acc1" and prefix == "val")
@@ -146,4 +156,4 @@ class ClassificationTask(pl.LightningModule):
         min_ratio = min(1.0, o["min_lr"] / lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, total, warmup, min_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
