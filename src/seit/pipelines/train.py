@@ -50,6 +50,33 @@ def build_task(cfg: DictConfig, dm) -> ClassificationTask:
     return task
 
 
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``last`` means this run dir's last.ckpt when there is one; a fresh dir starts from scratch.
+
+    That makes ``ckpt_path=last`` safe to pass on every (re)launch: a requeued job resumes, a
+    first launch trains from the start.
+    """
+    if ckpt_path != "last":
+        return ckpt_path
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    log.info("ckpt_path=last: no %s yet, starting from scratch", last)
+    return None
+
+
+def gather(value: int) -> list[int]:
+    """One value per rank (just [value] without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def instantiate_all(node: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in (node or {}).values() if c is not None and "_target_" in c]
 
@@ -69,8 +96,9 @@ def train(cfg: DictConfig) -> dict:
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     start = time.perf_counter()
-    trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(task, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
     wall = time.perf_counter() - start
+    samples_per_rank = gather(task.samples_seen)
 
     metrics = {k: to_float(v) for k, v in trainer.callback_metrics.items()}
     ckpt = trainer.checkpoint_callback
@@ -79,8 +107,10 @@ def train(cfg: DictConfig) -> dict:
         "metrics": {k: v for k, v in sorted(metrics.items()) if v is not None},
         "wall_s": round(wall, 3),
         "train_s": round(task.train_seconds, 3),  # training epochs without their validation
-        "samples_seen": task.samples_seen,
-        "samples_per_s": round(task.samples_seen / task.train_seconds, 2) if task.train_seconds else None,
+        "world_size": trainer.world_size,
+        "samples_seen": sum(samples_per_rank),
+        "samples_seen_per_rank": samples_per_rank,
+        "samples_per_s": round(sum(samples_per_rank) / task.train_seconds, 2) if task.train_seconds else None,
         "global_step": trainer.global_step,
         "config_hash": config_hash(cfg),
         "ckpt_path": (ckpt.best_model_path or ckpt.last_model_path) if ckpt else None,  # best by val/acc1

@@ -51,6 +51,8 @@ class ClassificationTask(pl.LightningModule):
                 "acc5": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=top5),
             }) for prefix in (["val"] + (["val_ema"] if self.ema is not None else []))
         })
+        # torchmetrics sync across ranks at compute(), never per step: ranks may run uneven val batches
+        self.val_loss = torchmetrics.MeanMetric()
         self.samples_seen = 0
         self.train_seconds = 0.0
         self._epoch_start: float | None = None
@@ -124,12 +126,14 @@ class ClassificationTask(pl.LightningModule):
         x = self.embed(batch, train=False)
         labels = batch["label"]
         logits = self.model(x)
-        self.log("val/loss", self.criterion(logits, labels), batch_size=labels.shape[0])
+        self.val_loss.update(self.criterion(logits, labels), weight=labels.shape[0])
         self.val_metrics["val"].update(logits, labels)
         if self.ema is not None:
             self.val_metrics["val_ema"].update(self.ema.module(x), labels)
 
     def _log_val_metrics(self) -> None:
+        self.log("val/loss", self.val_loss.compute())
+        self.val_loss.reset()
         for prefix, metrics in self.val_metrics.items():
             for name, value in metrics.compute().items():
                 self.log(f"{prefix}/{name}", value, prog_bar=name == "acc1" and prefix == "val")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -24,9 +25,30 @@ def wandb_mode() -> str:
         return "offline"
 
 
+def run_id(run_name: str | None) -> str:
+    """The run dir name: the user's run_name, else the start time and the SLURM job id.
+
+    Under SLURM without a run_name the job id alone keys the dir, so that a requeued job (same
+    id, later time) finds its own checkpoints again.
+    """
+    if run_name:
+        return str(run_name)
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm-{job}" if job else time.strftime("%Y-%m-%d_%H-%M-%S") + "_local"
+
+
+def multirun_group(mode, sweep_dir: str) -> str | None:
+    """wandb group: one per multirun (the sweep dir name), none for single runs."""
+    return Path(sweep_dir).name if str(mode).endswith("MULTIRUN") else None
+
+
+RESOLVERS = {"wandb_mode": wandb_mode, "run_id": run_id, "multirun_group": multirun_group}
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("wandb_mode"):
-        OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
+    for name, fn in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=name == "run_id")
 
 
 def print_config(cfg: DictConfig) -> None:
