@@ -10,12 +10,14 @@ that would produce something different from the interrupted one refuses to mix t
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -144,8 +146,25 @@ def _check_plan(progress: Path, plan: dict) -> None:
         atomic_write_json(plan_path, plan)
 
 
+@contextmanager
+def exclusive(root: Path):
+    """One builder per dataset dir: concurrent jobs (a multirun, several nodes) wait for the first."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def tokenize(cfg) -> dict:
     """Build (or finish building) the token dataset at cfg.data.root; returns its dataset.json."""
+    with exclusive(Path(cfg.data.root)):
+        return _tokenize(cfg)
+
+
+def _tokenize(cfg) -> dict:
     root = Path(cfg.data.root)
     build = cfg.data.build
     if (root / INFO_FILE).is_file():

@@ -53,6 +53,7 @@ class ClassificationTask(pl.LightningModule):
         })
         # torchmetrics sync across ranks at compute(), never per step: ranks may run uneven val batches
         self.val_loss = torchmetrics.MeanMetric()
+        self.val_count = torchmetrics.SumMetric()  # samples evaluated over all ranks: exactly the val split
         self.samples_seen = 0
         self.train_seconds = 0.0
         self._epoch_start: float | None = None
@@ -127,16 +128,20 @@ class ClassificationTask(pl.LightningModule):
         labels = batch["label"]
         logits = self.model(x)
         self.val_loss.update(self.criterion(logits, labels), weight=labels.shape[0])
+        self.val_count.update(labels.shape[0])
         self.val_metrics["val"].update(logits, labels)
         if self.ema is not None:
             self.val_metrics["val_ema"].update(self.ema.module(x), labels)
 
     def _log_val_metrics(self) -> None:
-        self.log("val/loss", self.val_loss.compute())
+        # Values are already reduced over ranks by torchmetrics; sync_dist only silences Lightning.
+        self.log("val/loss", self.val_loss.compute(), sync_dist=True)
+        self.log("val/samples", self.val_count.compute(), sync_dist=True)
         self.val_loss.reset()
+        self.val_count.reset()
         for prefix, metrics in self.val_metrics.items():
             for name, value in metrics.compute().items():
-                self.log(f"{prefix}/{name}", value, prog_bar=name == "acc1" and prefix == "val")
+                self.log(f"{prefix}/{name}", value, prog_bar=name == "acc1" and prefix == "val", sync_dist=True)
             metrics.reset()
 
     # -- optimisation -------------------------------------------------------------------------
