@@ -106,7 +106,11 @@ def test_wandb_runs_offline_without_a_login(tmp_path):
     run(*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "logger=wandb", WANDB_MODE=None,
         HOME=str(tmp_path), WANDB_API_KEY=None, NETRC=str(tmp_path / "no-netrc"))
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert len(offline) == 1
+    records = next(offline[0].glob("*.wandb")).read_bytes()  # protobuf records of the offline run
+    assert b"val/acc1" in records and b"weight_decay" in records  # metrics and the resolved config
+    assert len(list((offline[0] / "files" / "media" / "images").rglob("*.png"))) == 2  # decoded tokens, confusion
+    assert (tmp_path / "run" / "val_tokens_decoded.png").is_file() and (tmp_path / "run" / "confusion_matrix.png").is_file()
 
 
 def test_codebook_mismatch_is_refused(tmp_path):

@@ -44,7 +44,7 @@ def build_task(cfg: DictConfig, dm) -> ClassificationTask:
         model=model, optim=OmegaConf.to_container(cfg.optim, resolve=True),
         aug=OmegaConf.to_container(cfg.aug, resolve=True), num_classes=dm.num_classes,
         input_grid=input_grid(dm), batch_size=int(cfg.data.batch_size), codebook_sha256=fingerprint,
-        label_smoothing=cfg.task.label_smoothing, ema_decay=cfg.task.ema_decay)
+        label_smoothing=cfg.task.label_smoothing, ema_decay=cfg.task.ema_decay, compile=cfg.task.compile)
     if tokens:
         task.load_codebook(info.load_codebook())
     return task

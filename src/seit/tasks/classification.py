@@ -33,7 +33,8 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 class ClassificationTask(pl.LightningModule):
     def __init__(self, model: dict, optim: dict, aug: dict, num_classes: int, input_grid: int, batch_size: int,
-                 codebook_sha256: str | None = None, label_smoothing: float = 0.1, ema_decay: float = 0.0):
+                 codebook_sha256: str | None = None, label_smoothing: float = 0.1, ema_decay: float = 0.0,
+                 compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.input_key = INPUT_KEYS[model["input"]]
@@ -54,6 +55,8 @@ class ClassificationTask(pl.LightningModule):
         # torchmetrics sync across ranks at compute(), never per step: ranks may run uneven val batches
         self.val_loss = torchmetrics.MeanMetric()
         self.val_count = torchmetrics.SumMetric()  # samples evaluated over all ranks: exactly the val split
+        self.val_confusion = torchmetrics.ConfusionMatrix(task="multiclass", num_classes=num_classes)
+        self.last_confusion = None  # numpy [C, C] of the latest validation, for plots
         self.samples_seen = 0
         self.train_seconds = 0.0
         self._epoch_start: float | None = None
@@ -84,6 +87,12 @@ class ClassificationTask(pl.LightningModule):
         if own != expected:
             raise DatasetError(f"codebook mismatch: {where} was tokenized with codebook {expected[:12]}…, but the "
                                f"model (or checkpoint) holds codebook {own[:12]}…; re-tokenize or pick a matching checkpoint")
+
+    def configure_model(self) -> None:
+        """Optionally torch.compile the ViT body in place (parameter names, hence checkpoints, unchanged)."""
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.vit.compile()
+            self._compiled = True
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
@@ -129,6 +138,7 @@ class ClassificationTask(pl.LightningModule):
         logits = self.model(x)
         self.val_loss.update(self.criterion(logits, labels), weight=labels.shape[0])
         self.val_count.update(labels.shape[0])
+        self.val_confusion.update(logits, labels)
         self.val_metrics["val"].update(logits, labels)
         if self.ema is not None:
             self.val_metrics["val_ema"].update(self.ema.module(x), labels)
@@ -137,8 +147,10 @@ class ClassificationTask(pl.LightningModule):
         # Values are already reduced over ranks by torchmetrics; sync_dist only silences Lightning.
         self.log("val/loss", self.val_loss.compute(), sync_dist=True)
         self.log("val/samples", self.val_count.compute(), sync_dist=True)
+        self.last_confusion = self.val_confusion.compute().cpu().numpy()
         self.val_loss.reset()
         self.val_count.reset()
+        self.val_confusion.reset()
         for prefix, metrics in self.val_metrics.items():
             for name, value in metrics.compute().items():
                 self.log(f"{prefix}/{name}", value, prog_bar=name == "acc1" and prefix == "val", sync_dist=True)

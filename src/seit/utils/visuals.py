@@ -1,0 +1,91 @@
+"""What a user wants to see of a run: its tokens decoded back to images, and where it errs.
+
+``RunVisuals`` writes PNGs into the run dir (``val_tokens_decoded.png`` at the start,
+``confusion_matrix.png`` at the end) and logs the same images to wandb when it is a logger.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_lightning import Callback
+from pytorch_lightning.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+def image_grid(images: torch.Tensor, cols: int = 8) -> np.ndarray:
+    """[N,3,H,W] in [0,1] -> one uint8 HxWx3 grid."""
+    n, c, h, w = images.shape
+    rows = -(-n // cols)
+    grid = torch.ones(c, rows * (h + 2), cols * (w + 2))
+    for i, img in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, col * (w + 2) + 1 : col * (w + 2) + 1 + w] = img
+    return (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+
+
+def confusion_png(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(matrix)
+    side = min(max(5.0, 2 + 0.3 * n), 30.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+    if n <= 40:
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=6)
+        ax.set_yticks(range(n), classes, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"val confusion (row-normalised), top-1 {np.trace(matrix) / max(matrix.sum(), 1):.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class RunVisuals(Callback):
+    def __init__(self, num_samples: int = 32):
+        self.num_samples = num_samples
+
+    def _log(self, trainer, key: str, path: Path, caption: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=key, images=[str(path)], caption=[caption])
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        if not trainer.is_global_zero or not hasattr(dm, "load_info"):
+            return
+        ckpt = dm.load_info().meta.get("tokenizer", {}).get("checkpoint")
+        if not ckpt or not Path(ckpt).is_file():
+            log.info("no tokenizer checkpoint recorded for this dataset: not decoding samples")
+            return
+        from seit.tokenizers import load_tokenizer
+
+        batch = next(iter(dm.stream(dm.cfg.val_split, train=False)))
+        ids = batch["ids"][: self.num_samples].long()
+        with torch.inference_mode():
+            images = load_tokenizer(ckpt).decode(ids)
+        path = Path(trainer.default_root_dir) / "val_tokens_decoded.png"
+        Image.fromarray(image_grid(images)).save(path)
+        classes = dm.load_info().classes
+        caption = ", ".join(classes[i] if 0 <= i < len(classes) else "?" for i in batch["label"][: self.num_samples].tolist())
+        self._log(trainer, "val/tokens_decoded", path, caption)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        matrix = getattr(pl_module, "last_confusion", None)
+        if matrix is None or not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        classes = dm.load_info().classes if hasattr(dm, "load_info") else getattr(dm, "classes", [])
+        path = Path(trainer.default_root_dir) / "confusion_matrix.png"
+        confusion_png(matrix, classes or [str(i) for i in range(len(matrix))], path)
+        self._log(trainer, "val/confusion_matrix", path, "rows: true class, columns: predicted")
