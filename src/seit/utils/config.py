@@ -42,7 +42,12 @@ def multirun_group(mode, sweep_dir: str) -> str | None:
     return Path(sweep_dir).name if str(mode).endswith("MULTIRUN") else None
 
 
-RESOLVERS = {"wandb_mode": wandb_mode, "run_id": run_id, "multirun_group": multirun_group}
+def join(*parts) -> str:
+    """Join the non-empty parts with '-', e.g. a readable wandb run name."""
+    return "-".join(str(p) for p in parts if p not in (None, ""))
+
+
+RESOLVERS = {"wandb_mode": wandb_mode, "run_id": run_id, "multirun_group": multirun_group, "join": join}
 
 
 def register_resolvers() -> None:
