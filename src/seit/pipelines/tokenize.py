@@ -30,6 +30,7 @@ from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, SHARD_DIR, TokenDa
 from seit.data.embedded import resolve_source
 from seit.data.image_source import ImageReadError, ImageRecord, load_image, scan_source
 from seit.data.shard_writer import write_shard
+from seit.data.storage_report import format_report, storage_report
 from seit.tokenizers import PatchKMeansTokenizer, Tokenizer, load_tokenizer
 from seit.utils.io import atomic_write_json
 
@@ -220,15 +221,21 @@ def _tokenize(cfg) -> dict:
     order = {n: i for i, n in enumerate(splits)}
     done.sort(key=lambda r: (order[r["split"]], r["name"]))
     skipped = [s for r in done for s in r.pop("skipped_samples")]
-    meta = write_dataset_info(
-        root, shards=done, grid=tokenizer.grid, codebook_size=tokenizer.codebook_size,
+    fields = dict(
+        shards=done, grid=tokenizer.grid, codebook_size=tokenizer.codebook_size,
         embed_dim=int(tokenizer.codebook.shape[1]), codec=build.codec, chunk_size=build.chunk_size,
         codebook_sha256=fingerprint, classes=classes, image_size=tokenizer.image_size,
         tokenizer={"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve())},
         skipped={"count": len(skipped), "samples": skipped}, source=os.path.abspath(source),
         source_bytes=sum(_size(r) for recs in splits.values() for r in recs))
+    meta = write_dataset_info(root, **fields)
+    if build.storage_report and meta["num_samples"]:
+        storage = storage_report(TokenDatasetInfo.open(root), meta["source_bytes"] / meta["num_samples"],
+                                 max_samples=build.storage_report_samples)
+        meta = write_dataset_info(root, **fields, storage=storage)
+        print(format_report(storage), flush=True)
     shutil.rmtree(progress)
-    report(meta)
+    print_summary(meta)
     return meta
 
 
@@ -236,7 +243,7 @@ def _size(record: ImageRecord) -> int:
     return record.size if record.offset >= 0 else os.path.getsize(record.path)
 
 
-def report(meta: dict) -> None:
+def print_summary(meta: dict) -> None:
     line = (f"token dataset: {meta['num_samples']} samples, grid {meta['grid'][0]}x{meta['grid'][1]}, "
             f"K={meta['codebook_size']}, {meta['bytes_on_disk']:,} bytes on disk = "
             f"{meta['bytes_per_sample']:.1f} B/sample")
