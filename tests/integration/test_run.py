@@ -38,8 +38,10 @@ def test_quickstart_debug_fast_on_embedded_data(tmp_path, embedded_cache):
     assert ckpt["hyper_parameters"]["model"]["input"] == "tokens"
     assert summary["global_step"] == 3
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
-    meta = json.loads((Path(summary["dataset"]["root"]) / "dataset.json").read_text())
-    assert meta["splits"] == {"train": 4000, "val": 1000} and meta["classes"] == [str(d) for d in range(10)]
+    info = TokenDatasetInfo.open(summary["dataset"]["root"])
+    assert info.meta["splits"] == {"train": 4000, "val": 1000} and info.classes == [str(d) for d in range(10)]
+    assert info.load_synonyms().shape == (info.codebook_size, 5)
+    assert set(info.meta["storage"]["rows"]) == {"raw", "seit", "zstd", "ours"}
 
 
 def test_interrupted_tokenize_resumes_to_identical_shards(tmp_path):

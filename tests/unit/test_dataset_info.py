@@ -50,3 +50,19 @@ def test_codebook_fingerprint_mismatch(tmp_path):
     save_codebook(tmp_path / CODEBOOK_FILE, torch.randn(300, 4))  # swapped under the dataset's feet
     with pytest.raises(DatasetError, match="replaced or corrupted"):
         info.load_codebook()
+
+
+def test_synonym_table_round_trip_and_checks(tmp_path):
+    from seit.data.dataset_info import SYNONYMS_FILE, save_synonyms
+
+    write_token_dataset(tmp_path, counts={"train": [4]}, codebook_size=300)
+    info = TokenDatasetInfo.open(tmp_path)
+    with pytest.raises(DatasetError, match="no synonym table"):
+        info.load_synonyms()
+    table = torch.randint(0, 300, (300, 5))
+    save_synonyms(tmp_path / SYNONYMS_FILE, table)
+    info.meta["synonyms_file"] = SYNONYMS_FILE
+    assert torch.equal(info.load_synonyms(), table)
+    save_synonyms(tmp_path / SYNONYMS_FILE, table[:10])
+    with pytest.raises(DatasetError, match="does not fit"):
+        info.load_synonyms()

@@ -50,3 +50,23 @@ def test_wrong_image_size_and_missing_checkpoint(tokenizer, tmp_path):
         tokenizer.encode(torch.rand(1, 3, 16, 16))
     with pytest.raises(FileNotFoundError, match="nope"):
         load_tokenizer(tmp_path / "nope.safetensors")
+
+
+def test_compaction_drops_unused_codes_and_keeps_encodings(tokenizer):
+    x = _images(6, seed=4)
+    ids = tokenizer.encode(x)
+    counts = torch.bincount(ids.reshape(-1), minlength=tokenizer.codebook_size)
+    small = tokenizer.compacted(counts)
+    assert small.codebook_size == int((counts > 0).sum()) < tokenizer.codebook_size
+    assert torch.equal(small.encode(x), small.compaction[ids])  # same codes, renumbered
+    assert torch.equal(small.codebook, tokenizer.codebook[counts > 0])
+
+
+def test_synonyms_are_nearest_other_codes():
+    from seit.tokenizers.codebook_tools import synonyms
+
+    cb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    table = synonyms(cb, 2)
+    assert table[0].tolist() == [1, 2] and table[3].tolist() == [2, 1]
+    with pytest.raises(ValueError):
+        synonyms(cb, 4)

@@ -2,7 +2,7 @@
 
     DIR/dataset.json          what is in it (see REQUIRED_FIELDS), written last and atomically
     DIR/codebook.safetensors  the K x D codebook the ids index into
-    DIR/tokenizer.safetensors the tokenizer that made the ids (decode back to images)
+    DIR/synonyms.safetensors  each code's nearest codes, for Token-EDA (optional)
     DIR/shards/*.tar          chunked token shards
 
 A reader trusts nothing it has not checked: missing files, fields and fingerprint mismatches
@@ -26,7 +26,7 @@ FORMAT_NAME = "seit-tokens"
 FORMAT_VERSION = 1
 INFO_FILE = "dataset.json"
 CODEBOOK_FILE = "codebook.safetensors"
-TOKENIZER_FILE = "tokenizer.safetensors"
+SYNONYMS_FILE = "synonyms.safetensors"
 SHARD_DIR = "shards"
 REQUIRED_FIELDS = ("format", "version", "num_samples", "grid", "codebook_size", "codec", "codebook_sha256",
                    "classes", "shards", "bytes_on_disk", "source_bytes", "chunk_size")
@@ -55,6 +55,13 @@ def save_codebook(path: str | os.PathLike, codebook: torch.Tensor) -> str:
     save_file({"codebook": codebook}, tmp, metadata={"sha256": fingerprint})
     os.replace(tmp, path)
     return fingerprint
+
+
+def save_synonyms(path: str | os.PathLike, table: torch.Tensor) -> None:
+    """Store a [K, k] synonym table (nearest first) as uint16."""
+    tmp = f"{path}.tmp"
+    save_file({"synonyms": table.to(torch.int32).to(torch.uint16).contiguous()}, tmp)
+    os.replace(tmp, path)
 
 
 def dir_bytes(root: str | os.PathLike) -> int:
@@ -169,6 +176,16 @@ class TokenDatasetInfo:
         if codebook.shape[0] != self.codebook_size:
             raise DatasetError(f"{path} has {codebook.shape[0]} entries, {INFO_FILE} says {self.codebook_size}")
         return codebook
+
+    def load_synonyms(self) -> torch.Tensor:
+        """[K, k] int64 synonym ids, nearest first (Token-EDA's replacement table)."""
+        name = self.meta.get("synonyms_file")
+        if not name or not (self.root / name).is_file():
+            raise DatasetError(f"{self.root} has no synonym table; rebuild it with data.build.synonyms_k > 0")
+        table = load_file(str(self.root / name))["synonyms"].to(torch.int32).long()
+        if table.shape[0] != self.codebook_size or (table.numel() and int(table.max()) >= self.codebook_size):
+            raise DatasetError(f"{self.root / name}: a {tuple(table.shape)} table does not fit codebook size {self.codebook_size}")
+        return table
 
     def check_fingerprint(self, expected: str, what: str) -> None:
         """Refuse to mix tokens from one codebook with a model built on another."""

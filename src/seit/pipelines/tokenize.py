@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, SHARD_DIR, TokenDatasetInfo, save_codebook,
-                                    write_dataset_info)
+from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, SHARD_DIR, SYNONYMS_FILE, TokenDatasetInfo,
+                                    save_codebook, save_synonyms, write_dataset_info)
 from seit.data.embedded import resolve_source
 from seit.data.image_source import ImageReadError, ImageRecord, load_image, scan_source
 from seit.data.shard_writer import write_shard
 from seit.data.storage_report import format_report, storage_report
 from seit.tokenizers import PatchKMeansTokenizer, Tokenizer, load_tokenizer
+from seit.tokenizers.codebook_tools import synonyms
 from seit.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,17 @@ def fit_tokenizer(cfg, records: list[ImageRecord]) -> Tokenizer:
         except ImageReadError:
             if not cfg.data.build.skip_bad_images:
                 raise
-    images = np.stack(images)
+    images = torch.from_numpy(np.stack(images)).float() / 255
     log.info("fitting %s tokenizer (K=%d, D=%d, patch %d) on %d images", t.kind, t.codebook_size, t.embed_dim,
              t.patch_size, len(images))
-    return PatchKMeansTokenizer.fit(torch.from_numpy(images).float() / 255, patch_size=t.patch_size,
-                                    codebook_size=t.codebook_size, embed_dim=t.embed_dim,
-                                    max_patches=t.fit_patches, iters=t.fit_iters, seed=t.seed)
+    tokenizer = PatchKMeansTokenizer.fit(images, patch_size=t.patch_size, codebook_size=t.codebook_size,
+                                         embed_dim=t.embed_dim, max_patches=t.fit_patches, iters=t.fit_iters,
+                                         seed=t.seed)
+    if t.compact:
+        counts = torch.bincount(tokenizer.encode(images).reshape(-1), minlength=tokenizer.codebook_size)
+        tokenizer = tokenizer.compacted(counts)
+        log.info("compaction: %d of %d codes used on the fit images", tokenizer.codebook_size, t.codebook_size)
+    return tokenizer
 
 
 def obtain_tokenizer(cfg, train_records: list[ImageRecord]) -> tuple[Tokenizer, Path]:
@@ -188,6 +194,10 @@ def _tokenize(cfg) -> dict:
             "chunk_size": build.chunk_size, "codec": build.codec, "shuffle_seed": build.shuffle_seed}
     _check_plan(progress, plan)
     fingerprint = save_codebook(root / CODEBOOK_FILE, tokenizer.codebook)
+    synonym_fields = {}
+    if build.synonyms_k:
+        save_synonyms(root / SYNONYMS_FILE, synonyms(tokenizer.codebook, build.synonyms_k))
+        synonym_fields = {"synonyms_file": SYNONYMS_FILE, "synonyms_k": build.synonyms_k}
 
     jobs, done = [], []
     for split, recs in splits.items():
@@ -227,7 +237,7 @@ def _tokenize(cfg) -> dict:
         codebook_sha256=fingerprint, classes=classes, image_size=tokenizer.image_size,
         tokenizer={"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve())},
         skipped={"count": len(skipped), "samples": skipped}, source=os.path.abspath(source),
-        source_bytes=sum(_size(r) for recs in splits.values() for r in recs))
+        source_bytes=sum(_size(r) for recs in splits.values() for r in recs), **synonym_fields)
     meta = write_dataset_info(root, **fields)
     if build.storage_report and meta["num_samples"]:
         storage = storage_report(TokenDatasetInfo.open(root), meta["source_bytes"] / meta["num_samples"],

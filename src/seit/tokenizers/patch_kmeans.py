@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from seit.tokenizers.base import Tokenizer
+from seit.tokenizers.codebook_tools import compaction_map
 
 _ASSIGN_BLOCK = 16384
 
@@ -52,7 +53,7 @@ class PatchKMeansTokenizer(Tokenizer):
     kind = "patch_kmeans"
 
     def __init__(self, image_size: int, patch_size: int, mean: torch.Tensor, basis: torch.Tensor,
-                 scale: float, codebook: torch.Tensor):
+                 scale: float, codebook: torch.Tensor, compaction: torch.Tensor | None = None):
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.image_size = image_size
@@ -61,6 +62,7 @@ class PatchKMeansTokenizer(Tokenizer):
         self.basis = basis  # [D, P], orthonormal rows
         self.scale = float(scale)
         self._codebook = codebook  # [K, D]
+        self.compaction = compaction  # old id -> new id (-1 dropped) after compaction, else None
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -112,9 +114,19 @@ class PatchKMeansTokenizer(Tokenizer):
         codebook = centroids.to(torch.float16).to(torch.float32)
         return cls(images.shape[-1], patch_size, mean, basis, scale, codebook)
 
+    def compacted(self, counts: torch.Tensor) -> "PatchKMeansTokenizer":
+        """The same tokenizer without the codes that `counts` (per-code usage) shows unused."""
+        mapping = compaction_map(counts)
+        keep = mapping >= 0
+        return PatchKMeansTokenizer(self.image_size, self.downsample, self.mean, self.basis, self.scale,
+                                    self._codebook[keep].clone(), compaction=mapping)
+
     def save(self, path: str | os.PathLike) -> None:
         tmp = f"{path}.tmp"
-        save_file({"mean": self.mean, "basis": self.basis, "codebook": self._codebook}, tmp,
+        tensors = {"mean": self.mean, "basis": self.basis, "codebook": self._codebook}
+        if self.compaction is not None:
+            tensors["compaction"] = self.compaction
+        save_file(tensors, tmp,
                   metadata={"kind": self.kind, "image_size": str(self.image_size),
                             "patch_size": str(self.downsample), "scale": repr(self.scale)})
         os.replace(tmp, path)
@@ -122,5 +134,5 @@ class PatchKMeansTokenizer(Tokenizer):
     @classmethod
     def from_state(cls, tensors: dict, metadata: dict) -> "PatchKMeansTokenizer":
         return cls(int(metadata["image_size"]), int(metadata["patch_size"]), tensors["mean"],
-                   tensors["basis"], float(metadata["scale"]), tensors["codebook"])
+                   tensors["basis"], float(metadata["scale"]), tensors["codebook"], tensors.get("compaction"))
 
