@@ -93,7 +93,7 @@ def write_dataset_info(root: str | os.PathLike, *, shards: list[dict], grid: tup
             "grid": list(grid), "codebook_size": codebook_size, "embed_dim": embed_dim, "codec": codec,
             "chunk_size": chunk_size, "codebook_sha256": codebook_sha256, "codebook_file": CODEBOOK_FILE,
             "classes": list(classes), **extra, "shards": shards, "source_bytes": source_bytes, "bytes_on_disk": 0}
-    for _ in range(4):
+    for _ in range(8):
         atomic_write_json(root / INFO_FILE, meta)
         total = dir_bytes(root)
         if total == meta["bytes_on_disk"]:
@@ -198,7 +198,8 @@ class TokenDatasetInfo:
 
 def storage_summary(meta: dict) -> dict:
     n = max(int(meta["num_samples"]), 1)
-    summary = {"bytes_per_sample": meta["bytes_on_disk"] / n}
+    # rounded: the digits of these numbers change dataset.json's size, which they describe
+    summary = {"bytes_per_sample": round(meta["bytes_on_disk"] / n, 2)}
     if meta.get("source_bytes"):
-        summary["percent_of_source"] = 100.0 * meta["bytes_on_disk"] / meta["source_bytes"]
+        summary["percent_of_source"] = round(100.0 * meta["bytes_on_disk"] / meta["source_bytes"], 4)
     return summary

@@ -21,7 +21,13 @@ def _tokenize(cfg):
     return tokenize(cfg)
 
 
-TASKS = {"train": _train, "tokenize": _tokenize}
+def _convert(cfg):
+    from seit.pipelines.convert import convert
+
+    return convert(cfg)
+
+
+TASKS = {"train": _train, "tokenize": _tokenize, "convert": _convert}
 
 
 def run_task(cfg: DictConfig):
