@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from seit.data.codec import CodecError, get_codec
+from seit.data.codec import Codec, CodecError, as_codec
 
 CHUNK_EXT = "tokens"
 _HEADER = struct.Struct("<4sIIII")
@@ -33,22 +33,21 @@ class Chunk:
         return len(self.keys)
 
 
-def encode_chunk(chunk: Chunk, codec: str, codebook_size: int) -> bytes:
+def encode_chunk(chunk: Chunk, codec: Codec | str, codebook_size: int) -> bytes:
     n = len(chunk.keys)
     if chunk.ids.shape[0] != n or chunk.labels.shape[0] != n:
         raise ValueError(f"chunk has {chunk.ids.shape[0]} id grids, {chunk.labels.shape[0]} labels, {n} keys")
     bad = [k for k in chunk.keys if "\n" in k or not k]
     if bad:
         raise ValueError(f"sample keys must be non-empty and single-line: {bad[:3]}")
-    encode, _ = get_codec(codec)
-    ids = encode(chunk.ids, codebook_size)
+    ids = as_codec(codec).encode(chunk.ids, codebook_size)
     zc = zstandard.ZstdCompressor(level=19, write_checksum=True)
     labels = zc.compress(chunk.labels.astype("<i4").tobytes())
     keys = zc.compress("\n".join(chunk.keys).encode())
     return _HEADER.pack(_MAGIC, n, len(ids), len(labels), len(keys)) + ids + labels + keys
 
 
-def decode_chunk(payload: bytes, codec: str) -> Chunk:
+def decode_chunk(payload: bytes, codec: Codec | str) -> Chunk:
     """Decode one chunk; raises CodecError on anything malformed (callers add the shard name)."""
     if len(payload) < _HEADER.size:
         raise CodecError(f"chunk of {len(payload)} bytes is shorter than its header")
@@ -57,9 +56,8 @@ def decode_chunk(payload: bytes, codec: str) -> Chunk:
         raise CodecError(f"bad chunk magic {magic!r}")
     if _HEADER.size + n_ids + n_labels + n_keys != len(payload):
         raise CodecError(f"chunk size {len(payload)} does not match its header (truncated?)")
-    _, decode = get_codec(codec)
     start = _HEADER.size
-    ids = decode(payload[start : start + n_ids])
+    ids = as_codec(codec).decode(payload[start : start + n_ids])
     start += n_ids
     zd = zstandard.ZstdDecompressor()
     try:

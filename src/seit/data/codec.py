@@ -8,11 +8,19 @@ its codec in ``dataset.json`` so readers pick the matching decoder; new codecs r
 bytes, then all high bytes) and the result is zstd-compressed with a frame checksum. The high
 plane of a K=1024 codebook only holds values 0..3, so it compresses to almost nothing, while
 interleaved uint16 would hide that structure from zstd.
+
+``ctx-rans`` (v2, ``codec_ctx``): a per-dataset model of each token given its neighbours and an
+rANS coder; its model lives in the dataset dir, so ``get_codec`` takes that dir.
+
+Callers resolve a codec once per process (``get_codec`` loads the model) and pass the ``Codec``
+object to every chunk; a bare name is accepted where the codec needs no model.
 """
 
 from __future__ import annotations
 
 import struct
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -67,13 +75,43 @@ def decode_zstd_planes(payload: bytes) -> np.ndarray:
 
 Encoder = Callable[[np.ndarray, int], bytes]
 Decoder = Callable[[bytes], np.ndarray]
-CODECS: dict[str, tuple[Encoder, Decoder]] = {
-    "zstd-planes": (encode_zstd_planes, decode_zstd_planes),
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A codec ready to use: ``encode(ids [n,H,W], codebook_size) -> bytes``, ``decode(bytes) -> uint16 ids``."""
+
+    name: str
+    encode: Encoder
+    decode: Decoder
+
+
+def _zstd_planes(model_dir: str | os.PathLike | None) -> Codec:
+    return Codec("zstd-planes", encode_zstd_planes, decode_zstd_planes)
+
+
+def _ctx_rans(model_dir: str | os.PathLike | None) -> Codec:
+    from seit.data.codec_ctx import load_codec  # imported late: codec_ctx builds on this module
+
+    return load_codec(model_dir)
+
+
+# name -> factory(model_dir); model_dir is the dataset dir, ignored by codecs without a model
+CODECS: dict[str, Callable[[str | os.PathLike | None], Codec]] = {
+    "zstd-planes": _zstd_planes,
+    "ctx-rans": _ctx_rans,
 }
+MODEL_CODECS = frozenset({"ctx-rans"})  # codecs whose model is fitted per dataset before its first shard
 
 
-def get_codec(name: str) -> tuple[Encoder, Decoder]:
+def get_codec(name: str, model_dir: str | os.PathLike | None = None) -> Codec:
+    """Resolve a codec; one with a model (``MODEL_CODECS``) loads it from model_dir, so call once per process."""
     try:
-        return CODECS[name]
+        factory = CODECS[name]
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; known codecs: {sorted(CODECS)}") from None
+    return factory(model_dir)
+
+
+def as_codec(codec: Codec | str) -> Codec:
+    return codec if isinstance(codec, Codec) else get_codec(codec)

@@ -72,7 +72,7 @@ class TokenDataModule(pl.LightningDataModule):
                            codebook_size=info.codebook_size, grid=info.grid, chunk_size=info.meta["chunk_size"],
                            batch_size=batch, train=train, rank=rank, world_size=world,
                            num_workers=self.cfg.num_workers, seed=self.seed,
-                           shuffle_buffer=self.cfg.shuffle_buffer, epoch=self.epoch)
+                           shuffle_buffer=self.cfg.shuffle_buffer, epoch=self.epoch, model_dir=str(info.root))
 
     def _loader(self, stream: TokenStream) -> DataLoader:
         workers = self.cfg.num_workers

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from seit.data.codec import Codec, get_codec
 from seit.utils.io import atomic_write_json
 
 FORMAT_NAME = "seit-tokens"
@@ -142,6 +143,10 @@ class TokenDatasetInfo:
     @property
     def codec(self) -> str:
         return self.meta["codec"]
+
+    def load_codec(self) -> Codec:
+        """The dataset's codec, with its model (if it has one) loaded from the dataset dir."""
+        return get_codec(self.codec, model_dir=self.root)
 
     @property
     def classes(self) -> list[str]:

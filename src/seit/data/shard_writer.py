@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from seit.data.chunk import CHUNK_EXT, Chunk, encode_chunk
+from seit.data.codec import Codec, as_codec
 from seit.utils.io import atomic_write_bytes
 
 _BLOCK = 512
@@ -43,9 +44,9 @@ def tar_member(name: str, data: bytes) -> bytes:
     return header + data + b"\0" * pad
 
 
-def shard_bytes(ids: np.ndarray, labels: np.ndarray, keys: list[str], *, stem: str, codec: str,
+def shard_bytes(ids: np.ndarray, labels: np.ndarray, keys: list[str], *, stem: str, codec: Codec | str,
                 codebook_size: int, chunk_size: int) -> bytes:
-    parts = []
+    parts, codec = [], as_codec(codec)
     for c, start in enumerate(range(0, len(keys), chunk_size)):
         end = start + chunk_size
         chunk = Chunk(ids=ids[start:end], labels=labels[start:end], keys=keys[start:end])
@@ -55,7 +56,7 @@ def shard_bytes(ids: np.ndarray, labels: np.ndarray, keys: list[str], *, stem: s
 
 
 def write_shard(path: str | os.PathLike, ids: np.ndarray, labels: np.ndarray, keys: list[str], *,
-                split: str, codec: str, codebook_size: int, chunk_size: int, skipped: int = 0) -> ShardRecord:
+                split: str, codec: Codec | str, codebook_size: int, chunk_size: int, skipped: int = 0) -> ShardRecord:
     name = os.path.basename(path)
     data = shard_bytes(ids, labels, keys, stem=name.rsplit(".", 1)[0], codec=codec,
                        codebook_size=codebook_size, chunk_size=chunk_size)

@@ -7,7 +7,7 @@
 - ``ours``: the dataset's own shards (tar headers, chunk headers, labels and keys included).
 
 The codebook is a fixed cost that vanishes per sample at scale, so it is kept out of the rows
-and reported on its own (SeiT ships float32, we store float16).
+and reported on its own (SeiT ships float32, we store float16); so is a codec model.
 
 Rows are measured on whole shards (at least ``max_samples`` samples) so that "ours" is exact;
 decode samples/s is single-threaded, bytes to id arrays, i.e. per core.
@@ -26,11 +26,12 @@ import torch
 import zstandard
 
 from seit.data.chunk import decode_chunk
+from seit.data.codec import Codec
 from seit.data.dataset_info import CODEBOOK_FILE, TokenDatasetInfo
 from seit.data.seit_format import escape_decode, escape_encode
 
 
-def _read_shards(info: TokenDatasetInfo, max_samples: int) -> tuple[list[bytes], np.ndarray, np.ndarray, int]:
+def _read_shards(info: TokenDatasetInfo, codec: Codec, max_samples: int) -> tuple[list[bytes], np.ndarray, np.ndarray, int]:
     """Raw shard bytes of whole shards covering >= max_samples, and their decoded ids and labels."""
     blobs, ids, labels, total = [], [], [], 0
     for shard in info.meta["shards"]:
@@ -39,7 +40,7 @@ def _read_shards(info: TokenDatasetInfo, max_samples: int) -> tuple[list[bytes],
         blob = (info.root / "shards" / shard["name"]).read_bytes()
         with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
             for member in tar:
-                chunk = decode_chunk(tar.extractfile(member).read(), info.codec)
+                chunk = decode_chunk(tar.extractfile(member).read(), codec)
                 ids.append(chunk.ids)
                 labels.append(chunk.labels)
         blobs.append(blob)
@@ -56,7 +57,7 @@ def _timed(fn, repeats: int = 3) -> float:
     return best
 
 
-def _ours_decode(blobs: list[bytes], codec: str) -> None:
+def _ours_decode(blobs: list[bytes], codec: Codec) -> None:
     for blob in blobs:
         with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
             for member in tar:
@@ -80,7 +81,8 @@ def _seit_decode(files: dict[str, bytes], tokens: int) -> None:
 
 
 def storage_report(info: TokenDatasetInfo, source_bytes_per_sample: float | None, max_samples: int = 20000) -> dict:
-    blobs, ids, labels, n = _read_shards(info, max_samples)
+    codec = info.load_codec()
+    blobs, ids, labels, n = _read_shards(info, codec, max_samples)
     k = info.codebook_size
     tokens = int(np.prod(info.grid))
     codebook = info.load_codebook()
@@ -98,11 +100,12 @@ def storage_report(info: TokenDatasetInfo, source_bytes_per_sample: float | None
         "zstd": {"bytes": len(zstd_ids) + len(zstd_labels),
                  "decode_s": _timed(lambda: np.frombuffer(zd.decompress(zstd_ids), "<u2").reshape(n, -1))},
         "ours": {"bytes": sum(len(b) for b in blobs),
-                 "decode_s": _timed(lambda: _ours_decode(blobs, info.codec))},
+                 "decode_s": _timed(lambda: _ours_decode(blobs, codec))},
     }
+    model = info.meta.get("codec_model")
     report = {"samples": n, "tokens_per_sample": tokens, "codebook_size": k, "codec": info.codec,
               "codebook_bytes": {"seit": len(ckpt.getvalue()), "ours": (info.root / CODEBOOK_FILE).stat().st_size},
-              "rows": {}}
+              "codec_model_bytes": (info.root / model).stat().st_size if model else 0, "rows": {}}
     for name, row in rows.items():
         per_sample = row["bytes"] / n
         entry = {"bytes_per_sample": round(per_sample, 2), "bits_per_token": round(per_sample * 8 / tokens, 3)}
@@ -125,5 +128,6 @@ def format_report(report: dict) -> str:
         lines.append(f"  {name:<6} {row['bytes_per_sample']:>10.1f} {row['bits_per_token']:>10.3f} {pct:>9} {speed:>14}")
     cb = report["codebook_bytes"]
     lines.append(f"  SeiT's format / ours = {report['ours_vs_seit']:.2f}x; codebook file: ours {cb['ours']:,} B, "
-                 f"SeiT {cb['seit']:,} B (once per dataset)")
+                 f"SeiT {cb['seit']:,} B (once per dataset)"
+                 + (f"; codec model {report['codec_model_bytes']:,} B" if report.get("codec_model_bytes") else ""))
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import random
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -25,7 +26,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from seit.data.chunk import CHUNK_EXT, decode_chunk
-from seit.data.codec import CodecError
+from seit.data.codec import Codec, CodecError, get_codec
 
 
 class ShardReadError(RuntimeError):
@@ -59,13 +60,17 @@ def _worker() -> tuple[int, int]:
 class TokenStream(IterableDataset):
     """Yields batches ``{"ids": uint16 [B,H,W], "label": int64 [B]}`` (+ ``"key"`` for eval)."""
 
-    def __init__(self, shards: list[dict], paths: list[str], *, codec: str, codebook_size: int,
+    def __init__(self, shards: list[dict], paths: list[str], *, codec: str | Codec, codebook_size: int,
                  grid: tuple[int, int], chunk_size: int, batch_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 2048,
-                 epoch: SharedEpoch | None = None):
+                 epoch: SharedEpoch | None = None, model_dir: str | None = None):
+        """codec: a resolved Codec, or its name; a name is resolved in each worker process on first use,
+        loading a codec model from model_dir (default: the dataset dir, i.e. the shards' parent dir)."""
         self.urls = list(paths)
+        self.model_dir = model_dir or (str(Path(paths[0]).parent.parent) if paths else None)
+        self._codec = codec if isinstance(codec, Codec) else None
         self.expected_chunks = {p: -(-s["count"] // chunk_size) for s, p in zip(shards, paths)}
-        self.codec, self.codebook_size, self.grid = codec, codebook_size, tuple(grid)
+        self.codec, self.codebook_size, self.grid = getattr(codec, "name", codec), codebook_size, tuple(grid)
         self.batch_size, self.train = batch_size, train
         self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 1)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
@@ -106,8 +111,10 @@ class TokenStream(IterableDataset):
         where = f"chunk {sample['__key__']} of shard {sample['__url__']}"
         if CHUNK_EXT not in sample:
             raise ShardReadError(f"{where} has no .{CHUNK_EXT} member (members: {sorted(sample)})")
+        if self._codec is None:  # once per process: a codec model is loaded here, not per chunk
+            self._codec = get_codec(self.codec, model_dir=self.model_dir)
         try:
-            chunk = decode_chunk(sample[CHUNK_EXT], self.codec)
+            chunk = decode_chunk(sample[CHUNK_EXT], self._codec)
         except CodecError as exc:
             raise ShardReadError(f"{where} is corrupt: {exc}") from exc
         if tuple(chunk.ids.shape[1:]) != self.grid:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from seit.data.chunk import CHUNK_EXT, decode_chunk
-from seit.data.codec import CodecError
+from seit.data.codec import MODEL_CODECS, CodecError, get_codec
+from seit.data.codec_ctx import MODEL_FILE, CtxModel
 from seit.data.dataset_info import (CODEBOOK_FILE, SHARD_DIR, SYNONYMS_FILE, DatasetError, TokenDatasetInfo,
                                     save_codebook, save_synonyms, write_dataset_info)
 from seit.data.seit_format import (CODEBOOK_CKPT, MAX_FILE_ID, SYNONYMS_FILES, find_synonyms, load_synonyms_json,
@@ -67,13 +68,18 @@ def import_seit(cfg) -> dict:
     rounding = (codebook.float() - codebook.to(torch.float16).float()).abs().max().item()
     if rounding:
         log.warning("%s: codebook values rounded to float16 (max abs change %.3g)", src / CODEBOOK_CKPT, rounding)
+    codec_fields = {}
+    if build.codec in MODEL_CODECS:  # fitted on every imported id: they are all in memory already
+        CtxModel.fit(np.concatenate([ids for ids, _ in splits.values()]), k).save(root / MODEL_FILE)
+        codec_fields = {"codec_model": MODEL_FILE}
+    codec = get_codec(build.codec, model_dir=root)
     records = []
     for split, (ids, labels) in splits.items():
         keys = [f"{split}/{i:08d}" for i in range(len(ids))]
         for s, start in enumerate(range(0, len(ids), build.shard_size)):
             end = start + build.shard_size
             records.append(write_shard(root / SHARD_DIR / f"{split}-{s:06d}.tar", ids[start:end], labels[start:end],
-                                       keys[start:end], split=split, codec=build.codec, codebook_size=k,
+                                       keys[start:end], split=split, codec=codec, codebook_size=k,
                                        chunk_size=build.chunk_size).to_dict())
     extra = {}
     if build.synonyms_k:
@@ -86,7 +92,7 @@ def import_seit(cfg) -> dict:
     meta = write_dataset_info(
         root, shards=records, grid=grid, codebook_size=k, embed_dim=int(codebook.shape[1]), codec=build.codec,
         chunk_size=build.chunk_size, codebook_sha256=fingerprint, classes=[str(i) for i in range(max_label + 1)],
-        source_bytes=sum(os.path.getsize(p) for p in read), **extra,
+        source_bytes=sum(os.path.getsize(p) for p in read), **extra, **codec_fields,
         imported_from={"format": "seit", "dir": str(src.resolve()), "prefix": prefix, "splits": list(splits),
                        "synonyms": {"file": SEIT_SYNONYMS, "name": synonyms_path.name} if synonyms_path else None})
     n = max(meta["num_samples"], 1)
@@ -150,14 +156,14 @@ def export_synonyms(info: TokenDatasetInfo, out: Path) -> list[Path]:
 
 def read_split(info: TokenDatasetInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Every sample of a split, ordered by key: shards in order, chunks in tar order, then sorted by key."""
-    ids, labels, keys = [], [], []
+    ids, labels, keys, codec = [], [], [], info.load_codec()
     for path in info.shard_paths(split):
         with tarfile.open(path) as tar:
             for member in tar:
                 if not member.name.endswith(f".{CHUNK_EXT}"):
                     continue
                 try:
-                    chunk = decode_chunk(tar.extractfile(member).read(), info.codec)
+                    chunk = decode_chunk(tar.extractfile(member).read(), codec)
                 except CodecError as exc:
                     raise DatasetError(f"{path}: {member.name}: {exc}") from exc
                 ids.append(chunk.ids)

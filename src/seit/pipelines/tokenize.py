@@ -6,6 +6,10 @@ result does not depend on how many processes run or how often the job was interr
 shard is written atomically with a progress record, a re-run skips the shards already done, and
 ``dataset.json`` is written last. The plan and the fitted tokenizer are saved first, and a re-run
 that would produce something different from the interrupted one refuses to mix the two.
+
+A codec with a per-dataset model (``ctx-rans``) gets it fitted before the first shard, from the
+ids of the first ``data.build.codec_fit_samples`` shuffled training images, and saved once in the
+dataset dir; a resumed run reuses that file (its sha256 is part of the plan).
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ from tqdm.auto import tqdm
 
 from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, SHARD_DIR, SYNONYMS_FILE, TokenDatasetInfo,
                                     save_codebook, save_synonyms, write_dataset_info)
+from seit.data.codec import MODEL_CODECS, Codec, get_codec
+from seit.data.codec_ctx import MODEL_FILE, CtxModel
 from seit.data.embedded import resolve_source
 from seit.data.image_source import ImageReadError, ImageRecord, load_image, scan_source
 from seit.data.shard_writer import write_shard
 from seit.data.storage_report import format_report, storage_report
 from seit.tokenizers import PatchKMeansTokenizer, Tokenizer, load_tokenizer
 from seit.tokenizers.codebook_tools import synonyms
-from seit.utils.io import atomic_write_json
+from seit.utils.io import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 PROGRESS_DIR = ".progress"
@@ -41,8 +47,12 @@ _ENCODE_BATCH = 64
 
 
 def tokenizer_path(cfg) -> Path:
-    """Where the tokenizer lives: the given checkpoint, else beside the dataset dir."""
-    if cfg.tokenizer.checkpoint:
+    """Where the tokenizer lives: a given seit checkpoint, else beside the dataset dir.
+
+    A fitted tokenizer, and a foreign checkpoint converted to ours (taming VQGAN), are saved
+    there once, so that resumed runs and worker processes load exactly the same one.
+    """
+    if cfg.tokenizer.checkpoint and cfg.tokenizer.kind != "taming_vqgan":
         return Path(cfg.tokenizer.checkpoint)
     root = Path(cfg.data.root)
     return root.parent / f"{root.name}.tokenizer.safetensors"
@@ -51,7 +61,8 @@ def tokenizer_path(cfg) -> Path:
 def fit_tokenizer(cfg, records: list[ImageRecord]) -> Tokenizer:
     t = cfg.tokenizer
     if t.kind != PatchKMeansTokenizer.kind:
-        raise ValueError(f"tokenizer kind {t.kind!r} cannot be fitted here; give tokenizer.checkpoint=PATH")
+        raise ValueError(f"a {t.kind!r} tokenizer is not fitted by tokenize: train one with task=train_tokenizer "
+                         "(or bring one) and pass tokenizer.checkpoint=PATH")
     rng = np.random.default_rng(t.seed)
     pick = rng.choice(len(records), size=min(t.fit_images, len(records)), replace=False)
     images = []
@@ -79,6 +90,13 @@ def obtain_tokenizer(cfg, train_records: list[ImageRecord]) -> tuple[Tokenizer, 
     if path.is_file():
         tokenizer = load_tokenizer(path)
         log.info("tokenizer: %s (%s, codebook %s…)", path, tokenizer.kind, tokenizer.fingerprint[:12])
+    elif cfg.tokenizer.kind == "taming_vqgan":
+        from seit.tokenizers.taming_vqgan import from_taming_checkpoint
+
+        tokenizer = from_taming_checkpoint(cfg.tokenizer.checkpoint, cfg.tokenizer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(path)
+        log.info("converted the taming VQGAN %s to %s", cfg.tokenizer.checkpoint, path)
     elif cfg.tokenizer.checkpoint:
         raise FileNotFoundError(f"tokenizer.checkpoint={path} does not exist")
     else:
@@ -86,6 +104,8 @@ def obtain_tokenizer(cfg, train_records: list[ImageRecord]) -> tuple[Tokenizer, 
         path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(path)
         log.info("fitted tokenizer saved to %s", path)
+    if getattr(tokenizer, "any_size", False):  # fully convolutional: runs at the configured size
+        tokenizer.image_size = int(cfg.tokenizer.image_size)
     if tokenizer.image_size != cfg.tokenizer.image_size:
         log.warning("the tokenizer at %s works at %d px, not tokenizer.image_size=%d; using %d", path,
                     tokenizer.image_size, cfg.tokenizer.image_size, tokenizer.image_size)
@@ -94,17 +114,19 @@ def obtain_tokenizer(cfg, train_records: list[ImageRecord]) -> tuple[Tokenizer, 
 
 # --- worker side: one shard per call --------------------------------------------------------
 _WORKER_TOKENIZER: Tokenizer | None = None
+_WORKER_CODEC: Codec | None = None
 
 
-def _init_worker(path: str) -> None:
-    global _WORKER_TOKENIZER
+def _init_worker(path: str, image_size: int, codec: str, model_dir: str) -> None:
+    global _WORKER_TOKENIZER, _WORKER_CODEC
     torch.set_num_threads(1)
     _WORKER_TOKENIZER = load_tokenizer(path)
+    _WORKER_TOKENIZER.image_size = image_size
+    _WORKER_CODEC = get_codec(codec, model_dir=model_dir)
 
 
-def _encode_shard(job: dict) -> dict:
-    tokenizer = _WORKER_TOKENIZER
-    records: list[ImageRecord] = job["records"]
+def _encode_records(tokenizer: Tokenizer, records: list[ImageRecord], skip_bad_images: bool):
+    """ids [n,H,W], labels, keys of the readable records, and where the unreadable ones are."""
     ids, labels, keys, skipped = [], [], [], []
     for start in range(0, len(records), _ENCODE_BATCH):
         batch, batch_records = [], []
@@ -112,7 +134,7 @@ def _encode_shard(job: dict) -> dict:
             try:
                 batch.append(load_image(rec, tokenizer.image_size))
             except ImageReadError as exc:
-                if not job["skip_bad_images"]:
+                if not skip_bad_images:
                     raise ImageReadError(f"{exc} (pass data.build.skip_bad_images=true to skip and count such images)") from None
                 skipped.append(rec.where)
                 continue
@@ -122,9 +144,14 @@ def _encode_shard(job: dict) -> dict:
                 ids.append(tokenizer.encode(torch.from_numpy(np.stack(batch)).float() / 255).numpy())
             labels += [r.label for r in batch_records]
             keys += [r.key for r in batch_records]
-    grid = tokenizer.grid
-    record = write_shard(job["path"], np.concatenate(ids) if ids else np.zeros((0, *grid), np.uint16),
-                         np.asarray(labels, np.int64), keys, split=job["split"], codec=job["codec"],
+    ids = np.concatenate(ids) if ids else np.zeros((0, *tokenizer.grid), np.uint16)
+    return ids, np.asarray(labels, np.int64), keys, skipped
+
+
+def _encode_shard(job: dict) -> dict:
+    tokenizer = _WORKER_TOKENIZER
+    ids, labels, keys, skipped = _encode_records(tokenizer, job["records"], job["skip_bad_images"])
+    record = write_shard(job["path"], ids, labels, keys, split=job["split"], codec=_WORKER_CODEC,
                          codebook_size=tokenizer.codebook_size, chunk_size=job["chunk_size"],
                          skipped=len(skipped)).to_dict()
     record["skipped_samples"] = skipped
@@ -141,7 +168,8 @@ def _listing_hash(splits: dict[str, list[ImageRecord]]) -> str:
     return h.hexdigest()
 
 
-def _check_plan(progress: Path, plan: dict) -> None:
+def _check_plan(progress: Path, plan: dict, save: bool = True) -> None:
+    """Refuse a plan that differs from the interrupted run's in any of its keys; save it if new (and save)."""
     plan_path = progress / "plan.json"
     if plan_path.is_file():
         old = json.loads(plan_path.read_text())
@@ -149,8 +177,19 @@ def _check_plan(progress: Path, plan: dict) -> None:
         if diff:
             raise ValueError(f"{progress.parent} holds an interrupted tokenize run with different settings "
                              f"({', '.join(diff)}); resume it with the same settings, or pick another data.root")
-    else:
+    elif save:
         atomic_write_json(plan_path, plan)
+
+
+def codec_model(root: Path, tokenizer: Tokenizer, records: list[ImageRecord], build) -> str:
+    """Fit the codec model on the first records' ids and save it in root, unless a resumed run did; its sha256."""
+    path = root / MODEL_FILE
+    if not path.is_file():
+        sample = records[: build.codec_fit_samples]
+        log.info("fitting the %s codec model on the ids of %d images", build.codec, len(sample))
+        ids = _encode_records(tokenizer, sample, build.skip_bad_images)[0]
+        CtxModel.fit(ids, tokenizer.codebook_size).save(path)
+    return sha256_file(path)
 
 
 @contextmanager
@@ -192,6 +231,14 @@ def _tokenize(cfg) -> dict:
     plan = {"source": os.path.abspath(source), "listing_sha256": _listing_hash(splits),
             "codebook_sha256": tokenizer.fingerprint, "shard_size": build.shard_size,
             "chunk_size": build.chunk_size, "codec": build.codec, "shuffle_seed": build.shuffle_seed}
+    codec_fields = {}
+    if build.codec in MODEL_CODECS:
+        _check_plan(progress, plan, save=False)  # before a model is fitted into a dir it does not belong to
+        plan["codec_model_sha256"] = codec_model(root, tokenizer, splits.get("train") or next(iter(splits.values())),
+                                                 build)
+        codec_fields = {"codec_model": MODEL_FILE}
+    else:
+        get_codec(build.codec)  # an unknown name fails here, before any work
     _check_plan(progress, plan)
     fingerprint = save_codebook(root / CODEBOOK_FILE, tokenizer.codebook)
     synonym_fields = {}
@@ -204,7 +251,7 @@ def _tokenize(cfg) -> dict:
         for s, start in enumerate(range(0, len(recs), build.shard_size)):
             name = f"{split}-{s:06d}.tar"
             job = {"path": str(root / SHARD_DIR / name), "progress": str(progress / f"{name}.json"),
-                   "split": split, "records": recs[start : start + build.shard_size], "codec": build.codec,
+                   "split": split, "records": recs[start : start + build.shard_size],
                    "chunk_size": build.chunk_size, "skip_bad_images": build.skip_bad_images}
             if Path(job["path"]).is_file() and Path(job["progress"]).is_file():
                 done.append(json.loads(Path(job["progress"]).read_text()))
@@ -217,12 +264,12 @@ def _tokenize(cfg) -> dict:
     if build.workers > 0 and len(jobs) > 1:
         ctx = get_context("spawn")
         with ProcessPoolExecutor(build.workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(str(tok_path),)) as pool:
+                                 initargs=(str(tok_path), tokenizer.image_size, build.codec, str(root))) as pool:
             for record in pool.map(_encode_shard, jobs):
                 done.append(record)
                 bar.update(record["count"] + record["skipped"])
     else:
-        _init_worker(str(tok_path))
+        _init_worker(str(tok_path), tokenizer.image_size, build.codec, str(root))
         for job in jobs:
             done.append(_encode_shard(job))
             bar.update(done[-1]["count"] + done[-1]["skipped"])
@@ -237,7 +284,7 @@ def _tokenize(cfg) -> dict:
         codebook_sha256=fingerprint, classes=classes, image_size=tokenizer.image_size,
         tokenizer={"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve())},
         skipped={"count": len(skipped), "samples": skipped}, source=os.path.abspath(source),
-        source_bytes=sum(_size(r) for recs in splits.values() for r in recs), **synonym_fields)
+        source_bytes=sum(_size(r) for recs in splits.values() for r in recs), **synonym_fields, **codec_fields)
     meta = write_dataset_info(root, **fields)
     if build.storage_report and meta["num_samples"]:
         storage = storage_report(TokenDatasetInfo.open(root), meta["source_bytes"] / meta["num_samples"],

@@ -14,10 +14,12 @@ from seit.data.datamodule import TokenDataModule
 from seit.data.dataset_info import storage_summary
 from seit.data.image_datamodule import ImageFolderDataModule, input_grid
 from seit.tasks.classification import ClassificationTask
+from seit.utils.throughput import TrainThroughput
 from seit.utils.summary import config_hash, to_float, write_summary
 
 log = logging.getLogger(__name__)
 DATA_KINDS = ("tokens", "images")
+REPORTED = ("val/acc1", "val/acc5", "val/loss", "val/psnr", "val/ssim")
 
 
 def build_datamodule(cfg: DictConfig):
@@ -29,7 +31,27 @@ def build_datamodule(cfg: DictConfig):
     raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {kind!r}")
 
 
-def build_task(cfg: DictConfig, dm) -> ClassificationTask:
+def build_tokenizer_task(cfg: DictConfig, dm):
+    from seit.tasks.tokenizer import TokenizerTask
+
+    if cfg.data.kind != "images":
+        raise ValueError(f"task=train_tokenizer trains on pixels: use an images data config (data=images_*), "
+                         f"not data.kind={cfg.data.kind!r}")
+    t = cfg.task
+    return TokenizerTask(vq=OmegaConf.to_container(cfg.tokenizer.model, resolve=True),
+                         optim=OmegaConf.to_container(cfg.optim, resolve=True), image_size=int(cfg.tokenizer.image_size),
+                         crop=t.crop, l1_weight=t.l1_weight, l2_weight=t.l2_weight,
+                         perceptual_weight=t.perceptual_weight, perceptual_weights=t.perceptual_weights,
+                         adv_weight=t.adv_weight, adv_start_step=t.adv_start_step, hflip=t.hflip)
+
+
+def build_task(cfg: DictConfig, dm):
+    if cfg.task.name == "train_tokenizer":
+        return build_tokenizer_task(cfg, dm)
+    return build_classifier(cfg, dm)
+
+
+def build_classifier(cfg: DictConfig, dm) -> ClassificationTask:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     tokens = cfg.data.kind == "tokens"
     if tokens != (model["input"] == "tokens"):
@@ -87,37 +109,40 @@ def train(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
-    if dm.num_classes < 2:
+    if cfg.task.name == "train" and dm.num_classes < 2:
         raise ValueError(f"{cfg.data.get('root') or cfg.data.source} has {dm.num_classes} classes; "
                          "classification needs labelled images (class subfolders)")
     task = build_task(cfg, dm)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
+    throughput = TrainThroughput()
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*instantiate_all(cfg.get("callbacks")), throughput],
                                       logger=instantiate_all(cfg.get("logger")) or False)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     start = time.perf_counter()
     trainer.fit(task, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
     wall = time.perf_counter() - start
-    samples_per_rank = gather(task.samples_seen)
+    samples_per_rank = gather(throughput.samples)
 
     metrics = {k: to_float(v) for k, v in trainer.callback_metrics.items()}
     ckpt = trainer.checkpoint_callback
     summary = {
-        "task": "train",
+        "task": cfg.task.name,
         "metrics": {k: v for k, v in sorted(metrics.items()) if v is not None},
         "wall_s": round(wall, 3),
-        "train_s": round(task.train_seconds, 3),  # training epochs without their validation
+        "train_s": round(throughput.seconds, 3),  # training epochs without their validation
         "world_size": trainer.world_size,
         "samples_seen": sum(samples_per_rank),
         "samples_seen_per_rank": samples_per_rank,
-        "samples_per_s": round(sum(samples_per_rank) / task.train_seconds, 2) if task.train_seconds else None,
+        "samples_per_s": round(sum(samples_per_rank) / throughput.seconds, 2) if throughput.seconds else None,
         "global_step": trainer.global_step,
         "config_hash": config_hash(cfg),
         "ckpt_path": (ckpt.best_model_path or ckpt.last_model_path) if ckpt else None,  # best by val/acc1
         "last_ckpt_path": ckpt.last_model_path if ckpt else None,
         "output_dir": str(output_dir),
     }
-    summary.update({k: summary["metrics"][k] for k in ("val/acc1", "val/acc5", "val/loss") if k in summary["metrics"]})
+    summary.update({k: summary["metrics"][k] for k in REPORTED if k in summary["metrics"]})
+    if hasattr(task, "export") and trainer.is_global_zero:
+        summary.update(task.export(output_dir))
     if cfg.data.kind == "tokens":
         summary["dataset"] = {"root": str(dm.load_info().root), **storage_summary(dm.load_info().meta)}
     if trainer.is_global_zero:
@@ -127,10 +152,12 @@ def train(cfg: DictConfig) -> dict:
 
 
 def report(summary: dict) -> None:
-    parts = [f"{k}={summary[k]:.4f}" for k in ("val/acc1", "val/acc5", "val/loss") if k in summary]
+    parts = [f"{k}={summary[k]:.4f}" for k in REPORTED if k in summary]
     parts.append(f"wall {summary['wall_s']:.1f}s")
     if summary.get("samples_per_s"):
         parts.append(f"{summary['samples_per_s']:.0f} train samples/s")
+    if "tokenizer_checkpoint" in summary:
+        parts.append(f"tokenizer: {summary['tokenizer_checkpoint']}")
     if "dataset" in summary:
         d = summary["dataset"]
         storage = f"{d['bytes_per_sample']:.0f} B/sample"

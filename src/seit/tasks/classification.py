@@ -7,7 +7,6 @@ Augmentation runs here, on the device, batched: the loader only decodes.
 from __future__ import annotations
 
 import math
-import time
 
 import pytorch_lightning as pl
 import torch
@@ -57,11 +56,6 @@ class ClassificationTask(pl.LightningModule):
         self.val_count = torchmetrics.SumMetric()  # samples evaluated over all ranks: exactly the val split
         self.val_confusion = torchmetrics.ConfusionMatrix(task="multiclass", num_classes=num_classes)
         self.last_confusion = None  # numpy [C, C] of the latest validation, for plots
-        self.samples_seen = 0
-        self.train_seconds = 0.0
-        self._epoch_start: float | None = None
-        self._val_start = 0.0
-        self._val_seconds = 0.0
 
     # -- data on the device -------------------------------------------------------------------
     def embed(self, batch: dict, train: bool) -> torch.Tensor:
@@ -104,9 +98,7 @@ class ClassificationTask(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.model(self.embed(batch, train=True))
         loss = self.criterion(logits, batch["label"])
-        bs = batch["label"].shape[0]
-        self.samples_seen += bs
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["label"].shape[0])
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -117,19 +109,8 @@ class ClassificationTask(pl.LightningModule):
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "set_epoch"):
             dm.set_epoch(self.current_epoch)
-        self._epoch_start, self._val_seconds = time.perf_counter(), 0.0
-
-    def on_train_epoch_end(self) -> None:
-        if self._epoch_start is not None:
-            self.train_seconds += time.perf_counter() - self._epoch_start - self._val_seconds
-        self._epoch_start, self._val_seconds = None, 0.0
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_start = time.perf_counter()
 
     def on_validation_epoch_end(self) -> None:
-        if self._epoch_start is not None:  # validation inside a training epoch: not training time
-            self._val_seconds += time.perf_counter() - self._val_start
         self._log_val_metrics()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -9,8 +9,14 @@ from safetensors.torch import load_file
 
 from seit.tokenizers.base import Tokenizer
 from seit.tokenizers.patch_kmeans import PatchKMeansTokenizer
+from seit.tokenizers.taming_vqgan import TamingVQGANTokenizer
+from seit.tokenizers.vq import VQTokenizer
 
-TOKENIZERS = {PatchKMeansTokenizer.kind: PatchKMeansTokenizer}
+TOKENIZERS = {
+    PatchKMeansTokenizer.kind: PatchKMeansTokenizer,
+    TamingVQGANTokenizer.kind: TamingVQGANTokenizer,
+    VQTokenizer.kind: VQTokenizer,
+}
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -25,4 +31,4 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return TOKENIZERS[kind].from_state(tensors, metadata)
 
 
-__all__ = ["Tokenizer", "PatchKMeansTokenizer", "load_tokenizer", "TOKENIZERS"]
+__all__ = ["Tokenizer", "PatchKMeansTokenizer", "TamingVQGANTokenizer", "VQTokenizer", "load_tokenizer", "TOKENIZERS"]

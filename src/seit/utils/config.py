@@ -47,7 +47,12 @@ def join(*parts) -> str:
     return "-".join(str(p) for p in parts if p not in (None, ""))
 
 
-RESOLVERS = {"wandb_mode": wandb_mode, "run_id": run_id, "multirun_group": multirun_group, "join": join}
+def vq_downsample(ch_mult) -> int:
+    """A conv tokenizer with len(ch_mult) levels halves the resolution len-1 times."""
+    return 2 ** (len(ch_mult) - 1)
+
+
+RESOLVERS = {"vq_downsample": vq_downsample, "wandb_mode": wandb_mode, "run_id": run_id, "multirun_group": multirun_group, "join": join}
 
 
 def register_resolvers() -> None:

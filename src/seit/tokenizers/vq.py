@@ -1,0 +1,54 @@
+"""The learned VQ tokenizer behind the Tokenizer interface (``kind: vq``).
+
+Saved as safetensors: the model weights plus its architecture as JSON metadata, so that
+``load_tokenizer`` reopens it with nothing else; ``task=train_tokenizer`` writes one, and
+``task=tokenize tokenizer.checkpoint=PATH`` uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from seit.tokenizers.base import Tokenizer
+from seit.tokenizers.vq_model import VQModel
+
+
+class VQTokenizer(Tokenizer):
+    kind = "vq"
+    any_size = True  # fully convolutional: any image size that is a multiple of the downsampling
+
+    def __init__(self, model: VQModel, image_size: int):
+        self.model = model.eval()
+        self.image_size = image_size
+        self.downsample = model.downsample
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.model.quantizer.codebook.detach().cpu()
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] % self.downsample or images.shape[-2] % self.downsample:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {self.downsample}")
+        return self.model.encode(images.float())
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(ids.long())
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = f"{path}.tmp"
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, tmp, metadata={"kind": self.kind, "image_size": str(self.image_size),
+                                        "config": json.dumps(self.model.config)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_state(cls, tensors: dict, metadata: dict) -> "VQTokenizer":
+        model = VQModel(**json.loads(metadata["config"]))
+        model.load_state_dict(tensors)
+        return cls(model, int(metadata["image_size"]))

@@ -1,0 +1,144 @@
+"""A VQGAN-style convolutional tokenizer: encoder -> cosine vector quantiser -> decoder.
+
+Downsampling 2**(len(ch_mult)-1): ch_mult of 4 levels gives 8, i.e. a 32x32 grid at 256 px as
+in SeiT. The lookup is l2-normalised (cosine), as in ViT-VQGAN: codes live on the unit sphere,
+which keeps them all in use and makes the codebook a well-scaled embedding for the ViT.
+The codebook learns by EMA of the assigned (normalised) encoder outputs, and codes whose EMA
+usage falls below ``dead_threshold`` times the uniform share 1/K are restarted at random encoder
+outputs of the current batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, ch // 4) or 1, ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.body = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                                  _norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, embed_dim: int):
+        super().__init__()
+        layers, cin = [nn.Conv2d(3, ch, 3, padding=1)], ch
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock(cin, ch * mult))
+                cin = ch * mult
+            if level < len(ch_mult) - 1:
+                layers.append(nn.Conv2d(cin, cin, 4, stride=2, padding=1))
+        layers += [ResBlock(cin, cin), _norm(cin), nn.SiLU(), nn.Conv2d(cin, embed_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, embed_dim: int):
+        super().__init__()
+        cin = ch * ch_mult[-1]
+        layers = [nn.Conv2d(embed_dim, cin, 3, padding=1), ResBlock(cin, cin)]
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock(cin, ch * mult))
+                cin = ch * mult
+            if level > 0:
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cin, 3, padding=1)]
+        layers += [_norm(cin), nn.SiLU(), nn.Conv2d(cin, 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class CosineQuantizer(nn.Module):
+    """Nearest unit-norm code by cosine; EMA codebook updates; dead-code restarts."""
+
+    def __init__(self, codebook_size: int, embed_dim: int, decay: float = 0.99, dead_threshold: float = 0.03,
+                 beta: float = 0.25):
+        super().__init__()
+        self.decay, self.dead_threshold, self.beta = decay, dead_threshold, beta
+        self.register_buffer("embed", F.normalize(torch.randn(codebook_size, embed_dim), dim=1))
+        self.register_buffer("usage", torch.full((codebook_size,), 1.0 / codebook_size))
+        self.register_buffer("embed_sum", self.embed.clone())
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.embed
+
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """[B,D,H,W] encoder output -> ids [B,H,W]."""
+        flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=1)
+        return (flat @ self.embed.T).argmax(1).reshape(z.shape[0], z.shape[2], z.shape[3])
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed).permute(0, 3, 1, 2)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        z_unit = F.normalize(z, dim=1)
+        ids = self.lookup(z)
+        q = self.embed_ids(ids)
+        commit = self.beta * F.mse_loss(z_unit, q.detach())
+        if self.training:
+            self._ema_update(z_unit.detach(), ids)
+        counts = torch.bincount(ids.reshape(-1), minlength=self.embed.shape[0]).float()
+        probs = counts / counts.sum()
+        stats = {"perplexity": torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum()),
+                 "usage": (counts > 0).float().mean()}
+        return z_unit + (q - z_unit).detach(), ids, {"commit": commit, **stats}
+
+    @torch.no_grad()
+    def _ema_update(self, z_unit: torch.Tensor, ids: torch.Tensor) -> None:
+        flat = z_unit.permute(0, 2, 3, 1).reshape(-1, z_unit.shape[1])
+        onehot_sum = torch.zeros_like(self.embed_sum).index_add_(0, ids.reshape(-1), flat)
+        counts = torch.bincount(ids.reshape(-1), minlength=self.embed.shape[0]).float()
+        self.usage.mul_(self.decay).add_(counts / counts.sum(), alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(onehot_sum, alpha=1 - self.decay)
+        self.embed.copy_(F.normalize(self.embed_sum, dim=1))
+        dead = self.usage < self.dead_threshold / self.embed.shape[0]
+        if dead.any():
+            picks = flat[torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)]
+            self.embed[dead] = picks
+            self.embed_sum[dead] = picks
+            self.usage[dead] = 1.0 / self.embed.shape[0]
+
+
+class VQModel(nn.Module):
+    def __init__(self, ch: int = 64, ch_mult: list[int] = (1, 2, 2, 4), num_res_blocks: int = 1,
+                 codebook_size: int = 1024, embed_dim: int = 32, decay: float = 0.99, dead_threshold: float = 0.03,
+                 beta: float = 0.25):
+        super().__init__()
+        self.config = {"ch": ch, "ch_mult": list(ch_mult), "num_res_blocks": num_res_blocks,
+                       "codebook_size": codebook_size, "embed_dim": embed_dim}
+        self.encoder = Encoder(ch, list(ch_mult), num_res_blocks, embed_dim)
+        self.quantizer = CosineQuantizer(codebook_size, embed_dim, decay, dead_threshold, beta)
+        self.decoder = Decoder(ch, list(ch_mult), num_res_blocks, embed_dim)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.config["ch_mult"]) - 1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """images in [0,1] -> (reconstruction in [0,1] scale, ids, quantiser stats and losses)."""
+        z_q, ids, stats = self.quantizer(self.encoder(images * 2 - 1))
+        return (self.decoder(z_q) + 1) / 2, ids, stats
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.lookup(self.encoder(images * 2 - 1))
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        return ((self.decoder(self.quantizer.embed_ids(ids)) + 1) / 2).clamp(0, 1)

@@ -1,0 +1,151 @@
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from seit.data.codec import CodecError, get_codec
+from seit.data.codec_ctx import MODEL_FILE, CtxModel, decode_ctx, encode_ctx, load_model
+from seit.data.dataset_info import TokenDatasetInfo
+from seit.data.token_stream import TokenStream
+
+K = 300
+
+
+def smooth_ids(n: int, h: int = 12, w: int = 10, k: int = K, seed: int = 0) -> np.ndarray:
+    """Grids with the structure the model looks for: runs of copies and ids near their up neighbour."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, k, (n, h, w))
+    for i in range(1, h):
+        copy = rng.random((n, w)) < 0.5
+        ids[:, i] = np.where(copy, ids[:, i - 1], (ids[:, i - 1] + rng.integers(-3, 4, (n, w))) % k)
+    return ids.astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def model() -> CtxModel:
+    return CtxModel.fit(smooth_ids(64), K)
+
+
+def round_trip(model: CtxModel, ids: np.ndarray) -> np.ndarray:
+    out = decode_ctx(model, encode_ctx(model, ids, model.codebook_size))
+    assert out.dtype == np.uint16 and out.shape == ids.shape
+    return out
+
+
+@pytest.mark.parametrize("ids", [
+    smooth_ids(20, seed=1),
+    np.random.default_rng(2).integers(0, K, (7, 8, 9)).astype(np.uint16),  # no structure at all
+    np.zeros((3, 16, 16), np.uint16),  # all equal
+    np.full((2, 5, 5), K - 1, np.uint16),  # the max id
+    np.arange(4 * 8 * 8, dtype=np.uint16).reshape(4, 8, 8) % K,  # all distinct within a grid
+    smooth_ids(1, h=1, w=1),  # a single token
+    np.zeros((0, 32, 32), np.uint16),  # no samples
+])
+def test_lossless(model, ids):
+    assert (round_trip(model, ids) == ids).all()
+
+
+def test_ids_unseen_when_fitting_round_trip():
+    seen_only_low = CtxModel.fit(smooth_ids(16, k=10), K)
+    ids = np.random.default_rng(3).integers(0, K, (5, 8, 8)).astype(np.uint16)
+    assert (round_trip(seen_only_low, ids) == ids).all()
+
+
+def test_model_compresses_structured_ids(model):
+    ids = smooth_ids(64, seed=4)
+    payload = encode_ctx(model, ids, K)
+    assert len(payload) * 8 / ids.size < 0.75 * np.log2(K)
+
+
+def test_out_of_range_and_wrong_k_rejected(model):
+    with pytest.raises(ValueError, match="out of range"):
+        encode_ctx(model, np.full((1, 2, 2), K, np.uint16), K)
+    with pytest.raises(ValueError, match="codebook size"):
+        encode_ctx(model, np.zeros((1, 2, 2), np.uint16), K + 1)
+
+
+def test_corrupt_truncated_or_foreign_streams_raise(model):
+    payload = encode_ctx(model, smooth_ids(4, seed=5), K)
+    with pytest.raises(CodecError, match="shorter than"):
+        decode_ctx(model, payload[:10])
+    with pytest.raises(CodecError, match="corrupt or truncated"):
+        decode_ctx(model, payload[:-2])
+    flipped = bytearray(payload)
+    flipped[-7] ^= 0x10
+    with pytest.raises(CodecError, match="corrupt or truncated"):
+        decode_ctx(model, bytes(flipped))
+    with pytest.raises(CodecError, match="bad ctx-rans header"):
+        decode_ctx(model, b"XXXX" + payload[4:])
+    other = CtxModel.fit(smooth_ids(8, seed=6, k=50), K)
+    with pytest.raises(CodecError, match="wrong or replaced"):
+        decode_ctx(other, payload)
+
+
+def test_model_file_round_trips(tmp_path, model):
+    model.save(tmp_path / MODEL_FILE)
+    loaded = load_model(tmp_path)
+    assert loaded.fingerprint == model.fingerprint
+    for name in ("cluster", "event_freq", "literal_freq"):
+        assert (getattr(loaded, name) == getattr(model, name)).all()
+    assert (tmp_path / MODEL_FILE).stat().st_size < 16_000
+    codec = get_codec("ctx-rans", model_dir=tmp_path)
+    ids = smooth_ids(3, seed=7)
+    assert (codec.decode(encode_ctx(model, ids, K)) == ids).all()
+
+
+def test_missing_or_bad_model_file(tmp_path):
+    with pytest.raises(ValueError, match="needs its model"):
+        get_codec("ctx-rans")
+    with pytest.raises(CodecError, match="not found"):
+        get_codec("ctx-rans", model_dir=tmp_path)
+    (tmp_path / MODEL_FILE).write_bytes(b"not a model")
+    with pytest.raises(CodecError, match="not a valid ctx-rans model"):
+        get_codec("ctx-rans", model_dir=tmp_path)
+
+
+def tokenize_config(source, root, codec="ctx-rans"):
+    return OmegaConf.create({
+        "paths": {"cache_dir": str(root.parent / "cache")},
+        "tokenizer": {"kind": "patch_kmeans", "checkpoint": None, "image_size": 16, "patch_size": 4,
+                      "codebook_size": 16, "embed_dim": 8, "fit_images": 20, "fit_patches": 2000, "fit_iters": 5,
+                      "seed": 0, "compact": False},
+        "data": {"root": str(root), "build": {
+            "source": str(source), "shard_size": 10, "chunk_size": 4, "codec": codec, "codec_fit_samples": 12,
+            "shuffle_seed": 0, "workers": 0, "skip_bad_images": False, "synonyms_k": 0, "storage_report": True,
+            "storage_report_samples": 20}}})
+
+
+def test_tokenize_then_stream_round_trip(tmp_path, image_folder):
+    from seit.pipelines.tokenize import tokenize
+
+    ref = tokenize(tokenize_config(image_folder, tmp_path / "ref", codec="zstd-planes"))
+    meta = tokenize(tokenize_config(image_folder, tmp_path / "ctx"))
+    assert meta["codec"] == "ctx-rans" and meta["codec_model"] == MODEL_FILE
+    assert meta["storage"]["codec_model_bytes"] == (tmp_path / "ctx" / MODEL_FILE).stat().st_size
+
+    def read(root):
+        info = TokenDatasetInfo.open(root)
+        stream = TokenStream(info.shards("train"), info.shard_paths("train"), codec=info.codec,
+                             codebook_size=info.codebook_size, grid=info.grid, chunk_size=info.meta["chunk_size"],
+                             batch_size=5, train=False, num_workers=2)
+        batches = list(DataLoader(stream, batch_size=None, num_workers=2))
+        return {k: ids for b in batches for k, ids in zip(b["key"], b["ids"].numpy())}
+
+    ours, theirs = read(tmp_path / "ctx"), read(tmp_path / "ref")
+    assert ours.keys() == theirs.keys() and len(ours) == ref["splits"]["train"]
+    assert all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_resume_reuses_the_model_and_gives_identical_shards(tmp_path, image_folder):
+    from seit.pipelines.tokenize import tokenize
+
+    first = tokenize(tokenize_config(image_folder, tmp_path / "a"))
+    root = tmp_path / "b"
+    cfg = tokenize_config(image_folder, root)
+    tokenize(cfg)
+    model_bytes = (root / MODEL_FILE).read_bytes()
+    (root / "dataset.json").unlink()  # as if interrupted after the shards: a re-run must reuse the model
+    (root / ".progress").mkdir()
+    resumed = tokenize(cfg)
+    assert (root / MODEL_FILE).read_bytes() == model_bytes
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in first["shards"]]

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from seit.tokenizers import VQTokenizer, load_tokenizer
+from seit.tokenizers.vq_model import CosineQuantizer, VQModel
+
+TINY = {"ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "codebook_size": 16, "embed_dim": 4}
+
+
+def test_shapes_and_downsampling():
+    model = VQModel(**TINY)
+    x = torch.rand(2, 3, 32, 32)
+    recon, ids, stats = model(x)
+    assert recon.shape == x.shape and ids.shape == (2, 8, 8) and model.downsample == 4
+    assert int(ids.max()) < 16 and 1 <= float(stats["perplexity"]) <= 16 and 0 < float(stats["usage"]) <= 1
+    recon.sum().backward()  # straight-through: the encoder gets gradients
+    assert model.encoder.net[0].weight.grad is not None
+
+
+def test_codes_stay_unit_norm_and_dead_codes_restart():
+    q = CosineQuantizer(8, 3, decay=0.5, dead_threshold=0.5)
+    z = torch.randn(4, 3, 5, 5)
+    z[:, :, :, :] = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)  # every vector the same: one code wins
+    before = q.embed.clone()
+    for _ in range(5):
+        q(z)
+    assert torch.allclose(q.embed.norm(dim=1), torch.ones(8), atol=1e-5)
+    assert not torch.equal(before, q.embed)
+    used = q.lookup(z).unique()
+    assert torch.allclose(q.embed[used], torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-4)
+    assert (q.usage > 0).all()  # restarted codes were given a fresh share
+
+
+def test_lookup_is_cosine_nearest():
+    q = CosineQuantizer(3, 2)
+    q.embed.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    z = torch.tensor([[10.0, 1.0], [0.1, 5.0], [-0.2, 0.1]]).T.reshape(1, 2, 1, 3)
+    assert q.lookup(z).tolist() == [[[0, 1, 2]]]
+
+
+def test_tokenizer_save_load_round_trip(tmp_path):
+    tok = VQTokenizer(VQModel(**TINY), image_size=32)
+    tok.save(tmp_path / "vq.safetensors")
+    loaded = load_tokenizer(tmp_path / "vq.safetensors")
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(loaded.encode(x), tok.encode(x)) and loaded.fingerprint == tok.fingerprint
+    assert loaded.decode(loaded.encode(x)).shape == x.shape and loaded.grid == (8, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        tok.encode(torch.rand(1, 3, 30, 30))
