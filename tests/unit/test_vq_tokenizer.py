@@ -47,3 +47,17 @@ def test_tokenizer_save_load_round_trip(tmp_path):
     assert loaded.decode(loaded.encode(x)).shape == x.shape and loaded.grid == (8, 8)
     with pytest.raises(ValueError, match="multiple"):
         tok.encode(torch.rand(1, 3, 30, 30))
+
+
+def test_compaction_keeps_encodings_and_saves_the_map(tmp_path):
+    tok = VQTokenizer(VQModel(**TINY), image_size=32)
+    x = torch.rand(2, 3, 32, 32)
+    ids = tok.encode(x)
+    counts = torch.bincount(ids.reshape(-1), minlength=16)
+    small = tok.compacted(counts)
+    assert small.codebook_size == int((counts > 0).sum())
+    assert torch.equal(small.encode(x), small.compaction[ids])
+    assert torch.allclose(small.decode(small.encode(x)), tok.decode(ids))
+    small.save(tmp_path / "s.safetensors")
+    again = load_tokenizer(tmp_path / "s.safetensors")
+    assert torch.equal(again.compaction, small.compaction) and again.codebook_size == small.codebook_size

@@ -42,7 +42,8 @@ def build_tokenizer_task(cfg: DictConfig, dm):
                          optim=OmegaConf.to_container(cfg.optim, resolve=True), image_size=int(cfg.tokenizer.image_size),
                          crop=t.crop, l1_weight=t.l1_weight, l2_weight=t.l2_weight,
                          perceptual_weight=t.perceptual_weight, perceptual_weights=t.perceptual_weights,
-                         adv_weight=t.adv_weight, adv_start_step=t.adv_start_step, hflip=t.hflip)
+                         adv_weight=t.adv_weight, adv_start_step=t.adv_start_step, hflip=t.hflip,
+                         compact=t.compact)
 
 
 def build_task(cfg: DictConfig, dm):

@@ -71,7 +71,7 @@ class VGGPerceptual(nn.Module):
 class TokenizerTask(pl.LightningModule):
     def __init__(self, vq: dict, optim: dict, image_size: int, crop: int | None = None, l1_weight: float = 1.0,
                  l2_weight: float = 1.0, perceptual_weight: float = 0.0, perceptual_weights: str | None = None,
-                 adv_weight: float = 0.0, adv_start_step: int = 0, hflip: float = 0.5):
+                 adv_weight: float = 0.0, adv_start_step: int = 0, hflip: float = 0.5, compact: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -86,6 +86,8 @@ class TokenizerTask(pl.LightningModule):
         self.psnr = torchmetrics.image.PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = torchmetrics.image.StructuralSimilarityIndexMeasure(data_range=1.0)
         self._val_grid: torch.Tensor | None = None
+        # per-code use over the latest validation pass: export drops the codes it never used
+        self.register_buffer("val_code_counts", torch.zeros(self.model.config["codebook_size"]), persistent=False)
 
     def batch_images(self, batch: dict, train: bool) -> torch.Tensor:
         x = batch["images"].float() / 255
@@ -131,7 +133,11 @@ class TokenizerTask(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = self.batch_images(batch, train=False)
-        recon = self.model.decode(self.model.encode(x))
+        ids = self.model.encode(x)
+        recon = self.model.decode(ids)
+        if batch_idx == 0:
+            self.val_code_counts.zero_()
+        self.val_code_counts += torch.bincount(ids.reshape(-1), minlength=self.val_code_counts.numel()).float()
         self.psnr.update(recon, x)
         self.ssim.update(recon, x)
         if batch_idx == 0:
@@ -140,6 +146,7 @@ class TokenizerTask(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log("val/psnr", self.psnr.compute(), prog_bar=True, sync_dist=True)
         self.log("val/ssim", self.ssim.compute(), sync_dist=True)
+        self.log("val/codes_used", (self.val_code_counts > 0).sum().float(), sync_dist=True)
         self.psnr.reset()
         self.ssim.reset()
         if self._val_grid is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
@@ -163,7 +170,11 @@ class TokenizerTask(pl.LightningModule):
         return [opt_g, opt_d], [sched]
 
     def export(self, output_dir: Path) -> dict:
-        """Save the trained tokenizer where task=tokenize can use it."""
+        """Save the trained tokenizer where task=tokenize can use it, without codes unused on val."""
         path = Path(output_dir) / "tokenizer.safetensors"
-        VQTokenizer(self.model.cpu(), self.hparams.image_size).save(path)
-        return {"tokenizer_checkpoint": str(path)}
+        tokenizer = VQTokenizer(self.model.cpu(), self.hparams.image_size)
+        counts = self.val_code_counts.cpu()
+        if self.hparams.compact and counts.sum() > 0:
+            tokenizer = tokenizer.compacted(counts)
+        tokenizer.save(path)
+        return {"tokenizer_checkpoint": str(path), "codebook_size": tokenizer.codebook_size}

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from seit.tokenizers.base import Tokenizer
+from seit.tokenizers.codebook_tools import compaction_map
 from seit.tokenizers.vq_model import VQModel
 
 
@@ -25,6 +26,7 @@ class VQTokenizer(Tokenizer):
         self.model = model.eval()
         self.image_size = image_size
         self.downsample = model.downsample
+        self.compaction: torch.Tensor | None = None  # old id -> new id (-1 dropped) after compaction
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -40,15 +42,35 @@ class VQTokenizer(Tokenizer):
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.decode(ids.long())
 
+    def compacted(self, counts: torch.Tensor) -> "VQTokenizer":
+        """The same tokenizer without the codes that `counts` (per-code usage) shows unused."""
+        mapping = compaction_map(counts)
+        keep = mapping >= 0
+        config = {**self.model.config, "codebook_size": int(keep.sum())}
+        model = VQModel(**config)
+        state = self.model.state_dict()
+        for name in ("embed", "usage", "embed_sum"):
+            state[f"quantizer.{name}"] = state[f"quantizer.{name}"][keep].clone()
+        model.load_state_dict(state)
+        out = VQTokenizer(model, self.image_size)
+        out.compaction = mapping
+        return out
+
     def save(self, path: str | os.PathLike) -> None:
         tmp = f"{path}.tmp"
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        if self.compaction is not None:
+            state["compaction"] = self.compaction
         save_file(state, tmp, metadata={"kind": self.kind, "image_size": str(self.image_size),
                                         "config": json.dumps(self.model.config)})
         os.replace(tmp, path)
 
     @classmethod
     def from_state(cls, tensors: dict, metadata: dict) -> "VQTokenizer":
+        tensors = dict(tensors)
+        compaction = tensors.pop("compaction", None)
         model = VQModel(**json.loads(metadata["config"]))
         model.load_state_dict(tensors)
-        return cls(model, int(metadata["image_size"]))
+        out = cls(model, int(metadata["image_size"]))
+        out.compaction = compaction
+        return out
