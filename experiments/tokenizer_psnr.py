@@ -27,8 +27,14 @@ def main() -> None:
     parser.add_argument("tokenizer")
     parser.add_argument("images")
     parser.add_argument("--split", default=None, help="which split of the folder (default: the last one, e.g. val)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resolution for fully convolutional tokenizers (default: the one it was saved with)")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.tokenizer)
+    if args.image_size:
+        if not getattr(tokenizer, "any_size", False):
+            raise SystemExit(f"{args.tokenizer} ({tokenizer.kind}) only works at {tokenizer.image_size} px")
+        tokenizer.image_size = args.image_size
     splits, _ = scan_source(args.images)
     records = splits[args.split or list(splits)[-1]]
     psnrs = []
