@@ -233,6 +233,20 @@ def _encode_kernel(ids, h, w, k, ev_cum, lit_cum, cluster_of):
 
 
 @numba.njit(cache=True, nogil=True)
+def _refill(state, words, p):
+    """rANS renormalisation: pull in the next 16-bit word when the state drops below 2**16.
+
+    Returns p = len(words) + 1 when the stream runs out, which the caller reports as truncated.
+    """
+    if state < (1 << 16):
+        if p >= len(words):
+            return state, len(words) + 1
+        state = (state << 16) | words[p]
+        p += 1
+    return state, p
+
+
+@numba.njit(cache=True, nogil=True)
 def _decode_kernel(words, n, h, w, k, ev_cum, lit_cum, lit_lut, cluster_of, out):
     """Fills out[n, H*W]; returns 0, or 1 if the stream ran short, 2 if it does not end where it began."""
     nw = words.shape[0]
@@ -250,11 +264,9 @@ def _decode_kernel(words, n, h, w, k, ev_cum, lit_cum, lit_lut, cluster_of, out)
                 while ev_cum[ctx, e + 1] <= slot:
                     e += 1
                 state = (ev_cum[ctx, e + 1] - ev_cum[ctx, e]) * (state >> EVENT_BITS) + slot - ev_cum[ctx, e]
-                if state < (1 << 16):
-                    if p >= nw:
-                        return 1
-                    state = (state << 16) | words[p]
-                    p += 1
+                state, p = _refill(state, words, p)
+                if p > nw:
+                    return 1
                 if e == 0:
                     x = up
                 elif e == 1:
@@ -268,11 +280,9 @@ def _decode_kernel(words, n, h, w, k, ev_cum, lit_cum, lit_lut, cluster_of, out)
                     slot = state & ((1 << LITERAL_BITS) - 1)
                     x = np.int64(lit_lut[c, slot])
                     state = (lit_cum[c, x + 1] - lit_cum[c, x]) * (state >> LITERAL_BITS) + slot - lit_cum[c, x]
-                    if state < (1 << 16):
-                        if p >= nw:
-                            return 1
-                        state = (state << 16) | words[p]
-                        p += 1
+                    state, p = _refill(state, words, p)
+                    if p > nw:
+                        return 1
                 if x < 0:  # a copy from outside the grid: only a corrupt stream asks for one
                     return 2
                 g[i * w + j] = x
