@@ -61,3 +61,52 @@ def test_compaction_keeps_encodings_and_saves_the_map(tmp_path):
     small.save(tmp_path / "s.safetensors")
     again = load_tokenizer(tmp_path / "s.safetensors")
     assert torch.equal(again.compaction, small.compaction) and again.codebook_size == small.codebook_size
+
+
+PATCH = {"arch": "patch", "patch": 4, "width": 16, "depth": 1, "refine_ch": 4, "codebook_size": 16, "embed_dim": 4}
+
+
+def test_patch_arch_grid_gradients_and_round_trip(tmp_path):
+    model = VQModel(**PATCH)
+    x = torch.rand(2, 3, 16, 24)
+    recon, ids, _ = model(x)
+    assert model.downsample == 4 and ids.shape == (2, 4, 6) and recon.shape == x.shape
+    recon.sum().backward()
+    assert model.encoder.net[1].weight.grad.abs().sum() > 0  # straight-through reaches the patch projection
+    tok = VQTokenizer(model, image_size=16)
+    small = tok.compacted(torch.bincount(tok.encode(x).reshape(-1), minlength=16))
+    small.save(tmp_path / "p.safetensors")
+    loaded = load_tokenizer(tmp_path / "p.safetensors")
+    assert loaded.model.config["arch"] == "patch" and torch.equal(loaded.encode(x), small.encode(x))
+    assert torch.allclose(loaded.decode(loaded.encode(x)), small.decode(small.encode(x)))
+
+
+def test_arch_arguments_are_checked():
+    with pytest.raises(ValueError, match="unknown VQ arch"):
+        VQModel(arch="vit", patch=4)
+    with pytest.raises(ValueError, match=r"missing \['depth'\], unknown \['ch'\]"):
+        VQModel(arch="patch", patch=4, width=8, ch=8)
+
+
+def test_an_existing_dataset_from_another_tokenizer_is_refused(tmp_path):
+    from omegaconf import OmegaConf
+
+    from conftest import write_token_dataset
+    from seit.data.datamodule import TokenDataModule
+    from seit.data.dataset_info import DatasetError, TokenDatasetInfo
+
+    root = tmp_path / "ds"
+    write_token_dataset(root, counts={"train": [4]}, grid=(8, 8), codebook_size=16)
+    matching, other = VQTokenizer(VQModel(**TINY), 32), VQTokenizer(VQModel(**TINY), 32)
+    matching.model.quantizer.embed.copy_(TokenDatasetInfo.open(root).load_codebook())
+    matching.save(tmp_path / "matching.safetensors")
+    other.save(tmp_path / "other.safetensors")
+    for name, ok in (("matching", True), ("other", False)):
+        cfg = OmegaConf.create({"data": {"root": str(root), "build": {"source": "unused"}},
+                                "tokenizer": {"checkpoint": str(tmp_path / f"{name}.safetensors")}})
+        dm = TokenDataModule(cfg.data, build_cfg=cfg)
+        if ok:
+            dm.prepare_data()
+        else:
+            with pytest.raises(DatasetError, match="another data.root"):
+                dm.prepare_data()

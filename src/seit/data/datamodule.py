@@ -35,7 +35,10 @@ class TokenDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Build the dataset if it is missing: local rank 0 tokenizes, the other ranks wait for it."""
         info = Path(self.cfg.root) / INFO_FILE
-        if info.is_file() or self.build_cfg is None or not self.cfg.build.source:
+        if info.is_file():
+            self._check_built_by_configured_tokenizer()
+            return
+        if self.build_cfg is None or not self.cfg.build.source:
             return
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             from seit.pipelines.tokenize import tokenize
@@ -47,6 +50,13 @@ class TokenDataModule(pl.LightningDataModule):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"waited {self.BUILD_WAIT_S}s for local rank 0 to build {info}")
             time.sleep(5)
+
+    def _check_built_by_configured_tokenizer(self) -> None:
+        checkpoint = self.build_cfg is not None and self.build_cfg.get("tokenizer", {}).get("checkpoint")
+        if checkpoint:
+            from seit.pipelines.tokenize import check_built_by
+
+            check_built_by(self.load_info(), checkpoint)
 
     def load_info(self) -> TokenDatasetInfo:
         if self.info is None:

@@ -204,6 +204,16 @@ def exclusive(root: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def check_built_by(info: TokenDatasetInfo, checkpoint: str) -> None:
+    """A finished dataset must come from the tokenizer checkpoint the config names.
+
+    Without this check a second learned tokenizer whose data.root name parts match (same kind,
+    size, grid) would silently reuse the first one's tokens.
+    """
+    info.check_fingerprint(load_tokenizer(checkpoint).fingerprint,
+                           f"tokenizer.checkpoint={checkpoint} (build its tokens under another data.root)")
+
+
 def tokenize(cfg) -> dict:
     """Build (or finish building) the token dataset at cfg.data.root; returns its dataset.json."""
     with exclusive(Path(cfg.data.root)):
@@ -214,7 +224,10 @@ def _tokenize(cfg) -> dict:
     root = Path(cfg.data.root)
     build = cfg.data.build
     if (root / INFO_FILE).is_file():
-        meta = TokenDatasetInfo.open(root).meta
+        info = TokenDatasetInfo.open(root)
+        if cfg.tokenizer.get("checkpoint"):
+            check_built_by(info, cfg.tokenizer.checkpoint)
+        meta = info.meta
         log.info("%s already complete (%d samples); nothing to do", root, meta["num_samples"])
         return meta
     if not build.source:

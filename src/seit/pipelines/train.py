@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -37,6 +38,8 @@ def build_tokenizer_task(cfg: DictConfig, dm):
     if cfg.data.kind != "images":
         raise ValueError(f"task=train_tokenizer trains on pixels: use an images data config (data=images_*), "
                          f"not data.kind={cfg.data.kind!r}")
+    # The tokenizer steps its optimizers by hand; checkpoints holding the post-step state are what we want.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     t = cfg.task
     return TokenizerTask(vq=OmegaConf.to_container(cfg.tokenizer.model, resolve=True),
                          optim=OmegaConf.to_container(cfg.optim, resolve=True), image_size=int(cfg.tokenizer.image_size),

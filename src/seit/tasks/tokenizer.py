@@ -20,6 +20,7 @@ from PIL import Image
 from pytorch_lightning.loggers import WandbLogger
 
 from seit.augment.crop import center_crop, random_crop, random_hflip
+from seit.tasks.classification import warmup_cosine
 from seit.tokenizers.vq import VQTokenizer
 from seit.tokenizers.vq_model import VQModel
 from seit.utils.visuals import image_grid
@@ -163,7 +164,8 @@ class TokenizerTask(pl.LightningModule):
                                  lr=o["lr"], betas=tuple(o["betas"]))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(total // 10, 500)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        min_ratio = min(1.0, float(o.get("min_lr") or 0.0) / o["lr"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: warmup_cosine(s, total, warmup, min_ratio))
         if self.discriminator is None:
             return [opt_g], [sched]
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=o["lr"], betas=tuple(o["betas"]))

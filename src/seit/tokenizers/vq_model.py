@@ -1,7 +1,14 @@
-"""A VQGAN-style convolutional tokenizer: encoder -> cosine vector quantiser -> decoder.
+"""A VQGAN-style tokenizer: encoder -> cosine vector quantiser -> decoder.
 
-Downsampling 2**(len(ch_mult)-1): ch_mult of 4 levels gives 8, i.e. a 32x32 grid at 256 px as
-in SeiT. The lookup is l2-normalised (cosine), as in ViT-VQGAN: codes live on the unit sphere,
+Two architectures. ``arch="conv"`` is the VQGAN pyramid: downsampling 2**(len(ch_mult)-1), so
+ch_mult of 4 levels gives 8, i.e. a 32x32 grid at 256 px as in SeiT. ``arch="patch"`` works at
+the token grid, as ViT-VQGAN does: pixel-unshuffle ``patch`` x ``patch`` blocks, residual conv
+blocks of ``width`` channels over the grid, and back through a pixel shuffle plus one small
+full-resolution refinement that smooths the block seams. Nearly all of its compute runs at
+1/patch resolution, so for the same cost it can be several times wider, which is what a
+CPU-trained tokenizer needs.
+
+The lookup is l2-normalised (cosine), as in ViT-VQGAN: codes live on the unit sphere,
 which keeps them all in use and makes the codebook a well-scaled embedding for the ViT.
 The codebook learns by EMA of the assigned (normalised) encoder outputs, and codes whose EMA
 usage falls below ``dead_threshold`` times the uniform share 1/K are restarted at random encoder
@@ -65,6 +72,35 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+class PatchEncoder(nn.Module):
+    def __init__(self, patch: int, width: int, depth: int, embed_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.PixelUnshuffle(patch), nn.Conv2d(3 * patch * patch, width, 1),
+                                 *[ResBlock(width, width) for _ in range(depth)],
+                                 _norm(width), nn.SiLU(), nn.Conv2d(width, embed_dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PatchDecoder(nn.Module):
+    def __init__(self, patch: int, width: int, depth: int, embed_dim: int, refine_ch: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(embed_dim, width, 3, padding=1),
+                                 *[ResBlock(width, width) for _ in range(depth)],
+                                 _norm(width), nn.SiLU(), nn.Conv2d(width, 3 * patch * patch, 1), nn.PixelShuffle(patch))
+        self.refine = nn.Sequential(nn.Conv2d(3, refine_ch, 3, padding=1), nn.SiLU(),
+                                    nn.Conv2d(refine_ch, 3, 3, padding=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.net(z)
+        return x + self.refine(x)
+
+
+ARCHS = {"conv": (("ch", "ch_mult", "num_res_blocks"), Encoder, Decoder),
+         "patch": (("patch", "width", "depth"), PatchEncoder, PatchDecoder)}
+
+
 class CosineQuantizer(nn.Module):
     """Nearest unit-norm code by cosine; EMA codebook updates; dead-code restarts."""
 
@@ -118,19 +154,30 @@ class CosineQuantizer(nn.Module):
 
 
 class VQModel(nn.Module):
-    def __init__(self, ch: int = 64, ch_mult: list[int] = (1, 2, 2, 4), num_res_blocks: int = 1,
-                 codebook_size: int = 1024, embed_dim: int = 32, decay: float = 0.99, dead_threshold: float = 0.03,
-                 beta: float = 0.25):
+    def __init__(self, arch: str = "conv", codebook_size: int = 1024, embed_dim: int = 32, decay: float = 0.99,
+                 dead_threshold: float = 0.03, beta: float = 0.25, **arch_args):
+        """``arch_args``: ch, ch_mult, num_res_blocks for "conv"; patch, width, depth (and refine_ch) for "patch"."""
         super().__init__()
-        self.config = {"ch": ch, "ch_mult": list(ch_mult), "num_res_blocks": num_res_blocks,
-                       "codebook_size": codebook_size, "embed_dim": embed_dim}
-        self.encoder = Encoder(ch, list(ch_mult), num_res_blocks, embed_dim)
+        if arch not in ARCHS:
+            raise ValueError(f"unknown VQ arch {arch!r}: choose one of {sorted(ARCHS)}")
+        names, encoder_cls, decoder_cls = ARCHS[arch]
+        extra = {"refine_ch"} if arch == "patch" else set()
+        missing = [n for n in names if n not in arch_args]
+        unknown = sorted(set(arch_args) - set(names) - extra)
+        if missing or unknown:
+            raise ValueError(f"VQ arch {arch!r} takes {list(names) + sorted(extra)}: missing {missing}, unknown {unknown}")
+        args = {n: arch_args[n] for n in names}
+        if arch == "conv":
+            args["ch_mult"] = list(args["ch_mult"])
+            self.downsample = 2 ** (len(args["ch_mult"]) - 1)
+            dec_args = args
+        else:
+            self.downsample = int(args["patch"])
+            dec_args = {**args, "refine_ch": int(arch_args.get("refine_ch", 16))}
+        self.config = {"arch": arch, **dec_args, "codebook_size": codebook_size, "embed_dim": embed_dim}
+        self.encoder = encoder_cls(**args, embed_dim=embed_dim)
         self.quantizer = CosineQuantizer(codebook_size, embed_dim, decay, dead_threshold, beta)
-        self.decoder = Decoder(ch, list(ch_mult), num_res_blocks, embed_dim)
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.config["ch_mult"]) - 1)
+        self.decoder = decoder_cls(**dec_args, embed_dim=embed_dim)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """images in [0,1] -> (reconstruction in [0,1] scale, ids, quantiser stats and losses)."""
