@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -85,12 +87,58 @@ def test_model_file_round_trips(tmp_path, model):
     model.save(tmp_path / MODEL_FILE)
     loaded = load_model(tmp_path)
     assert loaded.fingerprint == model.fingerprint
-    for name in ("cluster", "event_freq", "literal_freq"):
-        assert (getattr(loaded, name) == getattr(model, name)).all()
+    assert loaded.version == 2 and loaded.tables.keys() == model.tables.keys()
+    assert all((loaded.tables[n] == model.tables[n]).all() for n in model.tables)
     assert (tmp_path / MODEL_FILE).stat().st_size < 16_000
     codec = get_codec("ctx-rans", model_dir=tmp_path)
     ids = smooth_ids(3, seed=7)
     assert (codec.decode(encode_ctx(model, ids, K)) == ids).all()
+
+
+def test_version_1_models_and_chunks_still_decode():
+    fixture = Path(__file__).parents[1] / "data" / "ctx_rans_v1"
+    old = load_model(fixture)
+    assert old.version == 1 and old.codebook_size == 12
+    ids = np.random.default_rng(0).integers(0, 12, (6, 5, 7)).astype(np.uint16)
+    assert (decode_ctx(old, (fixture / "chunk.bin").read_bytes()) == ids).all()
+    assert encode_ctx(old, ids, 12) == (fixture / "chunk.bin").read_bytes()
+
+
+def test_two_experts_beat_one_when_ids_depend_on_both_neighbours():
+    """An id's tens come from its up neighbour, its units from its left one: only the product knows both."""
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, K, (96, 12, 12))
+    for i in range(1, 12):
+        for j in range(1, 12):
+            ids[:, i, j] = ids[:, i - 1, j] // 10 * 10 + (ids[:, i, j - 1] + rng.integers(0, 2, 96)) % 10
+    ids = ids.astype(np.uint16)
+    both = CtxModel.fit(ids[:64], K, clusters=8)
+    up_only = CtxModel(K, {"event_freq": both.tables["event_freq"], "cluster": both.tables["cluster_up"],
+                           "literal_freq": both.tables["freq_up"]})
+    test = ids[64:]
+    assert (round_trip(both, test) == test).all() and (round_trip(up_only, test) == test).all()
+    assert len(encode_ctx(both, test, K)) < 0.9 * len(encode_ctx(up_only, test, K))
+
+
+def test_cluster_count_is_chosen_by_description_length():
+    ids = smooth_ids(64, seed=9)
+    few = CtxModel.fit(ids, K)  # codes only these 64 grids: a large model cannot pay for itself
+    many = CtxModel.fit(ids, K, total_samples=10**7)
+    assert len(few.tables["freq_up"]) < len(many.tables["freq_up"]) == 32
+    assert len(few.to_bytes()) + len(encode_ctx(few, ids, K)) <= len(many.to_bytes()) + len(encode_ctx(many, ids, K))
+
+
+def test_product_tables_are_integer_exact():
+    """Built without floats: the same stored tables give the same frequencies everywhere."""
+    from seit.data.codec_ctx import LITERAL_BITS, _product_tables
+
+    fu = np.array([[1, 2, (1 << 14) - 3]], np.uint16)
+    fl = np.array([[(1 << 14) - 3, 2, 1], [1, 1, (1 << 14) - 2]], np.uint16)
+    marginal = np.array([100, 200, (1 << 14) - 300], np.uint16)
+    table = _product_tables(fu, fl, marginal)
+    assert table.dtype == np.int64 and table.shape == (2, 3)
+    assert (table.sum(1) == 1 << LITERAL_BITS).all() and (table >= 1).all()
+    assert table[1].argmax() == 2 and table[0].argmax() == 0
 
 
 def test_missing_or_bad_model_file(tmp_path):

@@ -7,15 +7,20 @@ barely exploits. Each token is coded in raster order as two rANS symbols:
 1. an *event*: copy up, copy left, copy up-left, copy up-right (the first neighbour that
    matches, in that order), or literal; its distribution is conditioned on which neighbours
    equal each other and on the borders (``EVENT_CONTEXTS`` contexts);
-2. for a literal only, the id, from ``P(id | cluster(up))``: the up neighbour's id (the left one
-   on the top row) is mapped to one of a few dozen clusters, fitted so that ids with similar
-   successors share a table.
+2. for a literal only, the id, from a product of two experts: ``P(id | cluster(up)) *
+   P(id | cluster(left)) / P(id)``, renormalised. Each neighbour's id maps to one of
+   a few clusters (chosen per dataset), fitted so that ids with similar successors share a table. Each expert
+   alone costs about 0.5 bit more per literal than the product (measured on k-means and VQ ids).
 
-The model (cluster map and quantised frequency tables, a few KB) is fitted once from a sample
-of the dataset's ids and stored in the dataset dir as ``MODEL_FILE``; every table entry is at
-least 1, so ids never seen when fitting still round-trip. The coder is a 32-bit rANS with 16-bit
-words (ryg_rans layout), compiled with numba since every token depends on its decoded
-neighbours; one stream per chunk costs 4 bytes of final state.
+The model (two cluster maps, two sets of frequency tables and the literal marginal, a few KB)
+is fitted once from a sample of the dataset's ids and stored in the dataset dir as
+``MODEL_FILE``; every table entry is at least 1, so ids never seen when fitting still
+round-trip. The product tables are built from the stored integers with integer arithmetic only,
+so every machine derives bit-identical tables (float exp/log differ by an ulp across SIMD code
+paths, and one ulp would break decoding). Model version 1 (one expert, ``P(id | cluster(up))``)
+still loads. The coder is a 32-bit rANS with 16-bit words (ryg_rans layout), compiled with numba
+since every token depends on its decoded neighbours; one stream per chunk costs 4 bytes of final
+state.
 
 Payload: header ``<4sBHHIHII`` (magic, version, H, W, n, K, model fingerprint, crc32 of the
 words), then the uint16 words. The fingerprint names the model a chunk was coded with, so a
@@ -43,10 +48,13 @@ EVENTS = 5  # copy up, copy left, copy up-left, copy up-right, literal
 LITERAL = 4
 EVENT_CONTEXTS = 128  # 5 equality bits between neighbours x 2 border bits
 EVENT_BITS, LITERAL_BITS = 12, 14  # frequency precision of the two tables (<= 16 for 16-bit words)
-CLUSTERS = 16
+# Clusters per expert, chosen per dataset by description length (model bytes + coded bytes):
+# more clusters fit the ids better but cost a K-entry table each, which small datasets can't repay.
+CLUSTER_CHOICES = (4, 8, 16, 32)
 _FIT_ITERS = 15
 _HEADER = struct.Struct("<4sBHHIHII")
-_MAGIC, _VERSION = b"SCTX", 1
+_MAGIC, _VERSION = b"SCTX", 1  # payload layout; the model has its own version
+_MODEL_VERSION = 2
 _RANS_L = 1 << 16
 
 
@@ -59,8 +67,12 @@ def _neighbours(ids: np.ndarray) -> tuple[np.ndarray, ...]:
     return pad[:, :-1, 1:-1], pad[:, 1:, :-2], pad[:, :-1, :-2], pad[:, :-1, 2:]
 
 
-def _events(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per token: event, event context and context token (up, else left, else K); mirrors the kernels."""
+def _events(ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per token: event, event context and the two literal references; mirrors the kernels.
+
+    The up reference is the up id, else the left one, else K; the left reference is the left id,
+    else the up one, else K.
+    """
     x = ids.astype(np.int64)
     up, le, ul, ur = _neighbours(x)
     event = np.full(x.shape, LITERAL)
@@ -68,8 +80,9 @@ def _events(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         event[x == cand] = e
     ctx = ((le == up) * 1 + (ul == up) * 2 + (ur == up) * 4 + (ul == le) * 8 + (ur == le) * 16
            + (up < 0) * 32 + (le < 0) * 64)
-    token = np.where(up >= 0, up, np.where(le >= 0, le, -1))
-    return event, ctx, token
+    up_ref = np.where(up >= 0, up, np.where(le >= 0, le, k))
+    left_ref = np.where(le >= 0, le, np.where(up >= 0, up, k))
+    return event, ctx, up_ref, left_ref
 
 
 def _quantise(counts: np.ndarray, bits: int) -> np.ndarray:
@@ -86,6 +99,26 @@ def _quantise(counts: np.ndarray, bits: int) -> np.ndarray:
     return freq.astype(np.uint16)
 
 
+def _quantise_int(weights: np.ndarray, bits: int) -> np.ndarray:
+    """Like _quantise, for int64 weights and with integer arithmetic only, so that every machine agrees."""
+    total, m = weights.shape[1], 1 << bits
+    scaled = weights * (m - total)
+    sums = np.maximum(weights.sum(1, keepdims=True), 1)
+    freq = 1 + scaled // sums
+    short = m - freq.sum(1)
+    order = np.argsort(-(scaled % sums), axis=1, kind="stable")
+    for r in range(len(freq)):
+        freq[r, order[r, : short[r]]] += 1
+    return freq
+
+
+def _product_tables(freq_up: np.ndarray, freq_left: np.ndarray, marginal: np.ndarray) -> np.ndarray:
+    """[Cu*Cl, K] frequencies of P(id | up cluster) * P(id | left cluster) / P(id), integers only."""
+    fu, fl, fm = (a.astype(np.int64) for a in (freq_up, freq_left, marginal))
+    weights = (fu[:, None, :] * fl[None, :, :] << 16) // fm  # < 2**44: no overflow in the quantiser
+    return _quantise_int(weights.reshape(-1, fu.shape[1]), LITERAL_BITS)
+
+
 def _fit_clusters(counts: np.ndarray, clusters: int) -> np.ndarray:
     """Hard-cluster context tokens (rows of successor counts) by maximum likelihood, k-means style."""
     seeds = np.argsort(-counts.sum(1), kind="stable")[:clusters]
@@ -100,63 +133,102 @@ def _fit_clusters(counts: np.ndarray, clusters: int) -> np.ndarray:
     return assign
 
 
-class CtxModel:
-    """The fitted tables; ``fingerprint`` ties coded chunks to the exact model that coded them."""
+def _fit_expert(refs: np.ndarray, ids: np.ndarray, k: int, clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster map [K+1] and quantised tables [clusters, K] of P(id | cluster(ref))."""
+    succ = np.zeros((k + 1, k))
+    np.add.at(succ, (refs, ids), 1)
+    assign = _fit_clusters(succ, clusters)
+    tables = np.zeros((clusters, k))
+    np.add.at(tables, assign, succ)
+    return assign.astype(np.uint8), _quantise(tables + 0.01, LITERAL_BITS)
 
-    def __init__(self, codebook_size: int, cluster: np.ndarray, event_freq: np.ndarray, literal_freq: np.ndarray):
+
+class CtxModel:
+    """The fitted tables; ``fingerprint`` ties coded chunks to the exact model that coded them.
+
+    ``tables`` holds the stored arrays: ``event_freq``, ``cluster_up``, ``freq_up``,
+    ``cluster_left``, ``freq_left``, ``marginal`` (version 2), or ``event_freq``, ``cluster``,
+    ``literal_freq`` (version 1).
+    """
+
+    V2 = ("cluster_up", "freq_up", "cluster_left", "freq_left", "marginal", "event_freq")
+    V1 = ("cluster", "event_freq", "literal_freq")  # this order is hashed: v1 chunks keep their fingerprint
+
+    def __init__(self, codebook_size: int, tables: dict[str, np.ndarray]):
         k = codebook_size
-        if cluster.shape != (k + 1,) or event_freq.shape != (EVENT_CONTEXTS, EVENTS) or literal_freq.shape[1] != k:
-            raise ValueError(f"codec model tables {cluster.shape}, {event_freq.shape}, {literal_freq.shape} "
-                             f"do not fit codebook size {k}")
-        if (cluster >= len(literal_freq)).any() or (event_freq == 0).any() or (literal_freq == 0).any():
+        names = self.V2 if "marginal" in tables else self.V1
+        missing = [n for n in names if n not in tables]
+        if missing:
+            raise ValueError(f"codec model lacks tables {missing}")
+        self.tables = {n: np.asarray(tables[n]).astype(np.uint8 if n.startswith("cluster") else np.uint16) for n in names}
+        self.version = 2 if names is self.V2 else 1
+        t = self.tables
+        if self.version == 2:
+            cu, fu, cl, fl = t["cluster_up"], t["freq_up"], t["cluster_left"], t["freq_left"]
+            literal_rows = [fu, fl, t["marginal"][None]]
+        else:
+            cu, fu, cl, fl = t["cluster"], t["literal_freq"], np.zeros(k + 1, np.uint8), None
+            literal_rows = [fu]
+        if cu.shape != (k + 1,) or cl.shape != (k + 1,) or t["event_freq"].shape != (EVENT_CONTEXTS, EVENTS) or \
+                any(r.shape[1] != k for r in literal_rows):
+            raise ValueError(f"codec model tables {({n: a.shape for n, a in t.items()})} do not fit codebook size {k}")
+        if (cu >= len(fu)).any() or (fl is not None and (cl >= len(fl)).any()) or \
+                any((a == 0).any() for a in [t["event_freq"], *literal_rows]):
             raise ValueError("codec model tables are inconsistent (cluster out of range or a zero frequency)")
-        if (event_freq.astype(np.int64).sum(1) != 1 << EVENT_BITS).any() or \
-                (literal_freq.astype(np.int64).sum(1) != 1 << LITERAL_BITS).any():
+        if (t["event_freq"].astype(np.int64).sum(1) != 1 << EVENT_BITS).any() or \
+                any((r.astype(np.int64).sum(1) != 1 << LITERAL_BITS).any() for r in literal_rows):
             raise ValueError("codec model frequency rows do not sum to their precision")
         self.codebook_size = k
-        self.cluster = cluster.astype(np.uint8)
-        self.event_freq, self.literal_freq = event_freq.astype(np.uint16), literal_freq.astype(np.uint16)
         h = hashlib.sha256(struct.pack("<I", k))
-        for a in (self.cluster, self.event_freq, self.literal_freq):
-            h.update(np.ascontiguousarray(a).astype("<u2").tobytes())
+        for n in names if self.version == 1 else ("event_freq", *self.V2):
+            h.update(np.ascontiguousarray(t[n]).astype("<u2").tobytes())
         self.fingerprint = int.from_bytes(h.digest()[:4], "little")
-        # kernel tables: cumulative starts, and a slot -> symbol lookup for the literal tables
-        self._ev_cum = np.concatenate([np.zeros((EVENT_CONTEXTS, 1), np.int64), self.event_freq.astype(np.int64).cumsum(1)], 1)
-        self._lit_cum = np.concatenate([np.zeros((len(literal_freq), 1), np.int64),
-                                        self.literal_freq.astype(np.int64).cumsum(1)], 1)
-        self._lit_lut = np.stack([np.repeat(np.arange(k, dtype=np.uint16), f) for f in self.literal_freq])
-        self._cluster_of = self.cluster.astype(np.int64)
+        # kernel tables: one literal table per (up cluster, left cluster) pair, cumulative starts,
+        # and a slot -> symbol lookup
+        literal = _product_tables(fu, fl, t["marginal"]) if self.version == 2 else fu.astype(np.int64)
+        self._left_clusters = 1 if fl is None else len(fl)
+        self._ev_cum = np.concatenate([np.zeros((EVENT_CONTEXTS, 1), np.int64), t["event_freq"].astype(np.int64).cumsum(1)], 1)
+        self._lit_cum = np.concatenate([np.zeros((len(literal), 1), np.int64), literal.cumsum(1)], 1)
+        self._lit_lut = np.stack([np.repeat(np.arange(k, dtype=np.uint16), f) for f in literal])
+        self._cluster_up, self._cluster_left = cu.astype(np.int64), cl.astype(np.int64)
 
     @classmethod
-    def fit(cls, ids: np.ndarray, codebook_size: int, clusters: int = CLUSTERS) -> "CtxModel":
-        """Fit from a sample of id grids [n, H, W] (any n >= 0; no data gives flat tables)."""
+    def fit(cls, ids: np.ndarray, codebook_size: int, clusters: int | None = None,
+            total_samples: int | None = None) -> "CtxModel":
+        """Fit from a sample of id grids [n, H, W] (any n >= 0; no data gives flat tables).
+
+        ``clusters`` per expert; None picks from ``CLUSTER_CHOICES`` the smallest model file plus
+        the sample's coded bytes scaled to ``total_samples`` (the dataset size; default n).
+        """
         k = codebook_size
         if ids.ndim != 3:
             raise ValueError(f"ids must be [n, H, W], got shape {ids.shape}")
         _check_range(ids, k)
-        event, ctx, token = _events(ids)
+        if clusters is None:
+            scale = (total_samples or len(ids)) / max(len(ids), 1)
+            fits = [cls.fit(ids, k, c) for c in CLUSTER_CHOICES if c <= k + 1] or [cls.fit(ids, k, 1)]
+            return min(fits, key=lambda m: len(m.to_bytes()) + scale * len(encode_ctx(m, ids, k)))
+        event, ctx, up_ref, left_ref = _events(ids, k)
         ev_counts = np.zeros((EVENT_CONTEXTS, EVENTS))
         np.add.at(ev_counts, (ctx.ravel(), event.ravel()), 1)
         lit = event.ravel() == LITERAL
-        succ = np.zeros((k + 1, k))
-        np.add.at(succ, (np.where(token.ravel()[lit] < 0, k, token.ravel()[lit]), ids.ravel()[lit].astype(np.int64)), 1)
+        x = ids.ravel()[lit].astype(np.int64)
         clusters = max(1, min(clusters, k + 1))
-        assign = _fit_clusters(succ, clusters)
-        lit_counts = np.zeros((clusters, k))
-        np.add.at(lit_counts, assign, succ)
-        return cls(k, assign.astype(np.uint8), _quantise(ev_counts + 0.01, EVENT_BITS),
-                   _quantise(lit_counts + 0.01, LITERAL_BITS))
+        cluster_up, freq_up = _fit_expert(up_ref.ravel()[lit], x, k, clusters)
+        cluster_left, freq_left = _fit_expert(left_ref.ravel()[lit], x, k, clusters)
+        marginal = _quantise(np.bincount(x, minlength=k)[None] + 0.01, LITERAL_BITS)[0]
+        return cls(k, {"event_freq": _quantise(ev_counts + 0.01, EVENT_BITS), "cluster_up": cluster_up,
+                       "freq_up": freq_up, "cluster_left": cluster_left, "freq_left": freq_left, "marginal": marginal})
 
     def to_bytes(self) -> bytes:
-        return save({"cluster": self.cluster, "event_freq": self.event_freq, "literal_freq": self.literal_freq},
-                    metadata={"codec": NAME, "version": str(_VERSION), "codebook_size": str(self.codebook_size)})
+        return save(self.tables, metadata={"codec": NAME, "version": str(self.version),
+                                           "codebook_size": str(self.codebook_size)})
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "codec model") -> "CtxModel":
         try:
             tensors = load(data)
-            k = int(tensors["literal_freq"].shape[1])
-            return cls(k, tensors["cluster"], tensors["event_freq"], tensors["literal_freq"])
+            return cls(len(tensors["cluster_up" if "cluster_up" in tensors else "cluster"]) - 1, tensors)
         except Exception as exc:  # a bad header raises safetensors' own error type, not a ValueError
             raise CodecError(f"{where} is not a valid {NAME} model: {exc}") from exc
 
@@ -188,7 +260,15 @@ def _context(g, i, j, w):
 
 
 @numba.njit(cache=True, nogil=True)
-def _encode_kernel(ids, h, w, k, ev_cum, lit_cum, cluster_of):
+def _literal_table(up, le, k, cluster_up, cluster_left, left_clusters):
+    """Row of the literal tables for a token: (cluster of up, else left) x (cluster of left, else up)."""
+    up_ref = up if up >= 0 else (le if le >= 0 else k)
+    left_ref = le if le >= 0 else (up if up >= 0 else k)
+    return cluster_up[up_ref] * left_clusters + cluster_left[left_ref]
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode_kernel(ids, h, w, k, ev_cum, lit_cum, cluster_up, cluster_left, left_clusters):
     n = ids.shape[0]
     t = h * w
     starts = np.empty(2 * n * t, np.int64)
@@ -213,7 +293,7 @@ def _encode_kernel(ids, h, w, k, ev_cum, lit_cum, cluster_of):
                 starts[m], freqs[m], bits[m] = ev_cum[ctx, e], ev_cum[ctx, e + 1] - ev_cum[ctx, e], EVENT_BITS
                 m += 1
                 if e == 4:
-                    c = cluster_of[up if up >= 0 else (le if le >= 0 else k)]
+                    c = _literal_table(up, le, k, cluster_up, cluster_left, left_clusters)
                     starts[m], freqs[m], bits[m] = lit_cum[c, x], lit_cum[c, x + 1] - lit_cum[c, x], LITERAL_BITS
                     m += 1
     out = np.empty(m + 2, np.uint16)  # at most one word per symbol, plus the final state
@@ -247,7 +327,7 @@ def _refill(state, words, p):
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode_kernel(words, n, h, w, k, ev_cum, lit_cum, lit_lut, cluster_of, out):
+def _decode_kernel(words, n, h, w, k, ev_cum, lit_cum, lit_lut, cluster_up, cluster_left, left_clusters, out):
     """Fills out[n, H*W]; returns 0, or 1 if the stream ran short, 2 if it does not end where it began."""
     nw = words.shape[0]
     if nw < 2:
@@ -276,7 +356,7 @@ def _decode_kernel(words, n, h, w, k, ev_cum, lit_cum, lit_lut, cluster_of, out)
                 elif e == 3:
                     x = ur
                 else:
-                    c = cluster_of[up if up >= 0 else (le if le >= 0 else k)]
+                    c = _literal_table(up, le, k, cluster_up, cluster_left, left_clusters)
                     slot = state & ((1 << LITERAL_BITS) - 1)
                     x = np.int64(lit_lut[c, slot])
                     state = (lit_cum[c, x + 1] - lit_cum[c, x]) * (state >> LITERAL_BITS) + slot - lit_cum[c, x]
@@ -303,7 +383,7 @@ def encode_ctx(model: CtxModel, ids: np.ndarray, codebook_size: int) -> bytes:
     _check_range(ids, codebook_size)
     n, h, w = ids.shape
     words = _encode_kernel(np.ascontiguousarray(ids, dtype=np.int64).reshape(n, h * w), h, w, codebook_size,
-                           model._ev_cum, model._lit_cum, model._cluster_of)
+                           model._ev_cum, model._lit_cum, model._cluster_up, model._cluster_left, model._left_clusters)
     body = words.astype("<u2").tobytes()
     return _HEADER.pack(_MAGIC, _VERSION, h, w, n, codebook_size % 65536, model.fingerprint, zlib.crc32(body)) + body
 
@@ -322,7 +402,8 @@ def decode_ctx(model: CtxModel, payload: bytes) -> np.ndarray:
         raise CodecError(f"{NAME} stream is corrupt or truncated (checksum mismatch, {len(body)} bytes)")
     out = np.zeros((n, h * w), np.int64)
     status = _decode_kernel(np.frombuffer(body, "<u2").astype(np.int64), n, h, w, model.codebook_size,
-                            model._ev_cum, model._lit_cum, model._lit_lut, model._cluster_of, out)
+                            model._ev_cum, model._lit_cum, model._lit_lut, model._cluster_up, model._cluster_left,
+                            model._left_clusters, out)
     if status:
         raise CodecError(f"{NAME} stream of {len(body)} bytes does not decode to [{n},{h},{w}] "
                          f"({'ran short' if status == 1 else 'inconsistent end state'})")

@@ -181,14 +181,17 @@ def _check_plan(progress: Path, plan: dict, save: bool = True) -> None:
         atomic_write_json(plan_path, plan)
 
 
-def codec_model(root: Path, tokenizer: Tokenizer, records: list[ImageRecord], build) -> str:
-    """Fit the codec model on the first records' ids and save it in root, unless a resumed run did; its sha256."""
+def codec_model(root: Path, tokenizer: Tokenizer, records: list[ImageRecord], total: int, build) -> str:
+    """Fit the codec model on the first records' ids and save it in root, unless a resumed run did; its sha256.
+
+    ``total``: how many samples it will code, which sets how large a model pays for itself.
+    """
     path = root / MODEL_FILE
     if not path.is_file():
         sample = records[: build.codec_fit_samples]
         log.info("fitting the %s codec model on the ids of %d images", build.codec, len(sample))
         ids = _encode_records(tokenizer, sample, build.skip_bad_images)[0]
-        CtxModel.fit(ids, tokenizer.codebook_size).save(path)
+        CtxModel.fit(ids, tokenizer.codebook_size, total_samples=total).save(path)
     return sha256_file(path)
 
 
@@ -248,7 +251,7 @@ def _tokenize(cfg) -> dict:
     if build.codec in MODEL_CODECS:
         _check_plan(progress, plan, save=False)  # before a model is fitted into a dir it does not belong to
         plan["codec_model_sha256"] = codec_model(root, tokenizer, splits.get("train") or next(iter(splits.values())),
-                                                 build)
+                                                 sum(map(len, splits.values())), build)
         codec_fields = {"codec_model": MODEL_FILE}
     else:
         get_codec(build.codec)  # an unknown name fails here, before any work

@@ -12,7 +12,10 @@ The lookup is l2-normalised (cosine), as in ViT-VQGAN: codes live on the unit sp
 which keeps them all in use and makes the codebook a well-scaled embedding for the ViT.
 The codebook learns by EMA of the assigned (normalised) encoder outputs, and codes whose EMA
 usage falls below ``dead_threshold`` times the uniform share 1/K are restarted at random encoder
-outputs of the current batch.
+outputs of the current batch. Usage starts at zero, so the first training step restarts every
+code: the codebook starts on the data. A restarted code gets twice the threshold as its usage,
+which at decay 0.99 gives it about 70 steps to win some tokens before it is restarted again;
+without this, a short CPU run ended its first epoch with 109 of 512 codes in use.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class CosineQuantizer(nn.Module):
         super().__init__()
         self.decay, self.dead_threshold, self.beta = decay, dead_threshold, beta
         self.register_buffer("embed", F.normalize(torch.randn(codebook_size, embed_dim), dim=1))
-        self.register_buffer("usage", torch.full((codebook_size,), 1.0 / codebook_size))
+        self.register_buffer("usage", torch.zeros(codebook_size))
         self.register_buffer("embed_sum", self.embed.clone())
 
     @property
@@ -150,7 +153,7 @@ class CosineQuantizer(nn.Module):
             picks = flat[torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)]
             self.embed[dead] = picks
             self.embed_sum[dead] = picks
-            self.usage[dead] = 1.0 / self.embed.shape[0]
+            self.usage[dead] = 2 * self.dead_threshold / self.embed.shape[0]
 
 
 class VQModel(nn.Module):
