@@ -29,8 +29,12 @@ def main() -> None:
     parser.add_argument("--split", default=None, help="which split of the folder (default: the last one, e.g. val)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="resolution for fully convolutional tokenizers (default: the one it was saved with)")
+    parser.add_argument("--copy-margin", type=float, default=0.0,
+                        help="rate-aware lookup of a learned VQ tokenizer (tokenizer.copy_margin)")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.tokenizer)
+    if args.copy_margin:
+        tokenizer.copy_margin = args.copy_margin
     if args.image_size:
         if not getattr(tokenizer, "any_size", False):
             raise SystemExit(f"{args.tokenizer} ({tokenizer.kind}) only works at {tokenizer.image_size} px")
@@ -45,6 +49,7 @@ def main() -> None:
         mse = (y - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
         psnrs += (10 * torch.log10(1 / mse)).tolist()
     print(json.dumps({"tokenizer": args.tokenizer, "images": len(psnrs), "resolution": tokenizer.image_size,
+                      "copy_margin": getattr(tokenizer, "copy_margin", None),
                       "psnr_db_mean": round(float(np.mean(psnrs)), 2)}, indent=2))
 
 

@@ -25,17 +25,19 @@ def make_seit(root) -> None:
     write_synonyms(root, {"0": [0, 390], "390": [390, 255]})
 
 
-def test_import_and_export_through_run_py(tmp_path):
+@pytest.mark.parametrize("codec", ["zstd-planes", "ctx-rans"])
+def test_import_and_export_through_run_py(tmp_path, codec):
     src, root, back = tmp_path / "seit", tmp_path / "ds", tmp_path / "back"
     make_seit(src)
     proc = run(*paths(tmp_path), "task=convert", "task.direction=import", f"task.seit_dir={src}", f"data.root={root}",
-               "data.build.shard_size=16", "data.build.chunk_size=8")
+               "data.build.shard_size=16", "data.build.chunk_size=8", f"data.build.codec={codec}")
     assert f"imported 48 samples from {src}" in proc.stdout and "(the SeiT files:" in proc.stdout
     meta = json.loads((root / "dataset.json").read_text())
     assert meta["splits"] == COUNTS and meta["codebook_size"] == K and meta["grid"] == [32, 32]
     assert [s["name"] for s in meta["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar",
                                                    "val-000000.tar"]
     assert meta["imported_from"]["prefix"] == PREFIX and meta["synonyms_file"] == "synonyms.safetensors"
+    assert meta["codec"] == codec and (root / "codec_model.safetensors").is_file() == (codec == "ctx-rans")
 
     run(*paths(tmp_path), "task=convert", "task.direction=export", f"task.seit_dir={back}", f"data.root={root}")
     for split in COUNTS:

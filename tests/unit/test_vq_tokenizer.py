@@ -110,3 +110,26 @@ def test_an_existing_dataset_from_another_tokenizer_is_refused(tmp_path):
         else:
             with pytest.raises(DatasetError, match="another data.root"):
                 dm.prepare_data()
+
+
+def test_copy_margin_trades_exactness_for_repeats():
+    q = CosineQuantizer(32, 4)
+    z = torch.randn(3, 4, 6, 7)
+    plain = q.lookup(z)
+    assert torch.equal(q.lookup(z, 0.0), plain)
+    everything = q.lookup(z, 2.0)  # cosines differ by at most 2: every token copies
+    assert (everything == plain[:, :1, :1]).all()
+
+    def repeats(ids):
+        return int((ids[:, 1:] == ids[:, :-1]).sum() + (ids[:, :, 1:] == ids[:, :, :-1]).sum())
+
+    some = q.lookup(z, 0.3)
+    assert repeats(plain) < repeats(some) < repeats(everything)
+    sims = torch.einsum("bdhw,kd->bhwk", torch.nn.functional.normalize(z, dim=1), q.embed)
+    chosen = sims.gather(-1, some[..., None])[..., 0]
+    assert (chosen >= sims.max(-1).values - 0.3 - 1e-6).all()  # never worse than the margin allows
+    changed = some != plain
+    up_or_left = torch.zeros_like(changed)
+    up_or_left[:, 1:] |= some[:, 1:] == some[:, :-1]
+    up_or_left[:, :, 1:] |= some[:, :, 1:] == some[:, :, :-1]
+    assert up_or_left[changed].all()  # a changed token always repeats a neighbour

@@ -56,7 +56,7 @@ class TokenDataModule(pl.LightningDataModule):
         if checkpoint:
             from seit.pipelines.tokenize import check_built_by
 
-            check_built_by(self.load_info(), checkpoint)
+            check_built_by(self.load_info(), checkpoint, self.build_cfg.tokenizer.get("copy_margin"))
 
     def load_info(self) -> TokenDatasetInfo:
         if self.info is None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, SHARD_DIR, SYNONYMS_FILE, TokenDatasetInfo,
+from seit.data.dataset_info import (CODEBOOK_FILE, DatasetError, INFO_FILE, SHARD_DIR, SYNONYMS_FILE, TokenDatasetInfo,
                                     save_codebook, save_synonyms, write_dataset_info)
 from seit.data.codec import MODEL_CODECS, Codec, get_codec
 from seit.data.codec_ctx import MODEL_FILE, CtxModel
@@ -106,6 +106,11 @@ def obtain_tokenizer(cfg, train_records: list[ImageRecord]) -> tuple[Tokenizer, 
         log.info("fitted tokenizer saved to %s", path)
     if getattr(tokenizer, "any_size", False):  # fully convolutional: runs at the configured size
         tokenizer.image_size = int(cfg.tokenizer.image_size)
+    margin = float(cfg.tokenizer.get("copy_margin") or 0.0)
+    if margin:
+        if not hasattr(tokenizer, "copy_margin"):
+            raise ValueError(f"tokenizer.copy_margin is for learned VQ tokenizers, not {tokenizer.kind!r}")
+        tokenizer.copy_margin = margin
     if tokenizer.image_size != cfg.tokenizer.image_size:
         log.warning("the tokenizer at %s works at %d px, not tokenizer.image_size=%d; using %d", path,
                     tokenizer.image_size, cfg.tokenizer.image_size, tokenizer.image_size)
@@ -117,11 +122,13 @@ _WORKER_TOKENIZER: Tokenizer | None = None
 _WORKER_CODEC: Codec | None = None
 
 
-def _init_worker(path: str, image_size: int, codec: str, model_dir: str) -> None:
+def _init_worker(path: str, image_size: int, copy_margin: float, codec: str, model_dir: str) -> None:
     global _WORKER_TOKENIZER, _WORKER_CODEC
     torch.set_num_threads(1)
     _WORKER_TOKENIZER = load_tokenizer(path)
     _WORKER_TOKENIZER.image_size = image_size
+    if copy_margin:
+        _WORKER_TOKENIZER.copy_margin = copy_margin
     _WORKER_CODEC = get_codec(codec, model_dir=model_dir)
 
 
@@ -207,14 +214,18 @@ def exclusive(root: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def check_built_by(info: TokenDatasetInfo, checkpoint: str) -> None:
-    """A finished dataset must come from the tokenizer checkpoint the config names.
+def check_built_by(info: TokenDatasetInfo, checkpoint: str, copy_margin: float = 0.0) -> None:
+    """A finished dataset must come from the tokenizer checkpoint (and copy margin) the config names.
 
     Without this check a second learned tokenizer whose data.root name parts match (same kind,
     size, grid) would silently reuse the first one's tokens.
     """
     info.check_fingerprint(load_tokenizer(checkpoint).fingerprint,
                            f"tokenizer.checkpoint={checkpoint} (build its tokens under another data.root)")
+    built = float(info.meta.get("tokenizer", {}).get("copy_margin", 0.0))
+    if built != float(copy_margin or 0.0):
+        raise DatasetError(f"{info.root} was tokenized with tokenizer.copy_margin={built}, not {copy_margin}: "
+                           "build these tokens under another data.root")
 
 
 def tokenize(cfg) -> dict:
@@ -229,7 +240,7 @@ def _tokenize(cfg) -> dict:
     if (root / INFO_FILE).is_file():
         info = TokenDatasetInfo.open(root)
         if cfg.tokenizer.get("checkpoint"):
-            check_built_by(info, cfg.tokenizer.checkpoint)
+            check_built_by(info, cfg.tokenizer.checkpoint, cfg.tokenizer.get("copy_margin"))
         meta = info.meta
         log.info("%s already complete (%d samples); nothing to do", root, meta["num_samples"])
         return meta
@@ -247,6 +258,9 @@ def _tokenize(cfg) -> dict:
     plan = {"source": os.path.abspath(source), "listing_sha256": _listing_hash(splits),
             "codebook_sha256": tokenizer.fingerprint, "shard_size": build.shard_size,
             "chunk_size": build.chunk_size, "codec": build.codec, "shuffle_seed": build.shuffle_seed}
+    margin = float(getattr(tokenizer, "copy_margin", 0.0))
+    if margin:  # the same tokenizer gives other ids under another margin: a resume must not mix them
+        plan["copy_margin"] = margin
     codec_fields = {}
     if build.codec in MODEL_CODECS:
         _check_plan(progress, plan, save=False)  # before a model is fitted into a dir it does not belong to
@@ -280,12 +294,12 @@ def _tokenize(cfg) -> dict:
     if build.workers > 0 and len(jobs) > 1:
         ctx = get_context("spawn")
         with ProcessPoolExecutor(build.workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(str(tok_path), tokenizer.image_size, build.codec, str(root))) as pool:
+                                 initargs=(str(tok_path), tokenizer.image_size, margin, build.codec, str(root))) as pool:
             for record in pool.map(_encode_shard, jobs):
                 done.append(record)
                 bar.update(record["count"] + record["skipped"])
     else:
-        _init_worker(str(tok_path), tokenizer.image_size, build.codec, str(root))
+        _init_worker(str(tok_path), tokenizer.image_size, margin, build.codec, str(root))
         for job in jobs:
             done.append(_encode_shard(job))
             bar.update(done[-1]["count"] + done[-1]["skipped"])
@@ -298,7 +312,8 @@ def _tokenize(cfg) -> dict:
         shards=done, grid=tokenizer.grid, codebook_size=tokenizer.codebook_size,
         embed_dim=int(tokenizer.codebook.shape[1]), codec=build.codec, chunk_size=build.chunk_size,
         codebook_sha256=fingerprint, classes=classes, image_size=tokenizer.image_size,
-        tokenizer={"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve())},
+        tokenizer={"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve()),
+                   **({"copy_margin": margin} if margin else {})},
         skipped={"count": len(skipped), "samples": skipped}, source=os.path.abspath(source),
         source_bytes=sum(_size(r) for recs in splits.values() for r in recs), **synonym_fields, **codec_fields)
     meta = write_dataset_info(root, **fields)

@@ -46,7 +46,7 @@ def build_tokenizer_task(cfg: DictConfig, dm):
                          crop=t.crop, l1_weight=t.l1_weight, l2_weight=t.l2_weight,
                          perceptual_weight=t.perceptual_weight, perceptual_weights=t.perceptual_weights,
                          adv_weight=t.adv_weight, adv_start_step=t.adv_start_step, hflip=t.hflip,
-                         compact=t.compact)
+                         compact=t.compact, init_from=t.get("init_from"))
 
 
 def build_task(cfg: DictConfig, dm):

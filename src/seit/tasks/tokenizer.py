@@ -72,11 +72,17 @@ class VGGPerceptual(nn.Module):
 class TokenizerTask(pl.LightningModule):
     def __init__(self, vq: dict, optim: dict, image_size: int, crop: int | None = None, l1_weight: float = 1.0,
                  l2_weight: float = 1.0, perceptual_weight: float = 0.0, perceptual_weights: str | None = None,
-                 adv_weight: float = 0.0, adv_start_step: int = 0, hflip: float = 0.5, compact: bool = True):
+                 adv_weight: float = 0.0, adv_start_step: int = 0, hflip: float = 0.5, compact: bool = True,
+                 init_from: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        start = self.load_start(init_from) if init_from else None
+        if start is not None:  # fine-tuning: the saved architecture wins over tokenizer.model
+            vq = {**vq, **start.config}
         self.model = VQModel(**vq)
+        if start is not None:
+            self.model.load_state_dict(start.state_dict())
         self.crop = crop or image_size
         if self.crop % self.model.downsample:
             raise ValueError(f"crop {self.crop} is not a multiple of the downsampling {self.model.downsample}")
@@ -89,6 +95,16 @@ class TokenizerTask(pl.LightningModule):
         self._val_grid: torch.Tensor | None = None
         # per-code use over the latest validation pass: export drops the codes it never used
         self.register_buffer("val_code_counts", torch.zeros(self.model.config["codebook_size"]), persistent=False)
+
+    @staticmethod
+    def load_start(path: str) -> VQModel:
+        """The model of a saved VQ tokenizer, to fine-tune (e.g. on the images it will tokenize)."""
+        from seit.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+        if not isinstance(tokenizer, VQTokenizer):
+            raise ValueError(f"task.init_from={path} is a {tokenizer.kind!r} tokenizer; only a 'vq' one can be fine-tuned")
+        return tokenizer.model
 
     def batch_images(self, batch: dict, train: bool) -> torch.Tensor:
         x = batch["images"].float() / 255

@@ -27,6 +27,7 @@ class VQTokenizer(Tokenizer):
         self.image_size = image_size
         self.downsample = model.downsample
         self.compaction: torch.Tensor | None = None  # old id -> new id (-1 dropped) after compaction
+        self.copy_margin = 0.0  # rate-aware lookup (see CosineQuantizer.lookup); a tokenize-time setting
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -36,7 +37,7 @@ class VQTokenizer(Tokenizer):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] % self.downsample or images.shape[-2] % self.downsample:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {self.downsample}")
-        return self.model.encode(images.float())
+        return self.model.encode(images.float(), self.copy_margin)
 
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
