@@ -101,14 +101,15 @@ def test_an_existing_dataset_from_another_tokenizer_is_refused(tmp_path):
     matching.model.quantizer.embed.copy_(TokenDatasetInfo.open(root).load_codebook())
     matching.save(tmp_path / "matching.safetensors")
     other.save(tmp_path / "other.safetensors")
-    for name, ok in (("matching", True), ("other", False)):
+    for name, margin, ok in (("matching", 0.0, True), ("other", 0.0, False), ("matching", 0.1, False)):
         cfg = OmegaConf.create({"data": {"root": str(root), "build": {"source": "unused"}},
-                                "tokenizer": {"checkpoint": str(tmp_path / f"{name}.safetensors")}})
+                                "tokenizer": {"checkpoint": str(tmp_path / f"{name}.safetensors"),
+                                              "copy_margin": margin}})
         dm = TokenDataModule(cfg.data, build_cfg=cfg)
         if ok:
             dm.prepare_data()
         else:
-            with pytest.raises(DatasetError, match="another data.root"):
+            with pytest.raises(DatasetError, match="another data.root"):  # other ids: another dataset
                 dm.prepare_data()
 
 

@@ -160,7 +160,8 @@ class CtxModel:
         missing = [n for n in names if n not in tables]
         if missing:
             raise ValueError(f"codec model lacks tables {missing}")
-        self.tables = {n: np.asarray(tables[n]).astype(np.uint8 if n.startswith("cluster") else np.uint16) for n in names}
+        self.tables = {n: np.asarray(tables[n]).astype(np.uint8 if n.startswith("cluster") else np.uint16)
+                       for n in names}
         self.version = 2 if names is self.V2 else 1
         t = self.tables
         if self.version == 2:
@@ -187,7 +188,8 @@ class CtxModel:
         # and a slot -> symbol lookup
         literal = _product_tables(fu, fl, t["marginal"]) if self.version == 2 else fu.astype(np.int64)
         self._left_clusters = 1 if fl is None else len(fl)
-        self._ev_cum = np.concatenate([np.zeros((EVENT_CONTEXTS, 1), np.int64), t["event_freq"].astype(np.int64).cumsum(1)], 1)
+        self._ev_cum = np.concatenate([np.zeros((EVENT_CONTEXTS, 1), np.int64),
+                                       t["event_freq"].astype(np.int64).cumsum(1)], 1)
         self._lit_cum = np.concatenate([np.zeros((len(literal), 1), np.int64), literal.cumsum(1)], 1)
         self._lit_lut = np.stack([np.repeat(np.arange(k, dtype=np.uint16), f) for f in literal])
         self._cluster_up, self._cluster_left = cu.astype(np.int64), cl.astype(np.int64)

@@ -294,7 +294,8 @@ def _tokenize(cfg) -> dict:
     if build.workers > 0 and len(jobs) > 1:
         ctx = get_context("spawn")
         with ProcessPoolExecutor(build.workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(str(tok_path), tokenizer.image_size, margin, build.codec, str(root))) as pool:
+                                 initargs=(str(tok_path), tokenizer.image_size, margin, build.codec,
+                                           str(root))) as pool:
             for record in pool.map(_encode_shard, jobs):
                 done.append(record)
                 bar.update(record["count"] + record["skipped"])

@@ -91,7 +91,8 @@ class PatchDecoder(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(embed_dim, width, 3, padding=1),
                                  *[ResBlock(width, width) for _ in range(depth)],
-                                 _norm(width), nn.SiLU(), nn.Conv2d(width, 3 * patch * patch, 1), nn.PixelShuffle(patch))
+                                 _norm(width), nn.SiLU(), nn.Conv2d(width, 3 * patch * patch, 1),
+                                 nn.PixelShuffle(patch))
         self.refine = nn.Sequential(nn.Conv2d(3, refine_ch, 3, padding=1), nn.SiLU(),
                                     nn.Conv2d(refine_ch, 3, 3, padding=1))
 
@@ -191,7 +192,8 @@ class VQModel(nn.Module):
         missing = [n for n in names if n not in arch_args]
         unknown = sorted(set(arch_args) - set(names) - extra)
         if missing or unknown:
-            raise ValueError(f"VQ arch {arch!r} takes {list(names) + sorted(extra)}: missing {missing}, unknown {unknown}")
+            raise ValueError(f"VQ arch {arch!r} takes {list(names) + sorted(extra)}: "
+                             f"missing {missing}, unknown {unknown}")
         args = {n: arch_args[n] for n in names}
         if arch == "conv":
             args["ch_mult"] = list(args["ch_mult"])
