@@ -1,0 +1,116 @@
+"""The training augmentation of one batch, in SeiT's order, on the device.
+
+ids -> Token-EDA -> codebook lookup -> Token-RRC (or a plain random crop) -> Emb-Noise /
+ColorAdapt -> CutMix / Mixup -> (embedding map, soft targets). Pixels take the same path
+without the token-only steps (EDA, noise, ColorAdapt) and with a horizontal flip: the DeiT-style
+baseline. Every draw comes from one ``torch.Generator`` that the task seeds per step, so a batch's
+augmentation depends only on (seed, rank, step) and a resumed run repeats it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from seit.augment.color import color_adapt, emb_noise
+from seit.augment.crop import center_crop, random_crop
+from seit.augment.eda import token_eda
+from seit.augment.mix import mix_batch, smooth_one_hot
+from seit.augment.rrc import token_rrc
+
+
+@dataclass
+class AugConfig:
+    """``conf/aug/*.yaml`` as a typed object; every field defaults to off."""
+
+    crop: int | None = None                  # output side; eval takes the center crop of this size
+    hflip: float = 0.0                       # pixels only: a flipped token grid is not a flipped image
+    rrc: dict = field(default_factory=lambda: {"enabled": False, "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3]})
+    eda: dict = field(default_factory=lambda: {"replace_prob": 0.0, "swap_prob": 0.0, "token_prob": 0.25,
+                                               "swap_scale": 0.25})
+    noise: dict = field(default_factory=lambda: {"prob": 0.0, "scale": 1.0, "std": 1.0})
+    color_adapt: dict = field(default_factory=lambda: {"prob": 0.0, "eps": 1e-5})
+    mix: dict = field(default_factory=lambda: {"cutmix_alpha": 0.0, "mixup_alpha": 0.0, "prob": 1.0,
+                                               "switch_prob": 0.5})
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "AugConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown aug keys {unknown}; known: {sorted(known)}")
+        out = cls()
+        for name, value in cfg.items():
+            default = getattr(out, name)
+            if isinstance(default, dict):
+                bad = sorted(set(value or {}) - set(default))
+                if bad:
+                    raise ValueError(f"unknown aug.{name} keys {bad}; known: {sorted(default)}")
+                value = {**default, **(value or {})}
+            setattr(out, name, value)
+        return out
+
+    @property
+    def mixes(self) -> bool:
+        return self.mix["cutmix_alpha"] > 0 or self.mix["mixup_alpha"] > 0
+
+
+def color_choice(x: torch.Tensor, cfg: AugConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Per sample: noise (prob), ColorAdapt (prob) or nothing, SeiT++'s RandomChoice. With
+    ColorAdapt off this is SeiT's noise on a random ``noise.prob`` share of the batch."""
+    p_noise, p_color = cfg.noise["prob"], cfg.color_adapt["prob"]
+    if p_noise + p_color > 1 + 1e-9:
+        raise ValueError(f"aug.noise.prob + aug.color_adapt.prob = {p_noise + p_color} > 1")
+    if p_noise <= 0 and p_color <= 0:
+        return x
+    u = torch.rand(x.shape[0], generator=generator, device=x.device)
+    if p_noise > 0:
+        x = emb_noise(x, u < p_noise, cfg.noise["scale"], cfg.noise["std"], generator)
+    if p_color > 0:
+        x = color_adapt(x, (u >= p_noise) & (u < p_noise + p_color), cfg.color_adapt["eps"])
+    return x
+
+
+def augment_tokens(ids: torch.Tensor, labels: torch.Tensor, embed, cfg: AugConfig, num_classes: int,
+                   smoothing: float, synonyms: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch of ids [B,H,W] -> (embedding map [B,D,crop,crop], soft targets [B,C])."""
+    e = cfg.eda
+    if e["replace_prob"] > 0 or e["swap_prob"] > 0:
+        ids = token_eda(ids, synonyms, e["replace_prob"], e["swap_prob"], e["token_prob"], e["swap_scale"], generator)
+    x = embed(ids)
+    x = spatial(x, cfg, generator)
+    x = color_choice(x, cfg, generator)
+    return mix(x, labels, cfg, num_classes, smoothing, generator)
+
+
+def augment_pixels(images: torch.Tensor, labels: torch.Tensor, embed, cfg: AugConfig, num_classes: int,
+                   smoothing: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixel baseline: normalise -> RRC (or crop) -> flip -> CutMix / Mixup."""
+    x = spatial(embed(images), cfg, generator)
+    if cfg.hflip > 0:
+        flip = torch.rand(x.shape[0], generator=generator, device=x.device) < cfg.hflip
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return mix(x, labels, cfg, num_classes, smoothing, generator)
+
+
+def spatial(x: torch.Tensor, cfg: AugConfig, generator: torch.Generator | None) -> torch.Tensor:
+    size = cfg.crop or x.shape[-1]
+    if cfg.rrc["enabled"]:
+        return token_rrc(x, size, cfg.rrc["scale"], cfg.rrc["ratio"], generator)
+    return random_crop(x, size, generator) if size < x.shape[-1] else x
+
+
+def mix(x: torch.Tensor, labels: torch.Tensor, cfg: AugConfig, num_classes: int, smoothing: float,
+        generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not cfg.mixes:
+        return x, smooth_one_hot(labels, num_classes, smoothing)
+    m = cfg.mix
+    return mix_batch(x, labels, num_classes, cutmix_alpha=m["cutmix_alpha"], mixup_alpha=m["mixup_alpha"],
+                     prob=m["prob"], switch_prob=m["switch_prob"], smoothing=smoothing, generator=generator)
+
+
+def eval_view(x: torch.Tensor, cfg: AugConfig) -> torch.Tensor:
+    """The evaluation input: the center crop (SeiT: 28 of 32)."""
+    return center_crop(x, cfg.crop) if cfg.crop and cfg.crop < x.shape[-1] else x
