@@ -152,3 +152,28 @@ def test_config_rejects_unknown_keys():
         from seit.augment.pipeline import color_choice
         color_choice(torch.zeros(2, 3, 4, 4), AugConfig.from_dict({"noise": {"prob": 0.8}, "color_adapt": {"prob": 0.5}}),
                      gen())
+
+
+def test_tokenadapt_half_batch_and_frozen_loading(tmp_path):
+    from seit.models.tokenadapt import TokenAdapt
+    from seit.tasks.tokenadapt import load_tokenadapt, save_tokenadapt
+
+    codebook = torch.randn(K, D)
+    adapt = TokenAdapt(codebook, width=32, heads=2)
+    save_tokenadapt(adapt, tmp_path / "ta.safetensors", "abc")
+    loaded = load_tokenadapt(tmp_path / "ta.safetensors", "abc")
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(adapt.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="trained on codebook"):
+        load_tokenadapt(tmp_path / "ta.safetensors", "another")
+
+    ids = torch.randint(0, K, (6, 16, 16), generator=gen())
+
+    def embed(i):
+        return F.embedding(i.long(), codebook).permute(0, 3, 1, 2)
+
+    cfg = AugConfig.from_dict({"crop": 14, "rrc": {"enabled": True}, "tokenadapt": {"share": 0.5}})
+    x, t = augment_tokens(ids, torch.arange(6) % 3, embed, cfg, 3, 0.1, None, gen(), adapt=loaded)
+    assert x.shape == (6, D, 14, 14) and t.shape == (6, 3)
+    snapped = (x[:3].permute(0, 2, 3, 1)[..., None, :] == codebook).all(-1).any(-1)
+    assert snapped.all()  # the TokenAdapt half holds codebook vectors (ids from g's argmax)

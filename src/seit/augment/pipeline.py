@@ -1,7 +1,9 @@
 """The training augmentation of one batch, in SeiT's order, on the device.
 
 ids -> Token-EDA -> codebook lookup -> Token-RRC (or a plain random crop) -> Emb-Noise /
-ColorAdapt -> CutMix / Mixup -> (embedding map, soft targets). Pixels take the same path
+ColorAdapt -> CutMix / Mixup -> (embedding map, soft targets). With a TokenAdapt model, a share
+of the batch (SeiT++: half) takes the TokenAdapt path instead of Token-RRC: f -> per-sample flip,
+affine and RandomResizedCrop -> g -> argmax ids -> codebook lookup. Pixels take the same path
 without the token-only steps (EDA, noise, ColorAdapt) and with a horizontal flip: the DeiT-style
 baseline. Every draw comes from one ``torch.Generator`` that the task seeds per step, so a batch's
 augmentation depends only on (seed, rank, step) and a resumed run repeats it.
@@ -16,6 +18,7 @@ import torch
 from seit.augment.color import color_adapt, emb_noise
 from seit.augment.crop import center_crop, random_crop
 from seit.augment.eda import token_eda
+from seit.augment.geo import GeoConfig, random_theta
 from seit.augment.mix import mix_batch, smooth_one_hot
 from seit.augment.rrc import token_rrc
 
@@ -33,6 +36,7 @@ class AugConfig:
     color_adapt: dict = field(default_factory=lambda: {"prob": 0.0, "eps": 1e-5})
     mix: dict = field(default_factory=lambda: {"cutmix_alpha": 0.0, "mixup_alpha": 0.0, "prob": 1.0,
                                                "switch_prob": 0.5})
+    tokenadapt: dict = field(default_factory=lambda: {"checkpoint": None, "share": 0.5})
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "AugConfig":
@@ -74,13 +78,19 @@ def color_choice(x: torch.Tensor, cfg: AugConfig, generator: torch.Generator | N
 
 def augment_tokens(ids: torch.Tensor, labels: torch.Tensor, embed, cfg: AugConfig, num_classes: int,
                    smoothing: float, synonyms: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training batch of ids [B,H,W] -> (embedding map [B,D,crop,crop], soft targets [B,C])."""
+                   generator: torch.Generator | None = None, adapt=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch of ids [B,H,W] -> (embedding map [B,D,crop,crop], soft targets [B,C]).
+
+    ``adapt``: a frozen ``TokenAdapt`` for the first ``tokenadapt.share`` of the batch."""
     e = cfg.eda
     if e["replace_prob"] > 0 or e["swap_prob"] > 0:
         ids = token_eda(ids, synonyms, e["replace_prob"], e["swap_prob"], e["token_prob"], e["swap_scale"], generator)
-    x = embed(ids)
-    x = spatial(x, cfg, generator)
+    n = round(ids.shape[0] * cfg.tokenadapt["share"]) if adapt is not None else 0
+    x = spatial(embed(ids[n:]), cfg, generator)
+    if n:
+        geo = GeoConfig(scale=tuple(cfg.rrc["scale"]), ratio=tuple(cfg.rrc["ratio"]))
+        theta = random_theta(n, geo, 2 * ids.shape[-1], generator, ids.device)
+        x = torch.cat([embed(adapt.adapt(ids[:n], theta, x.shape[-1])), x])
     x = color_choice(x, cfg, generator)
     return mix(x, labels, cfg, num_classes, smoothing, generator)
 

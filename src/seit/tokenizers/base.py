@@ -33,6 +33,10 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def save(self, path: str | os.PathLike) -> None: ...
 
+    def to(self, device) -> "Tokenizer":
+        """Move the encoder's tensors (to encode training targets on the accelerator)."""
+        raise NotImplementedError(f"{type(self).__name__} stays on the CPU")
+
     @property
     def grid(self) -> tuple[int, int]:
         g = self.image_size // self.downsample

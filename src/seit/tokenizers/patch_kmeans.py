@@ -68,11 +68,16 @@ class PatchKMeansTokenizer(Tokenizer):
     def codebook(self) -> torch.Tensor:
         return self._codebook
 
+    def to(self, device) -> "PatchKMeansTokenizer":
+        self.mean, self.basis, self._codebook = (t.to(device) for t in (self.mean, self.basis, self._codebook))
+        return self
+
     def patches(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,S,S] -> [B*L, 3*p*p] in raster order."""
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {tuple(images.shape[-2:])}")
+        """[B,3,H,W] -> [B*L, 3*p*p] in raster order; any H, W that are multiples of the patch size
+        (fitted at image_size, applied to other sizes by TokenAdapt's training targets)."""
         p = self.downsample
+        if images.shape[-1] % p or images.shape[-2] % p:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p}")
         cols = F.unfold(images.float(), kernel_size=p, stride=p)  # [B, P, L]
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
@@ -80,7 +85,7 @@ class PatchKMeansTokenizer(Tokenizer):
         return (patches - self.mean) @ self.basis.T / self.scale
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        g = self.grid
+        g = (images.shape[-2] // self.downsample, images.shape[-1] // self.downsample)
         ids = nearest_centroid(self.project(self.patches(images)), self._codebook)
         return ids.reshape(images.shape[0], *g)
 

@@ -33,6 +33,10 @@ class VQTokenizer(Tokenizer):
     def codebook(self) -> torch.Tensor:
         return self.model.quantizer.codebook.detach().cpu()
 
+    def to(self, device) -> "VQTokenizer":
+        self.model.to(device)
+        return self
+
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] % self.downsample or images.shape[-2] % self.downsample:
