@@ -44,9 +44,11 @@ def test_codebook_is_stored_at_float16_precision(tokenizer):
     assert torch.equal(cb, cb.half().float())
 
 
-def test_wrong_image_size_and_missing_checkpoint(tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="32x32"):
-        tokenizer.encode(torch.rand(1, 3, 16, 16))
+def test_other_image_sizes_and_missing_checkpoint(tokenizer, tmp_path):
+    p = tokenizer.downsample
+    assert tokenizer.encode(torch.rand(2, 3, 4 * p, 6 * p)).shape == (2, 4, 6)  # any multiple of the patch
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        tokenizer.encode(torch.rand(1, 3, 4 * p + 1, 4 * p))
     with pytest.raises(FileNotFoundError, match="nope"):
         load_tokenizer(tmp_path / "nope.safetensors")
 

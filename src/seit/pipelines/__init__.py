@@ -27,7 +27,8 @@ def _convert(cfg):
     return convert(cfg)
 
 
-TASKS = {"train": _train, "train_tokenizer": _train, "tokenize": _tokenize, "convert": _convert}
+TASKS = {"train": _train, "train_tokenizer": _train, "train_tokenadapt": _train, "tokenize": _tokenize,
+         "convert": _convert}
 
 
 def run_task(cfg: DictConfig):

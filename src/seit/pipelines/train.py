@@ -15,6 +15,7 @@ from seit.data.datamodule import TokenDataModule
 from seit.data.dataset_info import storage_summary
 from seit.data.image_datamodule import ImageFolderDataModule, input_grid
 from seit.tasks.classification import ClassificationTask
+from seit.tokenizers.codebook_tools import synonyms
 from seit.utils.throughput import TrainThroughput
 from seit.utils.summary import config_hash, to_float, write_summary
 
@@ -49,9 +50,26 @@ def build_tokenizer_task(cfg: DictConfig, dm):
                          compact=t.compact, init_from=t.get("init_from"))
 
 
+def build_tokenadapt_task(cfg: DictConfig, dm):
+    from seit.tasks.tokenadapt import TokenAdaptTask
+
+    if cfg.data.kind != "images":
+        raise ValueError("task=train_tokenadapt learns from pixels: use an images data config (data=images_*)")
+    t = cfg.task
+    task = TokenAdaptTask(tokenizer=str(t.tokenizer), out_grid=int(t.out_grid), geo=OmegaConf.to_container(t.geo),
+                          optim=OmegaConf.to_container(cfg.optim, resolve=True), width=int(t.width),
+                          heads=int(t.heads), seed=int(cfg.seed))
+    if task.tokenizer.image_size != int(cfg.data.image_size):
+        raise ValueError(f"data.image_size={cfg.data.image_size} must be the tokenizer's image size "
+                         f"{task.tokenizer.image_size} ({t.tokenizer})")
+    return task
+
+
 def build_task(cfg: DictConfig, dm):
     if cfg.task.name == "train_tokenizer":
         return build_tokenizer_task(cfg, dm)
+    if cfg.task.name == "train_tokenadapt":
+        return build_tokenadapt_task(cfg, dm)
     return build_classifier(cfg, dm)
 
 
@@ -70,9 +88,15 @@ def build_classifier(cfg: DictConfig, dm) -> ClassificationTask:
         model=model, optim=OmegaConf.to_container(cfg.optim, resolve=True),
         aug=OmegaConf.to_container(cfg.aug, resolve=True), num_classes=dm.num_classes,
         input_grid=input_grid(dm), batch_size=int(cfg.data.batch_size), codebook_sha256=fingerprint,
-        label_smoothing=cfg.task.label_smoothing, ema_decay=cfg.task.ema_decay, compile=cfg.task.compile)
+        label_smoothing=cfg.task.label_smoothing, ema_decay=cfg.task.ema_decay, compile=cfg.task.compile,
+        seed=int(cfg.seed))
     if tokens:
         task.load_codebook(info.load_codebook())
+        if cfg.aug.tokenadapt.checkpoint:
+            task.load_tokenadapt(cfg.aug.tokenadapt.checkpoint)
+        if cfg.aug.eda.replace_prob > 0:  # Token-EDA: the dataset's table, else the same one from its codebook
+            task.load_synonyms(info.load_synonyms() if info.meta.get("synonyms_file")
+                               else synonyms(info.load_codebook(), int(cfg.data.build.get("synonyms_k") or 5)))
     return task
 
 

@@ -1,7 +1,9 @@
 """Supervised classification on tokens (SeiT) or pixels (the baseline), one LightningModule.
 
 Hyperparameters are plain dicts and scalars, so a checkpoint loads with ``weights_only=True``.
-Augmentation runs here, on the device, batched: the loader only decodes.
+Augmentation runs here, on the device, batched (``seit.augment.pipeline``): the loader only
+decodes. Its random draws come from a generator seeded by (seed, rank, step), so a resumed run
+augments every step as the uninterrupted run did.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torchmetrics
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
-from seit.augment.crop import center_crop, random_crop, random_hflip
+from seit.augment.pipeline import AugConfig, augment_pixels, augment_tokens, eval_view
 from seit.data.dataset_info import DatasetError
 from seit.models.vit import TokenViT
 
@@ -33,17 +35,23 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 class ClassificationTask(pl.LightningModule):
     def __init__(self, model: dict, optim: dict, aug: dict, num_classes: int, input_grid: int, batch_size: int,
                  codebook_sha256: str | None = None, label_smoothing: float = 0.1, ema_decay: float = 0.0,
-                 compile: bool = False):
+                 compile: bool = False, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.input_key = INPUT_KEYS[model["input"]]
-        self.crop = int(aug["crop"]) if aug.get("crop") else input_grid
+        self.aug = AugConfig.from_dict(aug)
+        self.crop = int(self.aug.crop) if self.aug.crop else input_grid
         if self.crop > input_grid:
             raise ValueError(f"aug.crop={self.crop} is larger than the {input_grid} input grid")
+        self.aug.crop = self.crop
+        if self.input_key == "images" and (self.aug.eda["replace_prob"] or self.aug.eda["swap_prob"]
+                                           or self.aug.noise["prob"] or self.aug.color_adapt["prob"]):
+            raise ValueError("Token-EDA, Emb-Noise and ColorAdapt work on tokens; the pixel baseline takes aug=deit")
         model_args = {k: v for k, v in model.items() if k != "name"}
         self.model = TokenViT(input_size=self.crop, num_classes=num_classes, **model_args)
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay > 0 else None
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)  # val loss, on labels
+        self.soft_criterion = nn.CrossEntropyLoss()  # train loss, on soft targets that hold the smoothing
         top5 = min(5, num_classes)
         self.val_metrics = nn.ModuleDict({
             prefix: torchmetrics.MetricCollection({
@@ -56,16 +64,38 @@ class ClassificationTask(pl.LightningModule):
         self.val_count = torchmetrics.SumMetric()  # samples evaluated over all ranks: exactly the val split
         self.val_confusion = torchmetrics.ConfusionMatrix(task="multiclass", num_classes=num_classes)
         self.last_confusion = None  # numpy [C, C] of the latest validation, for plots
+        self.register_buffer("synonyms", None, persistent=False)  # [K, k] from the dataset, for Token-EDA
+        self.tokenadapt = None  # a frozen TokenAdapt for half the batch (aug.tokenadapt.checkpoint)
+        self._generator: torch.Generator | None = None
 
     # -- data on the device -------------------------------------------------------------------
-    def embed(self, batch: dict, train: bool) -> torch.Tensor:
-        x = self.model.embed(batch[self.input_key])
-        if train:
-            x = random_crop(x, self.crop)
-            if self.hparams.aug.get("hflip", 0) > 0:
-                x = random_hflip(x, self.hparams.aug["hflip"])
-            return x
-        return center_crop(x, self.crop)
+    def step_generator(self) -> torch.Generator:
+        """The augmentation RNG of this step: a function of (seed, rank, global step) only."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed((self.hparams.seed * 1_000_003 + self.global_rank) * 1_000_000_007 + self.global_step)
+        return self._generator
+
+    def train_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(augmented input map, soft targets)."""
+        h, labels, g = self.hparams, batch["label"], self.step_generator()
+        if self.input_key == "ids":
+            return augment_tokens(batch["ids"], labels, self.model.embed, self.aug, h.num_classes,
+                                  h.label_smoothing, self.synonyms, g, adapt=self.tokenadapt)
+        return augment_pixels(batch["images"], labels, self.model.embed, self.aug, h.num_classes,
+                              h.label_smoothing, g)
+
+    def load_tokenadapt(self, path: str) -> None:
+        """Install a trained TokenAdapt, frozen; it must share the dataset's codebook."""
+        from seit.tasks.tokenadapt import load_tokenadapt
+
+        self.tokenadapt = load_tokenadapt(path, self.hparams.codebook_sha256)
+
+    def load_synonyms(self, synonyms: torch.Tensor | None) -> None:
+        if synonyms is None and self.aug.eda["replace_prob"] > 0:
+            raise DatasetError("aug.eda.replace_prob > 0 needs the dataset's synonym table; this dataset has none "
+                               "(tokenize it with data.build.synonyms_k > 0)")
+        self.synonyms = synonyms.long() if synonyms is not None else None
 
     def load_codebook(self, codebook: torch.Tensor) -> None:
         """Install the dataset's frozen codebook (in the EMA copy too)."""
@@ -96,8 +126,8 @@ class ClassificationTask(pl.LightningModule):
 
     # -- steps --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self.model(self.embed(batch, train=True))
-        loss = self.criterion(logits, batch["label"])
+        x, targets = self.train_batch(batch)
+        loss = self.soft_criterion(self.model(x), targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["label"].shape[0])
         return loss
 
@@ -114,7 +144,7 @@ class ClassificationTask(pl.LightningModule):
         self._log_val_metrics()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x = self.embed(batch, train=False)
+        x = eval_view(self.model.embed(batch[self.input_key]), self.aug)
         labels = batch["label"]
         logits = self.model(x)
         self.val_loss.update(self.criterion(logits, labels), weight=labels.shape[0])
