@@ -36,7 +36,7 @@ RECIPES = {
     "SeiT (EDA, RRC, noise, CutMix)": SEIT,
     "SeiT++ colour (RRC, noise/ColorAdapt, CutMix)": {"rrc": {"enabled": True}, "noise": {"prob": 0.75},
                                                       "color_adapt": {"prob": 0.25}, "mix": {"cutmix_alpha": 1.0}},
-    "SeiT + TokenAdapt half batch (width 192)": {**SEIT, "tokenadapt": {"share": 0.5}},
+    "SeiT + TokenAdapt half batch": {**SEIT, "tokenadapt": {"share": 0.5}},
 }
 
 
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--codebook", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--tokenadapt-width", type=int, default=128, help="tokenadapt_tiny20 trains width 128")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -58,7 +59,7 @@ def main() -> None:
     model.embed.load_codebook(codebook)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     table = synonyms(codebook, 5)
-    adapt = TokenAdapt(codebook, width=192, heads=3).eval().requires_grad_(False)
+    adapt = TokenAdapt(codebook, width=args.tokenadapt_width, heads=2).eval().requires_grad_(False)
     ids = torch.randint(0, k, (args.batch, args.grid, args.grid))
     labels = torch.randint(0, classes, (args.batch,))
     gen = torch.Generator()
