@@ -60,6 +60,11 @@ class AugConfig:
         return self.mix["cutmix_alpha"] > 0 or self.mix["mixup_alpha"] > 0
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The augmentation seed of one training step: a function of (seed, rank, step) only."""
+    return (seed * 1_000_003 + rank) * 1_000_000_007 + step
+
+
 def color_choice(x: torch.Tensor, cfg: AugConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Per sample: noise (prob), ColorAdapt (prob) or nothing, SeiT++'s RandomChoice. With
     ColorAdapt off this is SeiT's noise on a random ``noise.prob`` share of the batch."""

@@ -17,7 +17,7 @@ import torchmetrics
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
-from seit.augment.pipeline import AugConfig, augment_pixels, augment_tokens, eval_view
+from seit.augment.pipeline import AugConfig, augment_pixels, augment_tokens, eval_view, step_seed
 from seit.data.dataset_info import DatasetError
 from seit.models.vit import TokenViT
 
@@ -73,7 +73,7 @@ class ClassificationTask(pl.LightningModule):
         """The augmentation RNG of this step: a function of (seed, rank, global step) only."""
         if self._generator is None or self._generator.device != self.device:
             self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed((self.hparams.seed * 1_000_003 + self.global_rank) * 1_000_000_007 + self.global_step)
+        self._generator.manual_seed(step_seed(self.hparams.seed, self.global_rank, self.global_step))
         return self._generator
 
     def train_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,15 +12,19 @@ neighbour): ``val/agree_tokenadapt`` against ``val/agree_naive``.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from seit.augment.geo import GeoConfig, random_theta, warp, warp_ids
+from seit.augment.pipeline import step_seed
 from seit.models.tokenadapt import TokenAdapt
 from seit.tasks.classification import warmup_cosine
 from seit.tokenizers import load_tokenizer
@@ -61,7 +65,7 @@ class TokenAdaptTask(pl.LightningModule):
         return g
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        seed = (self.hparams.seed * 1_000_003 + self.global_rank) * 1_000_000_007 + self.global_step
+        seed = step_seed(self.hparams.seed, self.global_rank, self.global_step)
         ids, theta, target = self.pair(batch, self._generator(seed))
         logits = self.adapt.logits(ids, theta, self.hparams.out_grid)
         loss = F.cross_entropy(logits, target)
@@ -98,9 +102,6 @@ class TokenAdaptTask(pl.LightningModule):
 
 
 def save_tokenadapt(adapt: TokenAdapt, path: str | Path, fingerprint: str) -> None:
-    import json
-    import os
-
     tmp = f"{path}.tmp"
     state = {k: v.detach().cpu().contiguous() for k, v in adapt.state_dict().items()}
     save_file(state, tmp, metadata={"config": json.dumps(adapt.config), "codebook_sha256": fingerprint})
@@ -109,10 +110,6 @@ def save_tokenadapt(adapt: TokenAdapt, path: str | Path, fingerprint: str) -> No
 
 def load_tokenadapt(path: str | Path, expected_fingerprint: str | None = None) -> TokenAdapt:
     """A frozen TokenAdapt; refuses one trained on another codebook."""
-    import json
-
-    from safetensors import safe_open
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"TokenAdapt checkpoint {path} not found (train one with task=train_tokenadapt)")
     with safe_open(str(path), "pt") as f:
