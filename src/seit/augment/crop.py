@@ -1,7 +1,8 @@
 """Crops of a ``[B, C, H, W]`` map, batched on the device (one gather, no per-sample loop).
 
-On token embedding maps an integer-offset crop equals cropping the id grid before the lookup,
-and it is the baseline augmentation until the full SeiT set (Token-RRC, EDA, noise, CutMix).
+On token embedding maps an integer-offset crop equals cropping the id grid before the lookup.
+The random crop is ``aug=crop``'s only augmentation and the eval view of every recipe; the
+tokenizer task crops and flips its images with these too.
 """
 
 from __future__ import annotations
