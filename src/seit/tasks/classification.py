@@ -32,6 +32,17 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def short_warmup_cosine(optimizer: torch.optim.Optimizer, total: int, optim: dict):
+    """Per-step LambdaLR: warmup over 10% of the steps (at most 500), then cosine to optim.min_lr.
+
+    For the auxiliary trainers (tokenizer, TokenAdapt), whose optim config gives an absolute lr.
+    """
+    total = max(1, total)
+    min_ratio = min(1.0, float(optim.get("min_lr") or 0.0) / optim["lr"])
+    warmup = min(total // 10, 500)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup, min_ratio))
+
+
 class ClassificationTask(pl.LightningModule):
     def __init__(self, model: dict, optim: dict, aug: dict, num_classes: int, input_grid: int, batch_size: int,
                  codebook_sha256: str | None = None, label_smoothing: float = 0.1, ema_decay: float = 0.0,

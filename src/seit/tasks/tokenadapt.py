@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from seit.augment.geo import GeoConfig, random_theta, warp, warp_ids
 from seit.augment.pipeline import step_seed
 from seit.models.tokenadapt import TokenAdapt
-from seit.tasks.classification import warmup_cosine
+from seit.tasks.classification import short_warmup_cosine
 from seit.tokenizers import load_tokenizer
 
 EXPORT_FILE = "tokenadapt.safetensors"
@@ -88,10 +88,7 @@ class TokenAdaptTask(pl.LightningModule):
         o = self.hparams.optim
         opt = torch.optim.AdamW(self.adapt.parameters(), lr=o["lr"], betas=tuple(o["betas"]),
                                 weight_decay=o["weight_decay"])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(total // 10, 500)
-        min_ratio = min(1.0, float(o.get("min_lr") or 0.0) / o["lr"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup, min_ratio))
+        sched = short_warmup_cosine(opt, int(self.trainer.estimated_stepping_batches), o)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export(self, output_dir: Path) -> dict:

@@ -20,7 +20,7 @@ from PIL import Image
 from pytorch_lightning.loggers import WandbLogger
 
 from seit.augment.crop import center_crop, random_crop, random_hflip
-from seit.tasks.classification import warmup_cosine
+from seit.tasks.classification import short_warmup_cosine
 from seit.tokenizers.vq import VQTokenizer
 from seit.tokenizers.vq_model import VQModel
 from seit.utils.visuals import image_grid
@@ -178,10 +178,7 @@ class TokenizerTask(pl.LightningModule):
         o = self.hparams.optim
         opt_g = torch.optim.Adam(list(self.model.encoder.parameters()) + list(self.model.decoder.parameters()),
                                  lr=o["lr"], betas=tuple(o["betas"]))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(total // 10, 500)
-        min_ratio = min(1.0, float(o.get("min_lr") or 0.0) / o["lr"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: warmup_cosine(s, total, warmup, min_ratio))
+        sched = short_warmup_cosine(opt_g, int(self.trainer.estimated_stepping_batches), o)
         if self.discriminator is None:
             return [opt_g], [sched]
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=o["lr"], betas=tuple(o["betas"]))
