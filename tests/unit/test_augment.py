@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from seit.augment.color import color_adapt, emb_noise
 from seit.augment.eda import square_swap, synonym_replace, token_eda
 from seit.augment.mix import mix_batch
-from seit.augment.pipeline import AugConfig, augment_pixels, augment_tokens, eval_view
+from seit.augment.pipeline import AugConfig, augment_pixels, augment_tokens, color_choice, eval_view
 from seit.augment.rrc import resized_crop, rrc_boxes, token_rrc
 
 K, D = 40, 6
@@ -149,7 +149,6 @@ def test_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown aug.noise keys"):
         AugConfig.from_dict({"noise": {"p": 0.5}})
     with pytest.raises(ValueError, match="> 1"):
-        from seit.augment.pipeline import color_choice
         color_choice(torch.zeros(2, 3, 4, 4), AugConfig.from_dict({"noise": {"prob": 0.8}, "color_adapt": {"prob": 0.5}}),
                      gen())
 
@@ -177,3 +176,12 @@ def test_tokenadapt_half_batch_and_frozen_loading(tmp_path):
     assert x.shape == (6, D, 14, 14) and t.shape == (6, 3)
     snapped = (x[:3].permute(0, 2, 3, 1)[..., None, :] == codebook).all(-1).any(-1)
     assert snapped.all()  # the TokenAdapt half holds codebook vectors (ids from g's argmax)
+
+
+def test_relative_noise_scales_with_the_embedding_spread():
+    x = torch.randn(64, 4, 8, 8, generator=gen())
+    cfg = AugConfig.from_dict({"noise": {"prob": 1.0, "scale": 0.0, "std": 0.5, "relative": True}})
+    small = color_choice(x, cfg, gen(3)) - x
+    big = color_choice(10 * x, cfg, gen(3)) - 10 * x
+    assert torch.allclose(big, 10 * small, atol=1e-4)
+    assert abs(small.std().item() - 0.5 * x.std().item()) < 0.02

@@ -32,7 +32,7 @@ class AugConfig:
     rrc: dict = field(default_factory=lambda: {"enabled": False, "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3]})
     eda: dict = field(default_factory=lambda: {"replace_prob": 0.0, "swap_prob": 0.0, "token_prob": 0.25,
                                                "swap_scale": 0.25})
-    noise: dict = field(default_factory=lambda: {"prob": 0.0, "scale": 1.0, "std": 1.0})
+    noise: dict = field(default_factory=lambda: {"prob": 0.0, "scale": 1.0, "std": 1.0, "relative": False})
     color_adapt: dict = field(default_factory=lambda: {"prob": 0.0, "eps": 1e-5})
     mix: dict = field(default_factory=lambda: {"cutmix_alpha": 0.0, "mixup_alpha": 0.0, "prob": 1.0,
                                                "switch_prob": 0.5})
@@ -75,7 +75,10 @@ def color_choice(x: torch.Tensor, cfg: AugConfig, generator: torch.Generator | N
         return x
     u = torch.rand(x.shape[0], generator=generator, device=x.device)
     if p_noise > 0:
-        x = emb_noise(x, u < p_noise, cfg.noise["scale"], cfg.noise["std"], generator)
+        # relative: in units of the batch's embedding std, so one setting means the same
+        # signal-to-noise ratio for any codebook (SeiT's absolute std 1 assumes its codebook's scale).
+        unit = x.std() if cfg.noise["relative"] else 1.0
+        x = emb_noise(x, u < p_noise, cfg.noise["scale"] * unit, cfg.noise["std"] * unit, generator)
     if p_color > 0:
         x = color_adapt(x, (u >= p_noise) & (u < p_noise + p_color), cfg.color_adapt["eps"])
     return x
