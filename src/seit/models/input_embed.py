@@ -41,6 +41,15 @@ class CodebookEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids.long(), self.codebook).permute(0, 3, 1, 2)
 
+    def nearest(self, x: torch.Tensor, chunk: int = 1 << 26) -> torch.Tensor:
+        """[B,D,H,W] map -> ids [B,H,W] of the nearest codebook rows by cosine (SeiT++'s re-quantisation
+        of augmented maps; an identity on clean lookups). Chunked over the batch to bound B*H*W*K."""
+        code = F.normalize(self.codebook.float(), dim=1)
+        per_sample = max(1, x.shape[2] * x.shape[3] * code.shape[0])
+        step = max(1, chunk // per_sample)
+        return torch.cat([torch.einsum("bdhw,kd->bhwk", F.normalize(part.float(), dim=1), code).argmax(-1)
+                          for part in x.split(step)])
+
 
 class PixelNormalize(nn.Module):
     """uint8 images [B,3,H,W] -> normalised float."""

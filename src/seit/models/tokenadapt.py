@@ -24,7 +24,8 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
 
-def _pos(h: int, w: int, dim: int, device) -> torch.Tensor:
+def sincos_pos(h: int, w: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions [1, h*w, dim], row-major (shared with the MTM encoder)."""
     return build_sincos2d_pos_embed([h, w], dim, device=device)[None]  # [1, h*w, dim], row-major
 
 
@@ -42,7 +43,7 @@ class ForwardConverter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         t = self.proj(x.flatten(2).transpose(1, 2))
-        t = self.block(t + _pos(h, w, t.shape[-1], x.device))
+        t = self.block(t + sincos_pos(h, w, t.shape[-1], x.device))
         return self.up(t.transpose(1, 2).reshape(b, -1, h, w)) + F.interpolate(x, scale_factor=2, mode="nearest")
 
 
@@ -65,7 +66,7 @@ class InverseConverter(nn.Module):
         t = self.down(m)
         b, _, h, w = t.shape
         t = t.flatten(2).transpose(1, 2)
-        t = self.head(self.norm(self.block(t + _pos(h, w, t.shape[-1], m.device))))
+        t = self.head(self.norm(self.block(t + sincos_pos(h, w, t.shape[-1], m.device))))
         cosine = torch.einsum("bdhw,kd->bkhw", F.normalize(F.avg_pool2d(m, 2), dim=1), self.unit_codebook)
         return t.transpose(1, 2).reshape(b, -1, h, w) + self.skip_scale * cosine
 

@@ -4,9 +4,17 @@ The transformer is timm's ``VisionTransformer``; only its ``embed_layer`` is swa
 Stem-Adaptor for tokens, the stock patchify for pixels), so tokens and pixels share one body.
 The head is SeiT's: global average pooling, LayerNorm, linear (no class token, which SeiT
 prepends but never reads).
+
+Token input comes in two flavours. ``embedding=codebook`` (SeiT): the frozen codebook map goes
+through the overlapping k4 s2 Stem-Adaptor. ``embedding=learned`` (SeiT++): the (augmented) map is
+re-quantised to ids by cosine and read by a learned id embedding and a k2 s2 stem, the MTM
+encoder's input layer, so a pre-trained encoder loads by name. Either way the augmentations
+see the same codebook map.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -14,9 +22,11 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
 from seit.models.input_embed import CodebookEmbedding, PixelNormalize
+from seit.models.mtm import IdPatchEmbed
 from seit.models.stem import StemAdaptor
 
 INPUTS = ("tokens", "pixels")
+EMBEDDINGS = ("codebook", "learned")
 
 
 class TokenViT(nn.Module):
@@ -24,15 +34,21 @@ class TokenViT(nn.Module):
 
     def __init__(self, *, input: str, input_size: int, num_classes: int, embed_dim: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
-                 codebook_size: int = 0, codebook_dim: int = 32, patch_size: int = 16):
+                 codebook_size: int = 0, codebook_dim: int = 32, patch_size: int = 16, embedding: str = "codebook",
+                 token_dropout: float = 0.1):
         super().__init__()
         if input not in INPUTS:
             raise ValueError(f"model.input must be one of {INPUTS}, got {input!r}")
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"model.embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        self.requantize = input == "tokens" and embedding == "learned"
         if input == "tokens":
             if codebook_size <= 0:
                 raise ValueError("a token model needs codebook_size > 0")
             self.embed = CodebookEmbedding(codebook_size, codebook_dim)
             embed_layer, patch = StemAdaptor, 2
+            if self.requantize:
+                embed_layer = partial(IdPatchEmbed, codebook_size=codebook_size, dropout=token_dropout)
         else:
             self.embed = PixelNormalize()
             embed_layer, patch = PatchEmbed, patch_size
@@ -47,9 +63,12 @@ class TokenViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
 
+    def body_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed.nearest(x) if self.requantize else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vit(x)
+        return self.vit(self.body_input(x))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, normalised features (pre-logits): what embedding and probing tasks read."""
-        return self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
+        return self.vit.forward_head(self.vit.forward_features(self.body_input(x)), pre_logits=True)

@@ -27,7 +27,8 @@ def _convert(cfg):
     return convert(cfg)
 
 
-TASKS = {"train": _train, "train_tokenizer": _train, "train_tokenadapt": _train, "tokenize": _tokenize,
+TASKS = {"train": _train, "train_tokenizer": _train, "train_tokenadapt": _train, "pretrain_mtm": _train,
+         "tokenize": _tokenize,
          "convert": _convert}
 
 

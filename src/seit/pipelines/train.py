@@ -21,7 +21,7 @@ from seit.utils.summary import config_hash, to_float, write_summary
 
 log = logging.getLogger(__name__)
 DATA_KINDS = ("tokens", "images")
-REPORTED = ("val/acc1", "val/acc5", "val/loss", "val/psnr", "val/ssim")
+REPORTED = ("val/acc1", "val/acc5", "val/loss", "val/mtm_acc", "val/psnr", "val/ssim")
 
 
 def build_datamodule(cfg: DictConfig):
@@ -65,12 +65,31 @@ def build_tokenadapt_task(cfg: DictConfig, dm):
     return task
 
 
+def build_mtm_task(cfg: DictConfig, dm):
+    """The encoder is ``model.*``, so a classifier from the same model group loads it."""
+    from seit.tasks.mtm import MTMTask
+
+    if cfg.data.kind != "tokens" or cfg.model.input != "tokens":
+        raise ValueError("task=pretrain_mtm pre-trains on tokens: use a token data config and model.input=tokens")
+    m, t = cfg.model, cfg.task
+    info = dm.load_info()
+    arch = {"embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio,
+            "dropout": m.token_dropout, **OmegaConf.to_container(t.decoder)}
+    task = MTMTask(model=arch, mask=OmegaConf.to_container(t.mask), optim=OmegaConf.to_container(cfg.optim, resolve=True),
+                   aug=OmegaConf.to_container(cfg.aug, resolve=True), input_grid=input_grid(dm),
+                   batch_size=int(cfg.data.batch_size), codebook_size=info.codebook_size,
+                   codebook_dim=int(info.meta.get("embed_dim", 32)), codebook_sha256=info.fingerprint,
+                   smoothing=float(t.smoothing), seed=int(cfg.seed))
+    task.load_codebook(info.load_codebook())
+    if cfg.aug.tokenadapt.checkpoint:
+        task.load_tokenadapt(cfg.aug.tokenadapt.checkpoint)
+    return task
+
+
 def build_task(cfg: DictConfig, dm):
-    if cfg.task.name == "train_tokenizer":
-        return build_tokenizer_task(cfg, dm)
-    if cfg.task.name == "train_tokenadapt":
-        return build_tokenadapt_task(cfg, dm)
-    return build_classifier(cfg, dm)
+    builders = {"train_tokenizer": build_tokenizer_task, "train_tokenadapt": build_tokenadapt_task,
+                "pretrain_mtm": build_mtm_task}
+    return builders.get(cfg.task.name, build_classifier)(cfg, dm)
 
 
 def build_classifier(cfg: DictConfig, dm) -> ClassificationTask:
@@ -89,9 +108,11 @@ def build_classifier(cfg: DictConfig, dm) -> ClassificationTask:
         aug=OmegaConf.to_container(cfg.aug, resolve=True), num_classes=dm.num_classes,
         input_grid=input_grid(dm), batch_size=int(cfg.data.batch_size), codebook_sha256=fingerprint,
         label_smoothing=cfg.task.label_smoothing, ema_decay=cfg.task.ema_decay, compile=cfg.task.compile,
-        seed=int(cfg.seed))
+        seed=int(cfg.seed), linear_probe=bool(cfg.task.get("linear_probe")))
     if tokens:
         task.load_codebook(info.load_codebook())
+        if model.get("pretrained"):
+            task.load_pretrained(model["pretrained"])
         if cfg.aug.tokenadapt.checkpoint:
             task.load_tokenadapt(cfg.aug.tokenadapt.checkpoint)
         if cfg.aug.eda.replace_prob > 0:  # Token-EDA: the dataset's table, else the same one from its codebook
@@ -144,6 +165,11 @@ def train(cfg: DictConfig) -> dict:
     throughput = TrainThroughput()
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*instantiate_all(cfg.get("callbacks")), throughput],
                                       logger=instantiate_all(cfg.get("logger")) or False)
+    if cfg.task.get("global_batch"):  # reach the recipe's batch per step by accumulation
+        per_step = int(cfg.data.batch_size) * trainer.world_size
+        trainer.accumulate_grad_batches = max(1, round(int(cfg.task.global_batch) / per_step))
+        log.info("global batch %d: %d per step x %d accumulated", cfg.task.global_batch, per_step,
+                 trainer.accumulate_grad_batches)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     start = time.perf_counter()

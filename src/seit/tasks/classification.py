@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torchmetrics
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
 from seit.augment.pipeline import AugConfig, augment_pixels, augment_tokens, eval_view, step_seed
@@ -43,10 +43,39 @@ def short_warmup_cosine(optimizer: torch.optim.Optimizer, total: int, optim: dic
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup, min_ratio))
 
 
+def scaled_lr(optim: dict, global_batch: int) -> float:
+    """``optim.lr`` if set, else ``optim.blr`` times global_batch / optim.base_batch, linearly
+    (DeiT, SeiT, MAE) or by its square root (``lr_scaling: sqrt``, SeiT++ fine-tuning: blr*sqrt(B)/8)."""
+    if optim.get("lr"):
+        return float(optim["lr"])
+    ratio = global_batch / float(optim.get("base_batch") or 512)
+    rule = optim.get("lr_scaling") or "linear"
+    if rule not in ("linear", "sqrt"):
+        raise ValueError(f"optim.lr_scaling must be linear or sqrt, got {rule!r}")
+    return float(optim["blr"]) * (ratio if rule == "linear" else math.sqrt(ratio))
+
+
+def global_batch(module: pl.LightningModule, batch_size: int) -> int:
+    """Samples per optimizer step over all ranks and accumulated batches."""
+    if module._trainer is None:
+        return batch_size
+    return batch_size * module.trainer.world_size * module.trainer.accumulate_grad_batches
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, trainer: pl.Trainer, optim: dict, lr: float) -> dict:
+    """Lightning's scheduler entry: per-step warmup over ``optim.warmup_epochs``, then cosine to ``optim.min_lr``."""
+    total = int(trainer.estimated_stepping_batches)
+    steps_per_epoch = max(1, total // max(1, trainer.max_epochs or 1))
+    warmup = int(optim["warmup_epochs"] * steps_per_epoch)
+    min_ratio = min(1.0, optim["min_lr"] / lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup, min_ratio))
+    return {"scheduler": schedule, "interval": "step", "name": "train/lr"}
+
+
 class ClassificationTask(pl.LightningModule):
     def __init__(self, model: dict, optim: dict, aug: dict, num_classes: int, input_grid: int, batch_size: int,
                  codebook_sha256: str | None = None, label_smoothing: float = 0.1, ema_decay: float = 0.0,
-                 compile: bool = False, seed: int = 0):
+                 compile: bool = False, seed: int = 0, linear_probe: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.input_key = INPUT_KEYS[model["input"]]
@@ -58,8 +87,12 @@ class ClassificationTask(pl.LightningModule):
         if self.input_key == "images" and (self.aug.eda["replace_prob"] or self.aug.eda["swap_prob"]
                                            or self.aug.noise["prob"] or self.aug.color_adapt["prob"]):
             raise ValueError("Token-EDA, Emb-Noise and ColorAdapt work on tokens; the pixel baseline takes aug=deit")
-        model_args = {k: v for k, v in model.items() if k != "name"}
+        model_args = {k: v for k, v in model.items() if k not in ("name", "pretrained")}
         self.model = TokenViT(input_size=self.crop, num_classes=num_classes, **model_args)
+        if linear_probe:  # only the pooled features' LayerNorm and the linear head learn
+            self.model.requires_grad_(False)
+            for part in (self.model.vit.fc_norm, self.model.vit.head):
+                part.requires_grad_(True)
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay > 0 else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)  # val loss, on labels
         self.soft_criterion = nn.CrossEntropyLoss()  # train loss, on soft targets that hold the smoothing
@@ -107,6 +140,21 @@ class ClassificationTask(pl.LightningModule):
             raise DatasetError("aug.eda.replace_prob > 0 needs the dataset's synonym table; this dataset has none "
                                "(tokenize it with data.build.synonyms_k > 0)")
         self.synonyms = synonyms.long() if synonyms is not None else None
+
+    def load_pretrained(self, path: str) -> None:
+        """Start from a pre-trained MTM encoder (``model.pretrained``; task=pretrain_mtm)."""
+        from seit.tasks.mtm import load_encoder_into
+
+        load_encoder_into(self.model, path, self.hparams.codebook_sha256)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.model.state_dict())
+
+    def train(self, mode: bool = True):
+        """A linear probe keeps the frozen body in eval mode (no dropout or drop-path on features)."""
+        super().train(mode)
+        if self.hparams.linear_probe:
+            self.model.eval()
+        return self
 
     def load_codebook(self, codebook: torch.Tensor) -> None:
         """Install the dataset's frozen codebook (in the EMA copy too)."""
@@ -180,23 +228,17 @@ class ClassificationTask(pl.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def learning_rate(self) -> float:
-        """``optim.lr`` if set, else ``optim.blr`` scaled linearly by the global batch over 512 (SeiT/DeiT)."""
-        o = self.hparams.optim
-        if o.get("lr"):
-            return float(o["lr"])
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return float(o["blr"]) * self.hparams.batch_size * world * accumulate / 512
+        return scaled_lr(self.hparams.optim, global_batch(self, self.hparams.batch_size))
 
     def configure_optimizers(self):
         o = self.hparams.optim
-        groups = param_groups_weight_decay(self.model, o["weight_decay"], self.model.no_weight_decay())
         lr = self.learning_rate()
+        if o.get("layer_decay"):  # BEiT/MAE fine-tuning: block i of L gets lr * decay^(L - i)
+            vit = self.model.vit
+            groups = param_groups_layer_decay(vit, o["weight_decay"], vit.no_weight_decay(), layer_decay=o["layer_decay"])
+            for group in groups:
+                group["lr"] = lr * group.pop("lr_scale", 1.0)
+        else:
+            groups = param_groups_weight_decay(self.model, o["weight_decay"], self.model.no_weight_decay())
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o["betas"]), eps=o["eps"])
-        total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        warmup = int(o["warmup_epochs"] * steps_per_epoch)
-        min_ratio = min(1.0, o["min_lr"] / lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, min_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
+        return {"optimizer": optimizer, "lr_scheduler": warmup_cosine_schedule(optimizer, self.trainer, o, lr)}

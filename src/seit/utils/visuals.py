@@ -1,7 +1,8 @@
 """What a user wants to see of a run: its tokens decoded back to images, and where it errs.
 
 ``RunVisuals`` writes PNGs into the run dir (``val_tokens_decoded.png`` at the start,
-``confusion_matrix.png`` at the end) and logs the same images to wandb when it is a logger.
+``confusion_matrix.png`` at the end, and for MTM pre-training ``mtm_predictions.png`` after
+every validation) and logs the same images to wandb when it is a logger.
 """
 
 from __future__ import annotations
@@ -51,9 +52,17 @@ def confusion_png(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def masked_view(images: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Images [N,3,H,W] with the pixels of masked tokens [N,h,w] greyed out."""
+    cover = torch.nn.functional.interpolate(token_mask[:, None].float(), size=images.shape[-2:], mode="nearest")
+    return images * (1 - cover) + 0.5 * cover
+
+
 class RunVisuals(Callback):
     def __init__(self, num_samples: int = 32):
         self.num_samples = num_samples
+        self.tokenizer = None
+        self.preview_ids = None
 
     def _log(self, trainer, key: str, path: Path, caption: str) -> None:
         for logger in trainer.loggers:
@@ -72,13 +81,28 @@ class RunVisuals(Callback):
 
         batch = next(iter(dm.stream(dm.cfg.val_split, train=False)))
         ids = batch["ids"][: self.num_samples].long()
+        self.tokenizer, self.preview_ids = load_tokenizer(ckpt), ids[:8]
         with torch.inference_mode():
-            images = load_tokenizer(ckpt).decode(ids)
+            images = self.tokenizer.decode(ids)
         path = Path(trainer.default_root_dir) / "val_tokens_decoded.png"
         Image.fromarray(image_grid(images)).save(path)
         classes = dm.load_info().classes
         caption = ", ".join(classes[i] if 0 <= i < len(classes) else "?" for i in batch["label"][: self.num_samples].tolist())
         self._log(trainer, "val/tokens_decoded", path, caption)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        """MTM: rows of (tokens, masked input, masked tokens predicted), decoded by the tokenizer."""
+        if (self.tokenizer is None or not hasattr(pl_module, "predict_masked") or not trainer.is_global_zero
+                or trainer.sanity_checking):
+            return
+        ids, token_mask, filled = (t.cpu() for t in pl_module.predict_masked(self.preview_ids))
+        with torch.inference_mode():
+            original, predicted = self.tokenizer.decode(ids), self.tokenizer.decode(filled)
+        rows = torch.cat([original, masked_view(original, token_mask), predicted])
+        path = Path(trainer.default_root_dir) / "mtm_predictions.png"
+        Image.fromarray(image_grid(rows, cols=len(ids))).save(path)
+        self._log(trainer, "val/mtm_predictions", path,
+                  f"epoch {trainer.current_epoch}: tokens / masked / predicted")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         matrix = getattr(pl_module, "last_confusion", None)
