@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# outputs (data cache, logs) go under SEIT_ROOT when set, so the code can run from a worktree
+OUT = Path(os.environ.get("SEIT_ROOT", ROOT))
 BASE = ["experiment=tiny20_tokens", "aug.crop=14"]
 RRC = [*BASE, "aug.rrc.enabled=true"]
 EDA = [*RRC, "aug.eda.replace_prob=0.25", "aug.eda.swap_prob=0.25"]
@@ -38,7 +40,7 @@ def rows(tokenadapt: str | None) -> dict[str, list[str]]:
 
 
 def run_dir(row: str, seed: int) -> Path:
-    return ROOT / "logs" / "train" / "runs" / f"abl_{row}_s{seed}"
+    return OUT / "logs" / "train" / "runs" / f"abl_{row}_s{seed}"
 
 
 def report(names: list[str], seeds: list[int]) -> None:
@@ -81,7 +83,7 @@ def main() -> None:
             cmd = [sys.executable, "run.py", *table[row], f"seed={seed}", f"run_name=abl_{row}_s{seed}",
                    "print_config=false"]
             print(" ".join(cmd[1:]), flush=True)
-            subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "SEIT_ROOT": str(ROOT)})
+            subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "SEIT_ROOT": str(OUT)})
     report(names, seeds)
 
 

@@ -1,0 +1,144 @@
+"""SeiT++ masked token modeling: shapes, masks, the loss, and the hand-over to fine-tuning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seit.models.mtm import MaskedTokenModel, masked_token_loss, random_masks, truncated_normal
+from seit.models.vit import TokenViT
+from seit.tasks.classification import ClassificationTask, scaled_lr
+from seit.tasks.mtm import load_encoder_into, save_mtm
+
+K, D, GRID = 64, 8, 8
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def mtm(**kw) -> MaskedTokenModel:
+    torch.manual_seed(0)
+    args = dict(codebook_size=K, grid=GRID, token_dim=D, embed_dim=32, depth=2, num_heads=2, decoder_dim=16,
+                decoder_depth=1, decoder_heads=2, dropout=0.0, decoder_dropout=0.0)
+    return MaskedTokenModel(**{**args, **kw}).eval()
+
+
+def classifier(**kw) -> TokenViT:
+    args = dict(input="tokens", input_size=GRID, num_classes=5, embed_dim=32, depth=2, num_heads=2,
+                codebook_size=K, codebook_dim=D, embedding="learned")
+    return TokenViT(**{**args, **kw})
+
+
+def test_encoder_and_decoder_shapes():
+    model, ids = mtm(), torch.randint(0, K, (3, GRID, GRID), generator=gen())
+    masked, dropped = random_masks(3, 16, 0.7, 0.4, gen())
+    encoded, index = model.encode(ids, masked, dropped)
+    assert encoded.shape == (3, 1 + 16 - math.ceil(16 * 0.4), 32) and index.shape == (3, 16 - 7)
+    assert model.decode(encoded, index, masked).shape == (3, GRID, GRID, K)
+
+
+def test_masks_nest_and_count():
+    masked, dropped = random_masks(50, 196, 0.55, 0.4, gen())
+    assert (masked.sum(1) == math.ceil(196 * 0.55)).all() and (dropped.sum(1) == math.ceil(196 * 0.4)).all()
+    assert not (dropped & ~masked).any()
+    assert not torch.equal(masked[0], masked[1])  # per sample
+
+
+def test_mask_ratio_follows_the_truncated_normal():
+    mean, std, lo, hi = 0.45, 0.25, 0.4, 1.0
+    draws = torch.tensor([truncated_normal(mean, std, lo, hi, gen(i)) for i in range(4000)])
+    a, b = (lo - mean) / std, (hi - mean) / std
+    pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    expected = mean + std * (pdf(a) - pdf(b)) / (cdf(b) - cdf(a))  # about 0.61
+    assert draws.min() >= lo and draws.max() <= hi
+    assert abs(draws.mean().item() - expected) < 0.01
+
+
+def test_encoder_never_sees_masked_ids():
+    model, ids = mtm(), torch.randint(0, K, (2, GRID, GRID), generator=gen())
+    masked, dropped = random_masks(2, 16, 0.6, 0.4, gen(1))
+    token_mask = masked.view(2, 4, 4).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    other = torch.where(token_mask, (ids + 1) % K, ids)
+    assert torch.allclose(model(ids, masked, dropped), model(other, masked, dropped), atol=1e-5)
+    visible = torch.where(token_mask, ids, (ids + 1) % K)
+    assert not torch.allclose(model(ids, masked, dropped), model(visible, masked, dropped), atol=1e-3)
+
+
+def test_loss_covers_masked_patches_only_and_starts_at_ln_k():
+    model, ids = mtm(), torch.randint(0, K, (4, GRID, GRID), generator=gen())
+    masked, dropped = random_masks(4, 16, 0.5, 0.4, gen(2))
+    logits = model(ids, masked, dropped)
+    loss, acc = masked_token_loss(logits, ids, masked)
+    assert abs(loss.item() - math.log(K)) < 0.05 * math.log(K) and 0 <= acc.item() <= 1
+    token_mask = masked.view(4, 4, 4).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    noisy = logits + 5 * torch.randn(logits.shape, generator=gen(3)) * (~token_mask)[..., None]
+    assert torch.allclose(masked_token_loss(noisy, ids, masked)[0], loss)
+    perfect = logits + 100 * torch.nn.functional.one_hot(ids, K) * token_mask[..., None]
+    assert masked_token_loss(perfect, ids, masked)[1].item() == 1.0
+
+
+def test_requantisation_is_identity_on_clean_lookups():
+    model = classifier()
+    model.embed.load_codebook(torch.randn(K, D, generator=gen()))
+    ids = torch.randint(0, K, (3, GRID, GRID), generator=gen(1))
+    assert torch.equal(model.embed.nearest(model.embed(ids)), ids)
+    assert torch.equal(model.embed.nearest(model.embed(ids), chunk=1), ids)  # one sample per chunk
+
+
+def test_pretrained_encoder_hands_over_and_mismatches_are_refused(tmp_path):
+    model, path = mtm(), tmp_path / "mtm.safetensors"
+    save_mtm(model, path, "abc")
+    target = classifier()
+    load_encoder_into(target, path, "abc")
+    for name, value in model.state_dict().items():
+        if name.startswith(("patch_embed.", "blocks.")):
+            assert torch.equal(target.vit.state_dict()[name], value), name
+    assert target.vit.head.weight.abs().max() < 1e-3
+    with pytest.raises(ValueError, match="depth: checkpoint 2 vs model 3"):
+        load_encoder_into(classifier(depth=3), path, "abc")
+    with pytest.raises(ValueError, match="pre-trained on codebook"):
+        load_encoder_into(classifier(), path, "def")
+    with pytest.raises(ValueError, match="embedding=learned"):
+        load_encoder_into(classifier(embedding="codebook"), path, "abc")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not an mtm.safetensors"):
+        load_encoder_into(classifier(), tmp_path / "bad.safetensors", "abc")
+    with pytest.raises(FileNotFoundError):
+        load_encoder_into(classifier(), tmp_path / "missing.safetensors", "abc")
+
+
+def task(**kw) -> ClassificationTask:
+    model = dict(name="t", input="tokens", embed_dim=32, depth=3, num_heads=2, codebook_size=K, codebook_dim=D,
+                 embedding="learned", pretrained=None)
+    optim = dict(blr=1e-3, base_batch=64, lr_scaling="sqrt", layer_decay=0.5, weight_decay=0.1, betas=[0.9, 0.999],
+                 eps=1e-8, warmup_epochs=0, min_lr=0.0)
+    return ClassificationTask(model=model, optim=optim, aug={"crop": GRID}, num_classes=5, input_grid=GRID,
+                              batch_size=256, **kw)
+
+
+def test_linear_probe_trains_only_the_head_and_keeps_the_body_in_eval_mode():
+    t = task(linear_probe=True).train()
+    trainable = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("vit.head.", "vit.fc_norm.")) for n in trainable)
+    assert not t.model.vit.blocks[0].training
+
+
+def test_lr_scaling_and_layer_decay():
+    assert scaled_lr({"blr": 1e-3, "base_batch": 64, "lr_scaling": "sqrt"}, 1024) == pytest.approx(4e-3)  # SeiT++
+    assert scaled_lr({"blr": 1.5e-4, "base_batch": 256}, 4096) == pytest.approx(2.4e-3)  # MTM, linear
+    with pytest.raises(ValueError, match="lr_scaling"):
+        scaled_lr({"blr": 1e-3, "lr_scaling": "cubic"}, 64)
+    t = task()
+
+    class Trainer:  # what configure_optimizers reads
+        estimated_stepping_batches, max_epochs, world_size, accumulate_grad_batches = 10, 1, 1, 1
+
+    t._trainer = Trainer()
+    groups = t.configure_optimizers()["optimizer"].param_groups
+    lrs = sorted({round(g["lr"], 12) for g in groups})
+    assert max(lrs) == pytest.approx(2e-3)  # 1e-3 * sqrt(256 / 64): the head
+    assert min(lrs) == pytest.approx(2e-3 * 0.5 ** 4)  # the stem: 3 blocks + 1 below the head
