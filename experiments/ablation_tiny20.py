@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# outputs (data cache, logs) go under SEIT_ROOT when set, so the code can run from a worktree
-OUT = Path(os.environ.get("SEIT_ROOT", ROOT))
+from resumable_runs import OUT, run_once
+
 BASE = ["experiment=tiny20_tokens", "aug.crop=14"]
 RRC = [*BASE, "aug.rrc.enabled=true"]
 EDA = [*RRC, "aug.eda.replace_prob=0.25", "aug.eda.swap_prob=0.25"]
@@ -78,12 +74,7 @@ def main() -> None:
         return
     for seed in seeds:
         for row in names:
-            if (run_dir(row, seed) / "summary.json").is_file():
-                continue
-            cmd = [sys.executable, "run.py", *table[row], f"seed={seed}", f"run_name=abl_{row}_s{seed}",
-                   "print_config=false"]
-            print(" ".join(cmd[1:]), flush=True)
-            subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "SEIT_ROOT": str(OUT)})
+            run_once([*table[row], f"seed={seed}"], run_dir(row, seed))
     report(names, seeds)
 
 

@@ -1,7 +1,7 @@
 """What the token augmentations add to a training step, as a ratio measured side by side.
 
     python experiments/bench_augment.py --grid 16 --crop 14 --model micro     # tiny-imagenet-20 geometry
-    python experiments/bench_augment.py --grid 32 --crop 28 --model small     # SeiT geometry
+    python experiments/bench_augment.py --grid 32 --crop 28 --model base --batch 16 --tokenadapt-width 384  # SeiT++
 
 One process, the same model and batch; training steps (augmentation + forward + backward +
 AdamW) alternate between the recipes so that machine noise hits them alike, and the median
@@ -28,7 +28,7 @@ from seit.models.vit import TokenViT  # noqa: E402
 from seit.tokenizers.codebook_tools import synonyms  # noqa: E402
 
 MODELS = {"micro": dict(embed_dim=128, depth=4, num_heads=4), "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-          "small": dict(embed_dim=384, depth=12, num_heads=6)}
+          "small": dict(embed_dim=384, depth=12, num_heads=6), "base": dict(embed_dim=768, depth=12, num_heads=12)}
 SEIT = {"rrc": {"enabled": True}, "eda": {"replace_prob": 0.25, "swap_prob": 0.25}, "noise": {"prob": 0.5},
         "mix": {"cutmix_alpha": 1.0}}
 RECIPES = {
@@ -59,7 +59,8 @@ def main() -> None:
     model.embed.load_codebook(codebook)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     table = synonyms(codebook, 5)
-    adapt = TokenAdapt(codebook, width=args.tokenadapt_width, heads=2).eval().requires_grad_(False)
+    heads = max(1, args.tokenadapt_width // 64)  # 64-wide heads, as the reference (384 wide, 6 heads)
+    adapt = TokenAdapt(codebook, width=args.tokenadapt_width, heads=heads).eval().requires_grad_(False)
     ids = torch.randint(0, k, (args.batch, args.grid, args.grid))
     labels = torch.randint(0, classes, (args.batch,))
     gen = torch.Generator()
