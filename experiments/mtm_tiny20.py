@@ -68,8 +68,8 @@ def report(seeds: list[int], args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--pretrain", type=int, default=30)
-    parser.add_argument("--finetune", type=int, default=15)
+    parser.add_argument("--pretrain", type=int, default=20)
+    parser.add_argument("--finetune", type=int, default=10)
     parser.add_argument("--probe", type=int, default=10)
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
