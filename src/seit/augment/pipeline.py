@@ -75,9 +75,10 @@ def color_choice(x: torch.Tensor, cfg: AugConfig, generator: torch.Generator | N
         return x
     u = torch.rand(x.shape[0], generator=generator, device=x.device)
     if p_noise > 0:
-        # relative: in units of the batch's embedding std, so one setting means the same
-        # signal-to-noise ratio for any codebook (SeiT's absolute std 1 assumes its codebook's scale).
-        unit = x.std() if cfg.noise["relative"] else 1.0
+        # relative: in units of each channel's std over the batch, so one setting means one
+        # signal-to-noise ratio per channel for any codebook. SeiT's absolute std 1 assumes its
+        # codebook's scale; a PCA codebook (k-means) has channel stds from ~4 down to ~0.003.
+        unit = x.std((0, 2, 3), keepdim=True) if cfg.noise["relative"] else 1.0
         x = emb_noise(x, u < p_noise, cfg.noise["scale"] * unit, cfg.noise["std"] * unit, generator)
     if p_color > 0:
         x = color_adapt(x, (u >= p_noise) & (u < p_noise + p_color), cfg.color_adapt["eps"])
