@@ -2,6 +2,7 @@
 
     python experiments/ablation_tiny20.py --tokenadapt logs/train_tokenadapt/runs/ta_tiny20/tokenadapt.safetensors
     python experiments/ablation_tiny20.py --report        # the table from the runs' summary.json files
+    python experiments/ablation_tiny20.py --tag long --extra trainer.max_epochs=100 optim.lr=1e-3   # a longer budget
 
 Every row is ``run.py experiment=tiny20_tokens`` (micro ViT, 15 epochs, 14x14 crops of the 16x16
 k-means tokens) plus overrides; the pixel row is ``experiment=tiny20_pixels aug=deit``. Runs go
@@ -35,16 +36,16 @@ def rows(tokenadapt: str | None) -> dict[str, list[str]]:
     return out
 
 
-def run_dir(row: str, seed: int) -> Path:
-    return OUT / "logs" / "train" / "runs" / f"abl_{row}_s{seed}"
+def run_dir(row: str, seed: int, tag: str = "abl") -> Path:
+    return OUT / "logs" / "train" / "runs" / f"{tag}_{row}_s{seed}"
 
 
-def report(names: list[str], seeds: list[int]) -> None:
+def report(names: list[str], seeds: list[int], tag: str = "abl") -> None:
     table = {}
     for row in names:
         accs = []
         for seed in seeds:
-            f = run_dir(row, seed) / "summary.json"
+            f = run_dir(row, seed, tag) / "summary.json"
             if f.is_file():
                 accs.append(100 * json.loads(f.read_text())["metrics"]["val/acc1"])
         table[row] = accs
@@ -64,18 +65,21 @@ def main() -> None:
     parser.add_argument("--tokenadapt", default=None, help="a tokenadapt.safetensors for the TokenAdapt rows")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--rows", default=None, help="comma-separated subset of the rows")
+    parser.add_argument("--extra", nargs="*", default=[],
+                        help="overrides for every row, e.g. trainer.max_epochs=100 optim.lr=1e-3 (use with --tag)")
+    parser.add_argument("--tag", default="abl", help="run dir prefix: logs/train/runs/<tag>_<row>_s<seed>")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     table = rows(args.tokenadapt)
     names = args.rows.split(",") if args.rows else list(table)
     if args.report:
-        report(names, seeds)
+        report(names, seeds, args.tag)
         return
     for seed in seeds:
         for row in names:
-            run_once([*table[row], f"seed={seed}"], run_dir(row, seed))
-    report(names, seeds)
+            run_once([*table[row], *args.extra, f"seed={seed}"], run_dir(row, seed, args.tag))
+    report(names, seeds, args.tag)
 
 
 if __name__ == "__main__":
