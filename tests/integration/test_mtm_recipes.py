@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_image_folder
-from run_helpers import run, synthetic
+from run_helpers import paths, run, synthetic
 
 pytestmark = pytest.mark.integration
 
@@ -45,3 +45,8 @@ def test_mtm_pretrain_then_finetune_then_linear_probe(tmp_path):
     proc = run(*base, "experiment=seitpp_finetune", "aug.crop=6", f"model.pretrained={pretrained}", "model.depth=3",
                f"hydra.run.dir={tmp_path}/bad", check=False)
     assert proc.returncode != 0 and "depth: checkpoint 2 vs model 3" in proc.stderr
+
+    proc = run(*paths(tmp_path), "data=images", f"data.source={images}", "data.image_size=16", "model.input=pixels",
+               "model.patch_size=4", f"model.pretrained={pretrained}", "debug=fast", f"hydra.run.dir={tmp_path}/px",
+               check=False)
+    assert proc.returncode != 0 and "cannot start a pixel model" in proc.stderr

@@ -9,7 +9,8 @@ import torch
 
 from seit.models.mtm import MaskedTokenModel, masked_token_loss, random_masks, truncated_normal
 from seit.models.vit import TokenViT
-from seit.tasks.classification import ClassificationTask, scaled_lr
+from seit.tasks.classification import ClassificationTask
+from seit.tasks.schedule import scaled_lr
 from seit.tasks.mtm import load_encoder_into, save_mtm
 
 K, D, GRID = 64, 8, 8

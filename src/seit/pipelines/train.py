@@ -97,6 +97,9 @@ def build_classifier(cfg: DictConfig, dm) -> ClassificationTask:
     tokens = cfg.data.kind == "tokens"
     if tokens != (model["input"] == "tokens"):
         raise ValueError(f"model.input={model['input']!r} does not fit data.kind={cfg.data.kind!r}")
+    if model.get("pretrained") and not tokens:
+        raise ValueError(f"model.pretrained={model['pretrained']} is an MTM encoder of token ids; it cannot start "
+                         "a pixel model (data.kind=images)")
     fingerprint = None
     if tokens:
         info = dm.load_info()

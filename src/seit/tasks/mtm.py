@@ -29,7 +29,7 @@ from seit.augment.pipeline import AugConfig, augment_tokens, step_seed
 from seit.models.input_embed import CodebookEmbedding
 from seit.models.mtm import MaskedTokenModel, masked_token_loss, random_masks, truncated_normal
 from seit.models.tokenadapt import sincos_pos
-from seit.tasks.classification import global_batch, scaled_lr, warmup_cosine_schedule
+from seit.tasks.schedule import global_batch, scaled_lr, warmup_cosine_schedule
 
 EXPORT_FILE = "mtm.safetensors"
 # what must agree between a pre-trained encoder and the classifier that loads it

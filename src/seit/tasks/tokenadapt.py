@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from seit.augment.geo import GeoConfig, random_theta, warp, warp_ids
 from seit.augment.pipeline import step_seed
 from seit.models.tokenadapt import TokenAdapt
-from seit.tasks.classification import short_warmup_cosine
+from seit.tasks.schedule import short_warmup_cosine
 from seit.tokenizers import load_tokenizer
 
 EXPORT_FILE = "tokenadapt.safetensors"

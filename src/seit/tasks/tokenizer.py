@@ -20,7 +20,7 @@ from PIL import Image
 from pytorch_lightning.loggers import WandbLogger
 
 from seit.augment.crop import center_crop, random_crop, random_hflip
-from seit.tasks.classification import short_warmup_cosine
+from seit.tasks.schedule import short_warmup_cosine
 from seit.tokenizers.vq import VQTokenizer
 from seit.tokenizers.vq_model import VQModel
 from seit.utils.visuals import image_grid
