@@ -9,6 +9,7 @@ builds it with the tokenize pipeline (once per node).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader
 
 from seit.data.dataset_info import INFO_FILE, TokenDatasetInfo
 from seit.data.token_stream import SharedEpoch, TokenStream
+
+log = logging.getLogger(__name__)
 
 
 class TokenDataModule(pl.LightningDataModule):
@@ -78,11 +81,24 @@ class TokenDataModule(pl.LightningDataModule):
         info = self.load_info()
         rank, world = self._rank_world()
         batch = self.cfg.batch_size if train else self.cfg.eval_batch_size
-        return TokenStream(info.shards(split), info.shard_paths(split), codec=info.codec,
+        return TokenStream(info.shards(split), info.shard_paths(split), codec=info.codec, keep=self.subset_masks(split),
                            codebook_size=info.codebook_size, grid=info.grid, chunk_size=info.meta["chunk_size"],
                            batch_size=batch, train=train, rank=rank, world_size=world,
                            num_workers=self.cfg.num_workers, seed=self.seed,
                            shuffle_buffer=self.cfg.shuffle_buffer, epoch=self.epoch, model_dir=str(info.root))
+
+    def subset_masks(self, split: str) -> dict | None:
+        """Row masks of the ``data.subset`` manifest, for the split it was made for (else None)."""
+        if not self.cfg.get("subset"):
+            return None
+        from seit.curation.manifest import read_subset
+
+        subset = read_subset(self.cfg.subset)
+        if subset.split != split:
+            return None
+        log.info("data.subset=%s: %d of %d %s samples (%s)", subset.root, subset.meta["num_kept"],
+                 subset.meta["num_total"], split, subset.meta.get("method"))
+        return subset.shard_masks(self.load_info())
 
     def _loader(self, stream: TokenStream) -> DataLoader:
         workers = self.cfg.num_workers

@@ -208,3 +208,13 @@ def storage_summary(meta: dict) -> dict:
     if meta.get("source_bytes"):
         summary["percent_of_source"] = round(100.0 * meta["bytes_on_disk"] / meta["source_bytes"], 4)
     return summary
+
+
+def split_id(info: TokenDatasetInfo, split: str) -> str:
+    """What identifies a split's samples and their order: the codebook and its shards' names,
+    counts and checksums. Embeddings and subset manifests carry it, so one made for another
+    dataset (or a rebuilt one) is refused instead of silently misaligned."""
+    h = hashlib.sha256(f"{info.fingerprint}:{split}:".encode())
+    for s in info.shards(split):
+        h.update(f"{s['name']}:{s['count']}:{s.get('sha256', '')};".encode())
+    return h.hexdigest()

@@ -63,10 +63,19 @@ class TokenStream(IterableDataset):
     def __init__(self, shards: list[dict], paths: list[str], *, codec: str | Codec, codebook_size: int,
                  grid: tuple[int, int], chunk_size: int, batch_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 2048,
-                 epoch: SharedEpoch | None = None, model_dir: str | None = None):
+                 epoch: SharedEpoch | None = None, model_dir: str | None = None,
+                 keep: dict[str, np.ndarray] | None = None):
         """codec: a resolved Codec, or its name; a name is resolved in each worker process on first use,
-        loading a codec model from model_dir (default: the dataset dir, i.e. the shards' parent dir)."""
+        loading a codec model from model_dir (default: the dataset dir, i.e. the shards' parent dir).
+        keep: {shard path: bool [count]} rows to use (a subset manifest); shards are then drawn in
+        proportion to their kept rows and the epoch length counts kept rows only."""
+        if keep is not None:
+            used = [i for i, p in enumerate(paths) if keep[p].any()]
+            shards, paths = [shards[i] for i in used], [paths[i] for i in used]
+        self.keep = keep
         self.urls = list(paths)
+        self.weights = [int(keep[p].sum()) for p in paths] if keep is not None else None
+        self.chunk_size = chunk_size
         self.model_dir = model_dir or (str(Path(paths[0]).parent.parent) if paths else None)
         self._codec = codec if isinstance(codec, Codec) else None
         self.expected_chunks = {p: -(-s["count"] // chunk_size) for s, p in zip(shards, paths)}
@@ -75,7 +84,7 @@ class TokenStream(IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 1)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.epoch = epoch or SharedEpoch()
-        total = sum(s["count"] for s in shards)
+        total = sum(self.weights) if keep is not None else sum(s["count"] for s in shards)
         rank_batches = -(-total // (batch_size * world_size))
         self.batches_per_worker = -(-rank_batches // self.num_workers)
 
@@ -86,10 +95,12 @@ class TokenStream(IterableDataset):
     # -- stages ----------------------------------------------------------------------------
     def _resampled_urls(self, rng: random.Random, worker: int) -> Iterator[dict]:
         urls = self.urls
+        weights = self.weights
         if len(urls) >= self.world_size * self.num_workers:
             urls = urls[self.rank :: self.world_size][worker :: self.num_workers]
+            weights = weights and weights[self.rank :: self.world_size][worker :: self.num_workers]
         while True:
-            yield {"url": rng.choice(urls)}
+            yield {"url": rng.choices(urls, weights)[0] if weights else rng.choice(urls)}
 
     def _checked(self, samples: Iterator[dict]) -> Iterator[dict]:
         """Pass chunks through, and fail loudly when a shard ends with chunks missing."""
@@ -123,18 +134,21 @@ class TokenStream(IterableDataset):
             bad = int(np.argmax(chunk.ids.reshape(len(chunk), -1).max(1) >= self.codebook_size))
             raise ShardReadError(f"{where}: sample {chunk.keys[bad]!r} has id {int(chunk.ids[bad].max())} "
                                  f">= codebook size {self.codebook_size}")
-        return {"chunk": chunk}
+        return {"chunk": chunk, "__url__": sample["__url__"], "__chunk_index__": sample["__chunk_index__"]}
 
     def _with_chunk_index(self, samples: Iterator[dict]) -> Iterator[dict]:
         for sample in samples:
             sample["__chunk_index__"] = int(sample["__key__"].rsplit("-", 1)[1])
             yield sample
 
-    @staticmethod
-    def _unchunk(samples: Iterator[dict]) -> Iterator[tuple]:
+    def _unchunk(self, samples: Iterator[dict]) -> Iterator[tuple]:
         for sample in samples:
             chunk = sample["chunk"]
-            for i in range(len(chunk)):
+            rows = range(len(chunk))
+            if self.keep is not None:
+                first = sample["__chunk_index__"] * self.chunk_size
+                rows = np.flatnonzero(self.keep[sample["__url__"]][first:first + len(chunk)])
+            for i in rows:
                 yield chunk.ids[i], chunk.labels[i], chunk.keys[i]
 
     def _batches(self, samples: Iterator[tuple], partial: bool, keys: bool) -> Iterator[dict]:

@@ -128,6 +128,11 @@ class MaskedTokenModel(nn.Module):
         t = self.head_norm(F.gelu(t))
         return t @ self.patch_embed.tokens.weight.detach().t() + self.head_bias
 
+    def features(self, ids: torch.Tensor) -> torch.Tensor:
+        """The encoder's mean patch output with nothing masked [B, E]: what embedding reads."""
+        none = torch.zeros(ids.shape[0], (ids.shape[1] // 2) * (ids.shape[2] // 2), dtype=torch.bool, device=ids.device)
+        return self.encode(ids, none, none)[0][:, 1:].mean(1)
+
     def forward(self, ids: torch.Tensor, masked: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         encoded, index = self.encode(ids, masked, dropped)
         return self.decode(encoded, index, masked)

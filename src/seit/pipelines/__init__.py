@@ -21,6 +21,18 @@ def _tokenize(cfg):
     return tokenize(cfg)
 
 
+def _embed(cfg):
+    from seit.pipelines.embed import embed
+
+    return embed(cfg)
+
+
+def _curate(cfg):
+    from seit.pipelines.curate import curate
+
+    return curate(cfg)
+
+
 def _convert(cfg):
     from seit.pipelines.convert import convert
 
@@ -28,7 +40,7 @@ def _convert(cfg):
 
 
 TASKS = {"train": _train, "train_tokenizer": _train, "train_tokenadapt": _train, "pretrain_mtm": _train,
-         "tokenize": _tokenize,
+         "tokenize": _tokenize, "embed": _embed, "curate": _curate,
          "convert": _convert}
 
 

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import logging
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from seit.data.chunk import CHUNK_EXT, decode_chunk
-from seit.data.codec import MODEL_CODECS, CodecError, get_codec
+from seit.data.codec import MODEL_CODECS, get_codec
 from seit.data.codec_ctx import MODEL_FILE, CtxModel
 from seit.data.dataset_info import (CODEBOOK_FILE, SHARD_DIR, SYNONYMS_FILE, DatasetError, TokenDatasetInfo,
                                     save_codebook, save_synonyms, write_dataset_info)
 from seit.data.seit_format import (CODEBOOK_CKPT, MAX_FILE_ID, SYNONYMS_FILES, find_synonyms, load_synonyms_json,
                                    read_seit_codebook, read_seit_split, read_synonyms, seit_split_paths,
                                    write_seit_codebook, write_seit_split, write_synonyms)
+from seit.data.shard_reader import read_shard
 from seit.data.shard_writer import write_shard
 from seit.tokenizers.codebook_tools import synonyms as nearest_codes
 from seit.utils.io import atomic_write_bytes
@@ -158,16 +157,9 @@ def read_split(info: TokenDatasetInfo, split: str) -> tuple[np.ndarray, np.ndarr
     """Every sample of a split, ordered by key: shards in order, chunks in tar order, then sorted by key."""
     ids, labels, keys, codec = [], [], [], info.load_codec()
     for path in info.shard_paths(split):
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.name.endswith(f".{CHUNK_EXT}"):
-                    continue
-                try:
-                    chunk = decode_chunk(tar.extractfile(member).read(), codec)
-                except CodecError as exc:
-                    raise DatasetError(f"{path}: {member.name}: {exc}") from exc
-                ids.append(chunk.ids)
-                labels.append(chunk.labels)
-                keys += chunk.keys
+        for chunk in read_shard(path, codec):
+            ids.append(chunk.ids)
+            labels.append(chunk.labels)
+            keys += chunk.keys
     order = sorted(range(len(keys)), key=keys.__getitem__)
     return np.concatenate(ids)[order], np.concatenate(labels)[order]

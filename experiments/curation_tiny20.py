@@ -1,0 +1,119 @@
+"""Curation on a redundant pool: does SemDeDup find injected near-duplicates, and does pruning to
+50% with SemDeDup + DBP train better than a random 50%?
+
+    python experiments/redundant_pool.py         # the pool: tiny20 train + 3,000 near-duplicates
+    python experiments/curation_tiny20.py        # embeddings, curation, training; then the tables
+    python experiments/curation_tiny20.py --report
+
+Embeddings (task=embed): ``thumb`` = the token map pooled to 8x8 cells, PCA-whitened to 64 dims
+(a copy detector, for SemDeDup); ``mtm`` = the self-supervised MTM encoder of mtm_tiny20.py
+(seed 0, labels never used), for SSP, DBP and retrieval.
+Training: ``experiment=tiny20_tokens`` at lr 1e-3, the same number of samples seen by every row
+(78k: the full 13k pool for 6 epochs, 50% subsets for 12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from resumable_runs import OUT, run_once
+from redundant_pool import INJECTED, TOKENS
+
+EMB = Path(f"{TOKENS}.embeddings")
+MTM = OUT / "logs" / "pretrain_mtm" / "runs" / "mtm20_mtm_s0" / "mtm.safetensors"
+BASE = ["experiment=tiny20_tokens", f"data.root={TOKENS}"]
+EPS = (0.15, 0.2, 0.25, 0.3, 0.35)
+DEDUP = ["curate=semdedup", f"task.embeddings={EMB}/thumb", "curate.kmeans.k=100", "curate.probes=3"]
+DEDUP_EPS = 0.25
+
+
+def curate_dir(name: str) -> Path:
+    return OUT / "logs" / "curate" / "runs" / f"cur20_{name}"
+
+
+def train_dir(row: str, seed: int) -> Path:
+    return OUT / "logs" / "train" / "runs" / f"cur20_{row}_s{seed}"
+
+
+def embed_all() -> None:
+    for name, extra in (("thumb", ["task.features=thumbnail", "task.thumbnail_grid=8", "task.whiten=64"]),
+                        ("mtm", [f"task.checkpoint={MTM}"])):
+        run_once([*BASE, "task=embed", f"task.out_dir={EMB / name}", *extra], OUT / "logs" / "embed" / "runs" / f"cur20_{name}")
+
+
+def curate_all() -> dict[str, Path]:
+    for eps in EPS:
+        run_once([*BASE, "task=curate", *DEDUP, f"curate.eps={eps}"], curate_dir(f"semdedup_eps{eps}"))
+    dedup = curate_dir(f"semdedup_eps{DEDUP_EPS}")
+    semantic = [f"task.embeddings={EMB}/mtm", "curate.kmeans.k=50"]
+    rows = {
+        "random": ["curate=random", f"task.embeddings={EMB}/mtm"],
+        "ssp": ["curate=ssp", *semantic],
+        "dbp": ["curate=dbp", *semantic],
+        "semdedup_dbp": ["curate=dbp", *semantic, f"curate.start_from={dedup}"],
+    }
+    for name, overrides in rows.items():
+        run_once([*BASE, "task=curate", "curate.keep_fraction=0.5", *overrides], curate_dir(name))
+    return {name: curate_dir(name) for name in rows}
+
+
+def dedup_table() -> None:
+    pairs = json.loads(INJECTED.read_text())["pairs"]
+    print("| eps | removed | injected pairs found | removed that are not injected (of removed / of clean images) |")
+    print("|---:|---:|---:|---:|")
+    for eps in EPS:
+        d = curate_dir(f"semdedup_eps{eps}")
+        if not (d / "subset.json").is_file():
+            continue
+        keys = [line.split("\t")[0] for line in (d / "subset.tsv").read_text().splitlines()[1:]]
+        kept = set(keys)
+        all_keys = (EMB / "thumb" / "keys.txt").read_text().splitlines()
+        in_pair = {k for p in pairs for k in p}
+        removed = [k for k in all_keys if k not in kept]
+        found = np.mean([a not in kept or b not in kept for a, b in pairs])
+        fp = sum(k not in in_pair for k in removed)
+        clean = len(all_keys) - len(in_pair)
+        print(f"| {eps} | {len(removed)} | {100 * found:.1f}% | {fp} ({100 * fp / max(len(removed), 1):.1f}% / "
+              f"{100 * fp / clean:.1f}%) |")
+
+
+def train_table(seeds: list[int]) -> None:
+    print("| subset (50% of 13,000) | top-1 per seed | mean ± std |\n|---|---|---:|")
+    for row in ("full", "random", "ssp", "dbp", "semdedup_dbp"):
+        vals = []
+        for s in seeds:
+            f = train_dir(row, s) / "summary.json"
+            if f.is_file():
+                vals.append(100 * json.loads(f.read_text())["metrics"]["val/acc1"])
+        if vals:
+            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            print(f"| {row} | {' / '.join(f'{v:.1f}' for v in vals)} | {statistics.mean(vals):.1f} ± {std:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--rows", default="random,semdedup_dbp,full,ssp,dbp")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.report:
+        embed_all()
+        subsets = curate_all()
+        for seed in seeds:
+            for row in args.rows.split(","):
+                data = [] if row == "full" else [f"data.subset={subsets[row]}"]
+                epochs = 6 if row == "full" else 12
+                run_once([*BASE, *data, "optim.lr=1e-3", f"trainer.max_epochs={epochs}", f"seed={seed}"],
+                         train_dir(row, seed))
+    dedup_table()
+    train_table(seeds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""``task=curate curate=<method>``: embeddings (task=embed) -> a subset manifest + a report.
+
+Methods: kmeans (cluster only, keeps everything), semdedup, dbp (SemDeDup first when
+``dedup_eps`` or ``dedup_target_kept`` is set), ssp, random, retrieval, hierarchical. The manifest
+feeds training through ``data.subset=<out_dir>``; ``task.write_dataset=PATH`` also writes the kept
+samples as a new token dataset. With several ranks (torchrun/srun), k-means trains and assigns
+distributed over torch.distributed; the selection itself is cheap and runs on rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from seit.curation.embed import open_embeddings
+from seit.curation.kmeans import cluster
+from seit.curation.manifest import read_subset, write_subset
+from seit.curation.report import write_report
+from seit.data.dataset_info import TokenDatasetInfo
+from seit.utils.ranks import rank_world
+from seit.utils.summary import config_hash, write_summary
+
+log = logging.getLogger(__name__)
+METHODS = ("kmeans", "semdedup", "dbp", "ssp", "random", "retrieval", "hierarchical")
+NEEDS_CLUSTERS = ("kmeans", "semdedup", "dbp", "ssp", "retrieval")
+
+
+def curate(cfg: DictConfig) -> dict:
+    c = cfg.get("curate")
+    if not c or c.get("method") not in METHODS:
+        raise ValueError(f"task=curate needs curate=<method>, one of {METHODS} (conf/curate/)")
+    t = cfg.task
+    info = TokenDatasetInfo.open(cfg.data.root)
+    store = open_embeddings(t.embeddings)
+    store.check_against(info, t.split)
+    start = time.perf_counter()
+    _init_distributed()
+    rank, _ = rank_world()
+    clusters = None
+    if c.method in NEEDS_CLUSTERS:
+        k = c.kmeans
+        bar = tqdm(total=len(store), desc="k-means: assign", unit="pt", disable=rank != 0 or None)
+        clusters = cluster(store, int(k.k), int(k.niter), int(k.seed), int(k.sample_per_centroid), str(k.backend),
+                           progress=bar.update)
+        bar.close()
+    if rank != 0:
+        return {}
+    result = select(c, store, clusters, start_from(c, info, t.split, len(store)))
+    out = Path(t.out_dir)
+    score = result.pop("score", clusters.sim if clusters is not None else None)
+    params = OmegaConf.to_container(c, resolve=True)
+    subset = write_subset(out, info, t.split, store.keys, result.pop("kept"), clusters.label if clusters is not None else None,
+                          score, method=c.method, params=params, embeddings=str(store.root))
+    wall = time.perf_counter() - start
+    loggers = _loggers(cfg)
+    report = write_report(out, info, t.split, store, clusters, subset, result, loggers=loggers)
+    summary = {"task": "curate", "method": c.method, "manifest": str(out), "num_total": subset.meta["num_total"],
+               "num_kept": subset.meta["num_kept"], "kept_fraction": subset.meta["kept_fraction"], "wall_s": round(wall, 3),
+               "config_hash": config_hash(cfg), "output_dir": str(cfg.paths.output_dir), "report": report}
+    if t.get("write_dataset"):
+        from seit.curation.subset_dataset import write_subset_dataset
+
+        summary["dataset"] = str(write_subset_dataset(info, subset, t.write_dataset))
+    write_summary(Path(cfg.paths.output_dir), summary)
+    for lg in loggers:
+        lg.log_metrics({"curate/kept_fraction": subset.meta["kept_fraction"], "curate/num_kept": subset.meta["num_kept"]})
+        lg.finalize("success")
+    print(f"final: {c.method} kept {subset.meta['num_kept']} of {subset.meta['num_total']} "
+          f"({100 * subset.meta['kept_fraction']:.1f}%) -> data.subset={out} ({wall:.1f}s)", flush=True)
+    return summary
+
+
+def start_from(c: DictConfig, info: TokenDatasetInfo, split: str, n: int) -> np.ndarray:
+    """bool [n]: the points still in play: all, or the kept set of an earlier manifest
+    (``curate.start_from``), e.g. SemDeDup on copy-detection features, then DBP on semantic ones."""
+    alive = np.ones(n, bool)
+    if c.get("start_from"):
+        prior = read_subset(c.start_from)
+        if prior.split != split:
+            raise ValueError(f"curate.start_from={c.start_from} is a subset of split {prior.split!r}, not {split!r}")
+        prior.check_against(info)
+        alive[:] = False
+        alive[prior.kept] = True
+    return alive
+
+
+def select(c: DictConfig, store, clusters, alive: np.ndarray) -> dict:
+    """{"kept": indices, "score": per-point score (optional), ...report extras}."""
+    n = len(store)
+    budget = round(float(c.get("keep_fraction", 1.0)) * n)
+    if budget > alive.sum():
+        raise ValueError(f"curate.keep_fraction={c.keep_fraction} asks for {budget} samples, but only {alive.sum()} "
+                         "are left (curate.start_from)")
+    if c.method == "kmeans":
+        return {"kept": np.flatnonzero(alive)}
+    if c.method == "random":
+        from seit.curation.ssp import random_select
+
+        return {"kept": np.flatnonzero(alive)[random_select(int(alive.sum()), budget, int(c.seed))]}
+    if c.method == "ssp":
+        from seit.curation.ssp import ssp_select
+
+        return {"kept": ssp_select(clusters, budget, str(c.keep), alive)}
+    if c.method in ("semdedup", "dbp"):
+        return _dedup_then_dbp(c, store, clusters, budget, alive)
+    if c.method == "retrieval":
+        return _retrieval(c, store, clusters)
+    return _hierarchical(c, store, budget)
+
+
+def _dedup_then_dbp(c: DictConfig, store, clusters, budget: int, alive: np.ndarray) -> dict:
+    from seit.curation.semdedup import calibrate_eps, keep_mask, semdedup_scores
+
+    out: dict = {}
+    eps, target = (c.eps, c.target_kept) if c.method == "semdedup" else (c.get("dedup_eps"), c.get("dedup_target_kept"))
+    if eps is not None or target is not None:
+        bar = tqdm(total=len(store), desc="SemDeDup", unit="pt", disable=None)
+        m, partner = semdedup_scores(store, clusters, int(c.get("block", 4096)), int(c.get("probes", 1)),
+                                     progress=bar.update)
+        bar.close()
+        eps = float(eps) if eps is not None else calibrate_eps(m, float(target))
+        alive = alive & keep_mask(m, eps)
+        out.update(eps=eps, dedup_m=m, dedup_partner=partner, dedup_alive=alive,
+                   eps_curve={f"{e:g}": float(keep_mask(m, e).mean()) for e in (1e-3, 0.01, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)})
+        log.info("SemDeDup eps=%.4g keeps %d of %d", eps, alive.sum(), len(alive))
+    if c.method == "semdedup":
+        out.update(kept=np.flatnonzero(alive), score=out["dedup_m"])
+        return out
+    from seit.curation.dbp import dbp_select
+
+    kept, stats = dbp_select(clusters, alive, min(budget, int(alive.sum())), tau=float(c.tau),
+                             neighbours=int(c.neighbours), balance=float(c.balance))
+    out.update(kept=kept, dbp=stats)
+    return out
+
+
+def _seed_rows(c: DictConfig, store) -> tuple[np.ndarray, np.ndarray | None]:
+    """(seed vectors, their indices in this store or None): from a key list, or another store."""
+    if c.get("seed_embeddings"):
+        seeds = open_embeddings(c.seed_embeddings)
+        return np.asarray(seeds.vectors, np.float32), None
+    path = Path(str(c.seed_keys))
+    if not path.is_file():
+        raise FileNotFoundError(f"curate.seed_keys={path} not found (one sample key a line)")
+    wanted = [k for k in path.read_text().split() if k]
+    index = {k: i for i, k in enumerate(store.keys)}
+    missing = [k for k in wanted if k not in index]
+    if missing:
+        raise ValueError(f"curate.seed_keys: {len(missing)} keys are not in {store.root} (e.g. {missing[:3]})")
+    rows = np.array(sorted(index[k] for k in wanted), np.int64)
+    return np.asarray(store.vectors[rows], np.float32), rows
+
+
+def _retrieval(c: DictConfig, store, clusters) -> dict:
+    from seit.curation.retrieval import cluster_based, sample_based
+
+    seeds, seed_rows = _seed_rows(c, store)
+    pool = np.setdiff1d(np.arange(len(store)), seed_rows if seed_rows is not None else [])
+    if c.mode == "sample":
+        kept, stats = sample_based(seeds, store, pool, int(c.k))
+    elif c.mode == "cluster":
+        kept, stats = cluster_based(seeds, clusters, pool, int(c.min_seeds), int(c.per_cluster), int(c.seed))
+    else:
+        raise ValueError(f"curate.mode must be sample or cluster, got {c.mode!r}")
+    return {"kept": kept, "retrieval": {**stats, "num_seeds": int(len(seeds))},
+            "seed_rows": seed_rows}
+
+
+def _hierarchical(c: DictConfig, store, budget: int) -> dict:
+    from seit.curation.hierarchical import balanced_sample, hierarchical_kmeans
+
+    x = np.asarray(store.vectors, np.float32)  # the levels re-cluster centroids; level 1 needs every point
+    h = hierarchical_kmeans(x, list(c.levels), resampling_steps=int(c.resampling_steps), niter=int(c.niter),
+                            seed=int(c.seed), backend=str(c.backend))
+    kept = balanced_sample(h, budget, seed=int(c.seed), strategy=str(c.leaf_sampling))
+    top = h.flat_sizes(len(h.levels) - 1)
+    return {"kept": kept, "hierarchy": {"levels": [len(lv) for lv in h.levels], "top_sizes": top.tolist()}}
+
+
+def _init_distributed() -> None:
+    rank, world = rank_world()
+    if world > 1 and not dist.is_initialized():
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _loggers(cfg: DictConfig) -> list:
+    from seit.pipelines.train import instantiate_all
+
+    return instantiate_all(cfg.get("logger"))
