@@ -80,19 +80,19 @@ def semdedup_scores(store, clusters: Clusters, block: int = 4096, probes: int = 
 
 
 def keep_mask(m: np.ndarray, eps: float) -> np.ndarray:
-    return m <= 1.0 - eps
+    """Kept = M <= 1 - eps, compared at M's own float32 precision so a calibrated eps is exact."""
+    return m <= np.float32(1.0 - eps)
 
 
 def calibrate_eps(m: np.ndarray, target_kept: float) -> float:
-    """The smallest eps keeping at least ``target_kept`` of the points (kept fraction rises with eps)."""
+    """The largest eps that still keeps at least ``target_kept`` of the points: the kept fraction
+    falls as eps grows, so this removes as much as the target allows (ties at the threshold stay)."""
     if not 0 < target_kept <= 1:
         raise ValueError(f"curate.target_kept must be in (0, 1], got {target_kept}")
     need = int(np.ceil(target_kept * len(m)))
-    finite = np.sort(m[np.isfinite(m)])[::-1]  # highest similarity first: the first to go
-    singles = len(m) - len(finite)  # never removed
-    drop = len(m) - max(need, singles)  # how many of the highest M may go
-    if drop <= 0:
+    finite = np.sort(m[np.isfinite(m)])  # ascending: the first ones are the last to go
+    keep_finite = need - (len(m) - len(finite))  # points with no earlier neighbour are always kept
+    if keep_finite >= len(finite):
         return 0.0
-    # remove the `drop` highest: threshold just at/below the next one kept
-    keep_top = finite[drop] if drop < len(finite) else -1.0
-    return float(max(0.0, 1.0 - np.nextafter(np.float32(keep_top), np.float32(2.0))))
+    t = finite[keep_finite - 1] if keep_finite > 0 else np.nextafter(finite[0], np.float32(-np.inf))
+    return float(1.0 - np.float64(t))
