@@ -62,6 +62,65 @@ def curate_all() -> dict[str, Path]:
     return {name: curate_dir(name) for name in rows}
 
 
+RETRIEVAL_CLASSES, SEEDS_PER_CLASS = 5, 10
+RETRIEVAL = {  # slug: (what the table calls it, overrides)
+    "sample4": ("sample-based, k=4", ["curate.mode=sample", "curate.k=4"]),
+    "sample32": ("sample-based, k=32", ["curate.mode=sample", "curate.k=32"]),
+    "sample64": ("sample-based, k=64", ["curate.mode=sample", "curate.k=64"]),
+    "cluster50": ("cluster-based, 50 clusters, > 2 seeds", ["curate.mode=cluster", "curate.kmeans.k=50", "curate.min_seeds=2"]),
+}
+
+
+def labels_by_key() -> dict[str, int]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from seit.data.dataset_info import TokenDatasetInfo
+    from seit.data.shard_reader import read_shard
+
+    info = TokenDatasetInfo.open(TOKENS)
+    return {k: int(lab) for p in info.shard_paths("train") for c in read_shard(p, info.load_codec())
+            for k, lab in zip(c.keys, c.labels)}
+
+
+def retrieval_seeds(labels: dict[str, int]) -> Path:
+    """10 labelled originals from each of 5 classes (seeded); the pool is every other sample."""
+    path = OUT / "logs" / "curate" / "cur20_retrieval_seeds.txt"
+    if not path.is_file():
+        rng = np.random.default_rng(0)
+        keys = []
+        for c in range(RETRIEVAL_CLASSES):
+            originals = sorted(k for k, lab in labels.items() if lab == c and not k.endswith("_dup"))
+            keys += [originals[i] for i in rng.choice(len(originals), SEEDS_PER_CLASS, replace=False)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(keys) + "\n")
+    return path
+
+
+def retrieval_all(labels: dict[str, int]) -> None:
+    seeds = retrieval_seeds(labels)
+    for slug, (_, overrides) in RETRIEVAL.items():
+        for emb in ("mtm", "thumb"):
+            run_once([*BASE, "task=curate", "curate=retrieval", f"task.embeddings={EMB / emb}", f"curate.seed_keys={seeds}",
+                      *overrides], curate_dir(f"retrieval_{emb}_{slug}"))
+
+
+def retrieval_table(labels: dict[str, int]) -> None:
+    seeds = set(retrieval_seeds(labels).read_text().split())
+    targets = {k for k, lab in labels.items() if lab < RETRIEVAL_CLASSES and k not in seeds}
+    print(f"| retrieval ({len(seeds)} seeds, {len(targets)} target-class samples in the pool of "
+          f"{len(labels) - len(seeds)}) | embedding | retrieved | precision | recall |\n|---|---|---:|---:|---:|")
+    for slug, (name, _) in RETRIEVAL.items():
+        for emb in ("mtm", "thumb"):
+            d = curate_dir(f"retrieval_{emb}_{slug}")
+            if not (d / "subset.tsv").is_file():
+                continue
+            got = [line.split("\t")[0] for line in (d / "subset.tsv").read_text().splitlines()[1:]]
+            hit = sum(k in targets for k in got)
+            print(f"| {name} | {emb} | {len(got)} | {100 * hit / max(len(got), 1):.1f}% | {100 * hit / len(targets):.1f}% |")
+    print(f"(a random draw from the pool has precision {100 * len(targets) / (len(labels) - len(seeds)):.1f}%)")
+
+
 def dedup_table() -> None:
     pairs = json.loads(INJECTED.read_text())["pairs"]
     print("| eps | removed | injected pairs found | removed that are not injected (of removed / of clean images) |")
@@ -102,16 +161,19 @@ def main() -> None:
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    labels = labels_by_key()
     if not args.report:
         embed_all()
         subsets = curate_all()
+        retrieval_all(labels)
         for seed in seeds:
-            for row in args.rows.split(","):
+            for row in [r for r in args.rows.split(",") if r == "full" or r in subsets]:
                 data = [] if row == "full" else [f"data.subset={subsets[row]}"]
                 epochs = 6 if row == "full" else 12
                 run_once([*BASE, *data, "optim.lr=1e-3", f"trainer.max_epochs={epochs}", f"seed={seed}"],
                          train_dir(row, seed))
     dedup_table()
+    retrieval_table(labels)
     train_table(seeds)
 
 

@@ -10,6 +10,7 @@ previous centroid. Assignment is chunked, so N only costs O(N) memory for the la
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +48,16 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 50, seed: int = 0, backend:
     return _torch_kmeans(torch.from_numpy(np.asarray(x, dtype=np.float32)), k, niter, seed)
 
 
-def _faiss_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
+def _faiss():
+    """faiss, without its loader's INFO tracebacks about the CPU variants it could not load."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
+
+    return faiss
+
+
+def _faiss_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
+    faiss = _faiss()
 
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=faiss.get_num_gpus() > 0,
                       max_points_per_centroid=max(256, -(-len(x) // k)), verbose=False)  # the sample is ours
