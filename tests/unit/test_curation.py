@@ -248,3 +248,24 @@ def test_whitened_thumbnails_have_the_asked_dims(dataset, tmp_path):
     x = np.asarray(store.vectors, np.float32)
     assert x.shape == (95, 8) and (tmp_path / "w" / "whitening.npz").is_file()
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=2e-3)
+
+
+def test_embed_splits_shards_over_ranks(dataset, tmp_path):
+    """Two ranks (as torchrun sets RANK/WORLD_SIZE) share the shards and end with the one-process result."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys; from seit.curation.embed import embed_split; from seit.data.dataset_info import TokenDatasetInfo; "
+            f"embed_split(TokenDatasetInfo.open({str(dataset.root)!r}), 'train', None, {str(tmp_path / 'ranks')!r}, "
+            "features='thumbnail', thumbnail_grid=2)")
+    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(REPO / "src")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}) for r in (0, 1)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    records = {p.name: json.loads(p.read_text())["keys"] for p in (tmp_path / "ranks" / ".progress").glob("train-*.json")}
+    assert len(records) == 3
+    one = embed_split(dataset, "train", None, tmp_path / "one", features="thumbnail", thumbnail_grid=2)
+    both = open_embeddings(tmp_path / "ranks")
+    np.testing.assert_array_equal(np.asarray(both.vectors), np.asarray(one.vectors))
+    assert both.keys == one.keys

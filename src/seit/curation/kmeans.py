@@ -109,10 +109,11 @@ def _unit(c: np.ndarray) -> np.ndarray:
 
 def assign_chunk(x: np.ndarray, centroids: np.ndarray, top: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(labels [n, top] int64, cosine similarities [n, top] float32) of the nearest centroids."""
-    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    sims = F.normalize(x, dim=1) @ torch.from_numpy(centroids).T
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
+    sims = F.normalize(x, dim=1) @ torch.from_numpy(centroids).to(dev).T
     score, label = sims.topk(top, dim=1)
-    return label.numpy(), score.numpy()
+    return label.cpu().numpy(), score.cpu().numpy()
 
 
 @dataclass
