@@ -56,6 +56,8 @@ def curate_all() -> dict[str, Path]:
         "ssp": ["curate=ssp", *semantic],
         "dbp": ["curate=dbp", *semantic],
         "semdedup_dbp": ["curate=dbp", *semantic, f"curate.start_from={dedup}"],
+        "semdedup_random": ["curate=random", f"task.embeddings={EMB}/mtm", f"curate.start_from={dedup}"],
+        "semdedup_dbp_easy": ["curate=dbp", *semantic, f"curate.start_from={dedup}", "curate.keep=easy"],
     }
     for name, overrides in rows.items():
         run_once([*BASE, "task=curate", "curate.keep_fraction=0.5", *overrides], curate_dir(name))
@@ -143,7 +145,7 @@ def dedup_table() -> None:
 
 def train_table(seeds: list[int]) -> None:
     print("| subset (50% of 13,000) | top-1 per seed | mean ± std |\n|---|---|---:|")
-    for row in ("full", "random", "ssp", "dbp", "semdedup_dbp"):
+    for row in ("full", "random", "ssp", "dbp", "semdedup_dbp", "semdedup_random", "semdedup_dbp_easy"):
         vals = []
         for s in seeds:
             f = train_dir(row, s) / "summary.json"

@@ -71,12 +71,19 @@ def water_fill(target: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: 
     return base.astype(np.int64)
 
 
+KEEPS = ("hard", "easy", "random")
+
+
 def dbp_select(clusters: Clusters, alive: np.ndarray, budget: int, *, tau: float = 0.1, neighbours: int = 20,
-               balance: float = 0.0) -> tuple[np.ndarray, dict]:
+               balance: float = 0.0, keep: str = "hard", seed: int = 0) -> tuple[np.ndarray, dict]:
     """Indices kept by DBP among the ``alive`` points (bool [N], e.g. SemDeDup's survivors).
 
     ``balance``: SSP's class balancing, a floor of ``balance * budget / k`` per cluster (0 = none).
+    ``keep``: inside a cluster, the farthest from the centroid (hard, the paper), the closest
+    (easy: Sorscher et al. for scarce data) or a random draw (the official code's three options).
     """
+    if keep not in KEEPS:
+        raise ValueError(f"curate.keep must be one of {KEEPS}, got {keep!r}")
     sizes = np.bincount(clusters.label[alive], minlength=clusters.k)
     if not 0 < budget <= sizes.sum():
         raise ValueError(f"DBP budget {budget} must be in (0, {sizes.sum()}] (the points left after dedup)")
@@ -85,9 +92,14 @@ def dbp_select(clusters: Clusters, alive: np.ndarray, budget: int, *, tau: float
     p = shares(complexity, tau)
     floor = np.minimum(int(budget / clusters.k * balance), sizes)
     counts = water_fill(budget * p, floor, sizes, budget)
-    kept = []
+    kept, rng = [], np.random.default_rng(seed)
     for j in range(clusters.k):
         members = clusters.members(j)
-        kept.append(members[alive[members]][: counts[j]])
+        members = members[alive[members]]
+        if keep == "easy":
+            members = members[::-1]
+        elif keep == "random":
+            members = rng.permutation(members)
+        kept.append(members[: counts[j]])
     stats = {"d_intra": intra, "d_inter": inter, "complexity": complexity, "share": p, "sizes": sizes, "keep": counts}
     return np.sort(np.concatenate(kept)), stats

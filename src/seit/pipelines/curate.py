@@ -137,7 +137,8 @@ def _dedup_then_dbp(c: DictConfig, store, clusters, budget: int, alive: np.ndarr
     from seit.curation.dbp import dbp_select
 
     kept, stats = dbp_select(clusters, alive, min(budget, int(alive.sum())), tau=float(c.tau),
-                             neighbours=int(c.neighbours), balance=float(c.balance))
+                             neighbours=int(c.neighbours), balance=float(c.balance), keep=str(c.keep),
+                             seed=int(c.kmeans.seed))
     out.update(kept=kept, dbp=stats)
     return out
 
