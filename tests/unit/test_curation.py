@@ -59,6 +59,15 @@ def test_water_filling_matches_brute_force(case):
     assert ((x - target) ** 2).sum() == pytest.approx(best_cost, abs=1e-6)
 
 
+def test_d_inter_in_blocks_is_the_mean_distance_to_the_l_nearest_other_centroids():
+    from seit.curation.dbp import d_inter
+
+    c = _unit(np.random.default_rng(0).normal(size=(300, 8)))
+    dist = 1 - c.astype(np.float64) @ c.T
+    np.fill_diagonal(dist, np.inf)
+    np.testing.assert_allclose(d_inter(c, 20, block=64), np.sort(dist, 1)[:, :20].mean(1), atol=1e-6)
+
+
 def test_water_filling_refuses_an_impossible_budget():
     with pytest.raises(ValueError, match="outside"):
         water_fill(np.array([1.0, 1.0]), np.array([0, 0]), np.array([1, 1]), 3)

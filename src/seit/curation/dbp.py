@@ -26,15 +26,19 @@ def d_intra(clusters: Clusters, alive: np.ndarray) -> np.ndarray:
         return total / count
 
 
-def d_inter(centroids: np.ndarray, neighbours: int = 20) -> np.ndarray:
-    """Mean cosine distance of each centroid to its l nearest other centroids (self excluded)."""
-    c = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+def d_inter(centroids: np.ndarray, neighbours: int = 20, block: int = 4096) -> np.ndarray:
+    """Mean cosine distance of each centroid to its l nearest other centroids (self excluded),
+    in row blocks: k = 1M centroids never builds the k x k matrix."""
+    c = (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).astype(np.float64)
     l = min(neighbours, len(c) - 1)
     if l < 1:
         return np.ones(len(c))
-    dist = 1.0 - c.astype(np.float64) @ c.T.astype(np.float64)
-    np.fill_diagonal(dist, np.inf)
-    return np.sort(dist, axis=1)[:, :l].mean(1)
+    out = np.empty(len(c))
+    for s in range(0, len(c), block):
+        dist = 1.0 - c[s:s + block] @ c.T
+        dist[np.arange(len(dist)), np.arange(s, s + len(dist))] = np.inf
+        out[s:s + len(dist)] = np.partition(dist, l - 1, axis=1)[:, :l].mean(1)
+    return out
 
 
 def shares(complexity: np.ndarray, tau: float) -> np.ndarray:
