@@ -49,6 +49,11 @@ def embed_all() -> None:
 def curate_all() -> dict[str, Path]:
     for eps in EPS:
         run_once([*BASE, "task=curate", *DEDUP, f"curate.eps={eps}"], curate_dir(f"semdedup_eps{eps}"))
+    # the same without probing the neighbouring clusters: pairs split by a boundary go unseen
+    run_once([*BASE, "task=curate", *DEDUP, f"curate.eps={DEDUP_EPS}", "curate.probes=1"], curate_dir("semdedup_probes1"))
+    # the semantic MTM embedding instead of the copy descriptor, eps calibrated to remove as many
+    run_once([*BASE, "task=curate", *DEDUP, f"task.embeddings={EMB}/mtm", "curate.target_kept=0.7827"],
+             curate_dir("semdedup_mtm"))
     dedup = curate_dir(f"semdedup_eps{DEDUP_EPS}")
     semantic = [f"task.embeddings={EMB}/mtm", "curate.kmeans.k=50"]
     rows = {
@@ -125,10 +130,11 @@ def retrieval_table(labels: dict[str, int]) -> None:
 
 def dedup_table() -> None:
     pairs = json.loads(INJECTED.read_text())["pairs"]
-    print("| eps | removed | injected pairs found | removed that are not injected (of removed / of clean images) |")
-    print("|---:|---:|---:|---:|")
-    for eps in EPS:
-        d = curate_dir(f"semdedup_eps{eps}")
+    print("| eps | probes | removed | injected pairs found | removed that are not injected (of removed / of clean images) |")
+    print("|---:|---:|---:|---:|---:|")
+    runs = [(eps, 3, curate_dir(f"semdedup_eps{eps}")) for eps in EPS] + [(DEDUP_EPS, 1, curate_dir("semdedup_probes1"))]
+    runs.append(("MTM embedding, calibrated", 3, curate_dir("semdedup_mtm")))
+    for eps, probes, d in runs:
         if not (d / "subset.json").is_file():
             continue
         keys = [line.split("\t")[0] for line in (d / "subset.tsv").read_text().splitlines()[1:]]
@@ -139,7 +145,7 @@ def dedup_table() -> None:
         found = np.mean([a not in kept or b not in kept for a, b in pairs])
         fp = sum(k not in in_pair for k in removed)
         clean = len(all_keys) - len(in_pair)
-        print(f"| {eps} | {len(removed)} | {100 * found:.1f}% | {fp} ({100 * fp / max(len(removed), 1):.1f}% / "
+        print(f"| {eps} | {probes} | {len(removed)} | {100 * found:.1f}% | {fp} ({100 * fp / max(len(removed), 1):.1f}% / "
               f"{100 * fp / clean:.1f}%) |")
 
 
