@@ -63,14 +63,14 @@ def _seed(seed: int, level: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, level, step]).generate_state(1)[0] >> 1)
 
 
-def _cluster_level(x, k, r, steps, niter, seed, level, backend):
+def _cluster_level(x, k, r, steps, niter, seed, level, backend, init):
     """Algorithm 1 for one level: k-means, then ``steps`` times re-fit on the r closest per cluster."""
-    centroids = train_kmeans(x, k, niter, _seed(seed, level, 0), backend)
+    centroids = train_kmeans(x, k, niter, _seed(seed, level, 0), backend, init)
     label, sim = _nearest(x, centroids)
     for step in range(1, steps + 1):
         groups = _groups(label, sim, len(centroids))
         pick = np.sort(np.concatenate([g[:r] for g in groups]))
-        centroids = train_kmeans(x[pick], min(k, len(pick)), niter, _seed(seed, level, step), backend)
+        centroids = train_kmeans(x[pick], min(k, len(pick)), niter, _seed(seed, level, step), backend, init)
         label, sim = _nearest(x, centroids)  # re-assign all of the level's inputs, not just R
     groups = _groups(label, sim, len(centroids))
     keep = [j for j, g in enumerate(groups) if len(g)]  # drop empty clusters: every node non-empty
@@ -87,12 +87,13 @@ def _per_level(value, n_levels: int, name: str) -> list:
 
 def hierarchical_kmeans(x: np.ndarray, ks: list[int], resampling_steps: list[int] | int = 10,
                         sample_sizes: list[int | None] | None = None, niter: int = 20, seed: int = 0,
-                        backend: str = "auto") -> Hierarchy:
+                        backend: str = "auto", init: str = "kmeans++") -> Hierarchy:
     """Build the tree bottom-up: level t clusters level t-1's centroids into ``ks[t]`` clusters.
 
     ``sample_sizes[t]`` is r_t, the members per cluster kept for each re-fit (None: half the mean
     cluster size). A level above the first gets at most as many clusters as it has inputs, since
-    empty clusters below may have been dropped.
+    empty clusters below may have been dropped. ``init``: k-means++ (the paper; it keeps a small
+    group from being merged at a coarse level) or random (cheaper on a huge first level).
     """
     x = np.asarray(x)
     if x.ndim != 2 or len(x) == 0:
@@ -116,7 +117,7 @@ def hierarchical_kmeans(x: np.ndarray, ks: list[int], resampling_steps: list[int
     for t, (k, m, r) in enumerate(zip(ks, steps, sizes)):
         k = min(int(k), len(inputs))
         r = max(1, round(0.5 * len(inputs) / k)) if r is None else int(r)
-        groups, c = _cluster_level(inputs, k, r, int(m), niter, seed, t, backend)
+        groups, c = _cluster_level(inputs, k, r, int(m), niter, seed, t, backend, init)
         levels.append(groups)
         centroids.append(c)
         inputs = c  # the next level clusters this level's centroids

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "faiss", "torch")
+INITS = ("random", "kmeans++")
 
 
 def _distributed() -> bool:
@@ -32,20 +33,51 @@ def sample_indices(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
-def train_kmeans(x: np.ndarray, k: int, niter: int = 50, seed: int = 0, backend: str = "auto") -> np.ndarray:
-    """Unit-norm centroids [k, d] float32 from the rows of x (this rank's part when distributed)."""
+def train_kmeans(x: np.ndarray, k: int, niter: int = 50, seed: int = 0, backend: str = "auto",
+                 init: str = "random") -> np.ndarray:
+    """Unit-norm centroids [k, d] float32 from the rows of x (this rank's part when distributed).
+
+    ``init``: k distinct random points (faiss's own), or k-means++ (Vo et al.; one process only,
+    and O(k n log k) on top of Lloyd, so meant for the small upper levels of a hierarchy).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"curate.kmeans.backend must be one of {BACKENDS}, got {backend!r}")
+    if init not in INITS:
+        raise ValueError(f"k-means init must be one of {INITS}, got {init!r}")
+    if init == "kmeans++" and _distributed():
+        raise ValueError("k-means++ init runs in one process; with several ranks use init=random")
     if backend == "auto":
         backend = "torch" if _distributed() else "faiss"
     total = int(_all_sum(torch.tensor([len(x)], dtype=torch.float64))[0])
     if not 1 <= k <= total:
         raise ValueError(f"k-means with k={k} needs 1 <= k <= the {total} training points")
+    start = kmeans_pp(np.asarray(x, np.float32), k, seed) if init == "kmeans++" else None
     if backend == "faiss":
         if _distributed():
             raise ValueError("curate.kmeans.backend=faiss runs in one process; with several ranks use torch")
-        return _faiss_kmeans(np.ascontiguousarray(x, dtype=np.float32), k, niter, seed)
-    return _torch_kmeans(torch.from_numpy(np.asarray(x, dtype=np.float32)), k, niter, seed)
+        return _faiss_kmeans(np.ascontiguousarray(x, dtype=np.float32), k, niter, seed, start)
+    return _torch_kmeans(torch.from_numpy(np.asarray(x, dtype=np.float32)), k, niter, seed, start)
+
+
+def kmeans_pp(x: np.ndarray, k: int, seed: int, chunk: int = 1 << 16) -> np.ndarray:
+    """Greedy k-means++ (as scikit-learn): the first centre uniform, then 2 + ln k candidates drawn
+    with probability proportional to the squared distance to the nearest centre (2 - 2 cos on the
+    sphere), keeping the candidate that lowers the total potential most."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    x = F.normalize(x, dim=1)
+    trials = 2 + int(np.log(k))
+    centres = [int(rng.integers(len(x)))]
+    d2 = (2 - 2 * (x @ x[centres[0]])).clamp_min(0).double()
+    for _ in range(1, k):
+        p = (d2 / d2.sum()).numpy() if d2.sum() > 0 else None
+        cand = rng.choice(len(x), trials, p=p)
+        cand_d2 = (2 - 2 * (x @ x[cand].T)).clamp_min(0).double()  # [n, trials]
+        new = torch.minimum(d2[:, None], cand_d2)
+        best = int(new.sum(0).argmin())
+        centres.append(int(cand[best]))
+        d2 = new[:, best]
+    return x[centres].numpy()
 
 
 def _faiss():
@@ -56,12 +88,12 @@ def _faiss():
     return faiss
 
 
-def _faiss_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
+def _faiss_kmeans(x: np.ndarray, k: int, niter: int, seed: int, start: np.ndarray | None = None) -> np.ndarray:
     faiss = _faiss()
 
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=faiss.get_num_gpus() > 0,
                       max_points_per_centroid=max(256, -(-len(x) // k)), verbose=False)  # the sample is ours
-    km.train(x)
+    km.train(x, init_centroids=start)
     return _unit(km.centroids)
 
 
@@ -74,9 +106,12 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _torch_kmeans(x: torch.Tensor, k: int, niter: int, seed: int, chunk: int = 1 << 16) -> np.ndarray:
+def _torch_kmeans(x: torch.Tensor, k: int, niter: int, seed: int, start: np.ndarray | None = None,
+                  chunk: int = 1 << 16) -> np.ndarray:
     x = F.normalize(x, dim=1)
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if start is not None:
+        return _lloyd(x, torch.from_numpy(start).to(dev), niter, chunk)
     # init: k distinct points drawn over all ranks' rows with one seed, gathered by a sum
     counts = [len(x)]
     if _distributed():
@@ -88,7 +123,12 @@ def _torch_kmeans(x: torch.Tensor, k: int, niter: int, seed: int, chunk: int = 1
     init = torch.zeros(k, x.shape[1], dtype=torch.float64)
     slots = torch.nonzero((pick >= offset) & (pick < offset + len(x))).flatten()
     init[slots] = x[mine].double()
-    centroids = _all_sum(init).float().to(dev)
+    return _lloyd(x, _all_sum(init).float().to(dev), niter, chunk)
+
+
+def _lloyd(x: torch.Tensor, centroids: torch.Tensor, niter: int, chunk: int) -> np.ndarray:
+    """Spherical Lloyd iterations; sums and counts in float64, all-reduced over ranks."""
+    dev, k = centroids.device, len(centroids)
     for _ in range(niter):
         sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=dev)
         sizes = torch.zeros(k, dtype=torch.float64, device=dev)

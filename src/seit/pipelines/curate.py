@@ -180,7 +180,7 @@ def _hierarchical(c: DictConfig, store, budget: int) -> dict:
 
     x = np.asarray(store.vectors, np.float32)  # the levels re-cluster centroids; level 1 needs every point
     h = hierarchical_kmeans(x, list(c.levels), resampling_steps=int(c.resampling_steps), niter=int(c.niter),
-                            seed=int(c.seed), backend=str(c.backend))
+                            seed=int(c.seed), backend=str(c.backend), init=str(c.init))
     kept = balanced_sample(h, budget, seed=int(c.seed), strategy=str(c.leaf_sampling))
     top = h.flat_sizes(len(h.levels) - 1)
     return {"kept": kept, "hierarchy": {"levels": [len(lv) for lv in h.levels], "top_sizes": top.tolist()}}
