@@ -140,7 +140,7 @@ def test_kmeans_pp_seeds_one_centre_per_separated_blob():
     rng = np.random.default_rng(0)
     centres = np.eye(8, dtype=np.float32)[:6]
     blob = rng.choice(6, 600, p=[0.8, 0.1, 0.04, 0.03, 0.02, 0.01])  # uniform draws would miss the small blobs
-    x = _unit(centres[blob] + 0.05 * rng.normal(size=(600, 8)))
+    x = _unit(centres[blob] + 0.01 * rng.normal(size=(600, 8)))
     start = kmeans_pp(x, 6, seed=0)
     np.testing.assert_array_equal(start, kmeans_pp(x, 6, seed=0))
     assert sorted((start @ centres.T).argmax(1).tolist()) == list(range(6))
