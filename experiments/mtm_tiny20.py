@@ -27,18 +27,23 @@ BASE = ["experiment=tiny20_tokens", "aug.crop=14", "model.embedding=learned", "o
 TASK_DIR = {"mtm": "pretrain_mtm"}
 
 
-def run_dir(row: str, seed: int) -> Path:
-    return OUT / "logs" / TASK_DIR.get(row, "train") / "runs" / f"mtm20_{row}_s{seed}"
+PRETRAINED_ROWS = ("mtm", "finetune", "probe_mtm")  # what --soft-tau changes; the baselines are shared
+
+
+def run_dir(row: str, seed: int, soft_tau: float = 0.0) -> Path:
+    prefix = f"mtm20soft{soft_tau:g}" if soft_tau and row in PRETRAINED_ROWS else "mtm20"
+    return OUT / "logs" / TASK_DIR.get(row, "train") / "runs" / f"{prefix}_{row}_s{seed}"
 
 
 def rows(seed: int, args) -> dict[str, list[str]]:
-    export = run_dir("mtm", seed) / "mtm.safetensors"
+    export = run_dir("mtm", seed, args.soft_tau) / "mtm.safetensors"
     probe = [*BASE, "task.linear_probe=true", "model.token_dropout=0.0", f"trainer.max_epochs={args.probe}",
              "optim.weight_decay=0.0"]
     return {
         "mtm": [*BASE, "task=pretrain_mtm", "aug.rrc.enabled=true", "aug.rrc.scale=[0.2,1.0]",
                 "task.decoder.decoder_dim=128", "task.decoder.decoder_depth=2", "task.decoder.decoder_heads=4",
-                "optim.betas=[0.9,0.95]", "optim.min_lr=0.0", f"trainer.max_epochs={args.pretrain}"],
+                "optim.betas=[0.9,0.95]", "optim.min_lr=0.0", f"trainer.max_epochs={args.pretrain}",
+                f"task.soft_tau={args.soft_tau}"],
         "finetune": [*BASE, f"model.pretrained={export}", "optim.layer_decay=0.75",
                      f"trainer.max_epochs={args.finetune}"],
         "scratch": [*BASE, f"trainer.max_epochs={args.pretrain + args.finetune}"],
@@ -47,8 +52,8 @@ def rows(seed: int, args) -> dict[str, list[str]]:
     }
 
 
-def top1(row: str, seed: int) -> float | None:
-    f = run_dir(row, seed) / "summary.json"
+def top1(row: str, seed: int, soft_tau: float = 0.0) -> float | None:
+    f = run_dir(row, seed, soft_tau) / "summary.json"
     if not f.is_file():
         return None
     m = json.loads(f.read_text())["metrics"]
@@ -58,7 +63,7 @@ def top1(row: str, seed: int) -> float | None:
 def report(seeds: list[int], args) -> None:
     print("| row | per seed | mean ± std |\n|---|---|---:|")
     for row in rows(0, args):
-        vals = [v for v in (top1(row, s) for s in seeds) if v is not None]
+        vals = [v for v in (top1(row, s, args.soft_tau) for s in seeds) if v is not None]
         if vals:
             std = statistics.stdev(vals) if len(vals) > 1 else 0.0
             name = "mtm (masked-token acc.)" if row == "mtm" else row
@@ -71,13 +76,17 @@ def main() -> None:
     parser.add_argument("--pretrain", type=int, default=20)
     parser.add_argument("--finetune", type=int, default=10)
     parser.add_argument("--probe", type=int, default=10)
+    parser.add_argument("--soft-tau", type=float, default=0.0,
+                        help="> 0: MTM with soft targets (task.soft_tau); runs mtm20soft<tau>_*, baselines shared")
+    parser.add_argument("--rows", default=None, help="comma-separated subset of the rows to run")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.report:
         for seed in seeds:
             for row, overrides in rows(seed, args).items():
-                run_once([*overrides, f"seed={seed}"], run_dir(row, seed))
+                if args.rows is None or row in args.rows.split(","):
+                    run_once([*overrides, f"seed={seed}"], run_dir(row, seed, args.soft_tau))
     report(seeds, args)
 
 

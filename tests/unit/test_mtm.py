@@ -143,3 +143,25 @@ def test_lr_scaling_and_layer_decay():
     lrs = sorted({round(g["lr"], 12) for g in groups})
     assert max(lrs) == pytest.approx(2e-3)  # 1e-3 * sqrt(256 / 64): the head
     assert min(lrs) == pytest.approx(2e-3 * 0.5 ** 4)  # the stem: 3 blocks + 1 below the head
+
+
+def test_soft_targets_share_credit_with_near_codes_and_reduce_to_the_id():
+    from seit.models.mtm import masked_token_loss, soft_targets
+
+    codebook = torch.tensor([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [-1.0, 0.0]])
+    idx, weight = soft_targets(codebook, tau=0.05, neighbours=3)
+    assert idx[0, 0] == 0 and idx[0, 1] == 1 and torch.allclose(weight.sum(1), torch.ones(4))
+    assert weight[0, 1] > 0.5 * weight[0, 0] and weight[0, 2] < 1e-6  # the near code shares, the far one not
+    ids = torch.zeros(1, 2, 2, dtype=torch.long)
+    masked = torch.ones(1, 1, dtype=torch.bool)
+    near = torch.full((1, 2, 2, 4), -10.0)
+    near[..., 1] = 10.0  # predicts the near-equivalent code
+    far = torch.full((1, 2, 2, 4), -10.0)
+    far[..., 3] = 10.0
+    soft = (idx, weight)
+    assert masked_token_loss(near, ids, masked, targets=soft)[0] < masked_token_loss(far, ids, masked, targets=soft)[0]
+    assert masked_token_loss(near, ids, masked)[0].item() == pytest.approx(masked_token_loss(far, ids, masked)[0].item())
+    sharp = soft_targets(codebook, tau=1e-4, neighbours=3)  # tau -> 0: the one-hot cross-entropy
+    logits = torch.randn(1, 2, 2, 4)
+    assert masked_token_loss(logits, ids, masked, targets=sharp)[0].item() == pytest.approx(
+        masked_token_loss(logits, ids, masked)[0].item(), rel=1e-4)

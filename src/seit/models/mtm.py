@@ -138,13 +138,27 @@ class MaskedTokenModel(nn.Module):
         return self.decode(encoded, index, masked)
 
 
-def masked_token_loss(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor,
-                      smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_targets(codebook: torch.Tensor, tau: float, neighbours: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each code's ``neighbours`` nearest codes by cosine (itself first) and their weights
+    softmax(cos / tau): ([K, m] ids, [K, m] weights). Neighbouring k-means codes of small patches
+    are near-equivalent, so the exact id is a noisy target; this one shares credit among them."""
+    c = F.normalize(codebook.float(), dim=1)
+    cos, idx = (c @ c.T).topk(min(neighbours, len(c)), dim=1)
+    return idx, torch.softmax(cos / tau, dim=1)
+
+
+def masked_token_loss(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, smoothing: float = 0.0,
+                      targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, accuracy) over masked patches only: cross-entropy per token, averaged over each
-    patch's 2x2 tokens, then over the masked patches."""
+    patch's 2x2 tokens, then over the masked patches. ``targets`` (from ``soft_targets``) replaces
+    the one-hot id by a distribution over its nearest codes."""
     b, h, w, k = logits.shape
-    ce = F.cross_entropy(logits.reshape(-1, k).float(), ids.reshape(-1).long(), reduction="none",
-                         label_smoothing=smoothing).view(b, h, w)
+    if targets is not None:
+        idx, weight = targets[0][ids.long()], targets[1][ids.long()]  # [b, h, w, m]
+        ce = -(weight * torch.log_softmax(logits.float(), -1).gather(-1, idx)).sum(-1)
+    else:
+        ce = F.cross_entropy(logits.reshape(-1, k).float(), ids.reshape(-1).long(), reduction="none",
+                             label_smoothing=smoothing).view(b, h, w)
     hit = (logits.argmax(-1) == ids).float()
 
     def per_patch(t: torch.Tensor) -> torch.Tensor:

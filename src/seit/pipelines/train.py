@@ -79,7 +79,7 @@ def build_mtm_task(cfg: DictConfig, dm):
                    aug=OmegaConf.to_container(cfg.aug, resolve=True), input_grid=input_grid(dm),
                    batch_size=int(cfg.data.batch_size), codebook_size=info.codebook_size,
                    codebook_dim=int(info.meta.get("embed_dim", 32)), codebook_sha256=info.fingerprint,
-                   smoothing=float(t.smoothing), seed=int(cfg.seed))
+                   smoothing=float(t.smoothing), seed=int(cfg.seed), soft_tau=float(t.get("soft_tau") or 0.0))
     task.load_codebook(info.load_codebook())
     if cfg.aug.tokenadapt.checkpoint:
         task.load_tokenadapt(cfg.aug.tokenadapt.checkpoint)

@@ -27,7 +27,7 @@ from timm.optim import param_groups_weight_decay
 from seit.augment.crop import center_crop
 from seit.augment.pipeline import AugConfig, augment_tokens, step_seed
 from seit.models.input_embed import CodebookEmbedding
-from seit.models.mtm import MaskedTokenModel, masked_token_loss, random_masks, truncated_normal
+from seit.models.mtm import MaskedTokenModel, masked_token_loss, random_masks, soft_targets, truncated_normal
 from seit.models.tokenadapt import sincos_pos
 from seit.tasks.schedule import global_batch, scaled_lr, warmup_cosine_schedule
 
@@ -40,7 +40,7 @@ ARCH_KEYS = {"embed_dim": "embed_dim", "depth": "depth", "num_heads": "num_heads
 class MTMTask(pl.LightningModule):
     def __init__(self, model: dict, mask: dict, optim: dict, aug: dict, input_grid: int, batch_size: int,
                  codebook_size: int, codebook_dim: int, codebook_sha256: str | None = None, smoothing: float = 0.0,
-                 seed: int = 0):
+                 seed: int = 0, soft_tau: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.aug = AugConfig.from_dict(aug)
@@ -55,11 +55,16 @@ class MTMTask(pl.LightningModule):
         self.codebook = CodebookEmbedding(codebook_size, codebook_dim)  # frozen: what augmentations work on
         self.model = MaskedTokenModel(codebook_size=codebook_size, grid=self.crop, token_dim=codebook_dim, **model)
         self.tokenadapt = None
+        self.register_buffer("target_ids", None, persistent=False)  # soft targets (soft_tau > 0)
+        self.register_buffer("target_weights", None, persistent=False)
         self.val_loss, self.val_acc = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
         self._generator: torch.Generator | None = None
 
     def load_codebook(self, codebook: torch.Tensor) -> None:
         self.codebook.load_codebook(codebook)
+        if self.hparams.soft_tau > 0:
+            idx, weight = soft_targets(codebook, self.hparams.soft_tau)
+            self.target_ids, self.target_weights = idx.to(self.device), weight.to(self.device)
 
     def load_tokenadapt(self, path: str) -> None:
         from seit.tasks.tokenadapt import load_tokenadapt
@@ -77,6 +82,9 @@ class MTMTask(pl.LightningModule):
         if dm is not None and hasattr(dm, "set_epoch"):
             dm.set_epoch(self.current_epoch)
 
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.target_ids, self.target_weights) if self.target_ids is not None else None
+
     def sample_ratio(self, generator: torch.Generator) -> float:
         m = self.hparams.mask
         return truncated_normal(m["mean"], m["std"], m["min"], m["max"], generator, self.device)
@@ -85,7 +93,7 @@ class MTMTask(pl.LightningModule):
         n = (ids.shape[1] // 2) * (ids.shape[2] // 2)
         masked, dropped = random_masks(ids.shape[0], n, ratio, self.hparams.mask["drop_ratio"], generator, self.device)
         logits = self.model(ids, masked, dropped)
-        loss, acc = masked_token_loss(logits, ids, masked, self.hparams.smoothing)
+        loss, acc = masked_token_loss(logits, ids, masked, self.hparams.smoothing, self.targets())
         return loss, acc, logits, masked
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
