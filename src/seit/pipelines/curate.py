@@ -171,8 +171,7 @@ def _retrieval(c: DictConfig, store, clusters) -> dict:
         kept, stats = cluster_based(seeds, clusters, pool, int(c.min_seeds), int(c.per_cluster), int(c.seed))
     else:
         raise ValueError(f"curate.mode must be sample or cluster, got {c.mode!r}")
-    return {"kept": kept, "retrieval": {**stats, "num_seeds": int(len(seeds))},
-            "seed_rows": seed_rows}
+    return {"kept": kept, "retrieval": {**stats, "num_seeds": int(len(seeds))}}
 
 
 def _hierarchical(c: DictConfig, store, budget: int) -> dict:
