@@ -149,6 +149,18 @@ def dedup_table() -> None:
               f"{100 * fp / clean:.1f}%) |")
 
 
+def subset_table() -> None:
+    """Distinct images per subset: a kept injected pair counts once."""
+    pairs = json.loads(INJECTED.read_text())["pairs"]
+    print("| subset | kept | injected pairs with both kept | distinct images |\n|---|---:|---:|---:|")
+    for name in ("random", "ssp", "dbp", "semdedup_dbp", "semdedup_random", "semdedup_dbp_easy"):
+        f = curate_dir(name) / "subset.tsv"
+        if f.is_file():
+            keys = {line.split("\t")[0] for line in f.read_text().splitlines()[1:]}
+            both = sum(a in keys and b in keys for a, b in pairs)
+            print(f"| {name} | {len(keys)} | {both} | {len(keys) - both} |")
+
+
 def train_table(seeds: list[int]) -> None:
     print("| subset (50% of 13,000) | top-1 per seed | mean ± std |\n|---|---|---:|")
     for row in ("full", "random", "ssp", "dbp", "semdedup_dbp", "semdedup_random", "semdedup_dbp_easy"):
@@ -182,6 +194,7 @@ def main() -> None:
                          train_dir(row, seed))
     dedup_table()
     retrieval_table(labels)
+    subset_table()
     train_table(seeds)
 
 

@@ -290,3 +290,10 @@ def test_embed_splits_shards_over_ranks(dataset, tmp_path):
     both = open_embeddings(tmp_path / "ranks")
     np.testing.assert_array_equal(np.asarray(both.vectors), np.asarray(one.vectors))
     assert both.keys == one.keys
+
+
+def test_an_empty_subset_is_refused_by_the_loader(dataset, tmp_path):
+    write_subset(tmp_path / "empty", dataset, "train", _keys(dataset), [], method="test")
+    cfg = OmegaConf.create({"root": str(dataset.root), "subset": str(tmp_path / "empty")})
+    with pytest.raises(ValueError, match="keeps no sample"):
+        TokenDataModule(cfg).subset_masks("train")

@@ -96,6 +96,8 @@ class TokenDataModule(pl.LightningDataModule):
         subset = read_subset(self.cfg.subset)
         if subset.split != split:
             return None
+        if subset.meta["num_kept"] == 0:
+            raise ValueError(f"data.subset={subset.root} keeps no sample of split {split!r}: nothing to train on")
         log.info("data.subset=%s: %d of %d %s samples (%s)", subset.root, subset.meta["num_kept"],
                  subset.meta["num_total"], split, subset.meta.get("method"))
         return subset.shard_masks(self.load_info())

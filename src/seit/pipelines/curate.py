@@ -95,7 +95,10 @@ def start_from(c: DictConfig, info: TokenDatasetInfo, split: str, n: int) -> np.
 def select(c: DictConfig, store, clusters, alive: np.ndarray) -> dict:
     """{"kept": indices, "score": per-point score (optional), ...report extras}."""
     n = len(store)
-    budget = round(float(c.get("keep_fraction", 1.0)) * n)
+    fraction = float(c.get("keep_fraction", 1.0))
+    if not 0 < fraction <= 1:
+        raise ValueError(f"curate.keep_fraction must be in (0, 1], got {fraction}")
+    budget = round(fraction * n)
     if budget > alive.sum():
         raise ValueError(f"curate.keep_fraction={c.keep_fraction} asks for {budget} samples, but only {alive.sum()} "
                          "are left (curate.start_from)")
@@ -147,6 +150,10 @@ def _seed_rows(c: DictConfig, store) -> tuple[np.ndarray, np.ndarray | None]:
     """(seed vectors, their indices in this store or None): from a key list, or another store."""
     if c.get("seed_embeddings"):
         seeds = open_embeddings(c.seed_embeddings)
+        if seeds.meta["dim"] != store.meta["dim"] or seeds.meta.get("checkpoint_sha256") != store.meta.get("checkpoint_sha256"):
+            raise ValueError(f"curate.seed_embeddings={c.seed_embeddings} ({seeds.meta['dim']}-d, "
+                             f"{seeds.meta.get('checkpoint')}) was not embedded by the model of {store.root} "
+                             f"({store.meta['dim']}-d, {store.meta.get('checkpoint')}): their cosines mean nothing")
         return np.asarray(seeds.vectors, np.float32), None
     path = Path(str(c.seed_keys))
     if not path.is_file():
