@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -34,6 +35,8 @@ class TokenDataModule(pl.LightningDataModule):
         self.seed = seed
         self.epoch = SharedEpoch()
         self.info: TokenDatasetInfo | None = None
+        self.classes: frozenset[int] | None = None  # restrict_classes(): only these labels are loaded
+        self._arrays: dict[str, tuple] = {}
 
     def prepare_data(self) -> None:
         """Build the dataset if it is missing: local rank 0 tokenizes, the other ranks wait for it."""
@@ -81,11 +84,39 @@ class TokenDataModule(pl.LightningDataModule):
         info = self.load_info()
         rank, world = self._rank_world()
         batch = self.cfg.batch_size if train else self.cfg.eval_batch_size
-        return TokenStream(info.shards(split), info.shard_paths(split), codec=info.codec, keep=self.subset_masks(split),
+        return TokenStream(info.shards(split), info.shard_paths(split), codec=info.codec, keep=self.row_masks(split),
                            codebook_size=info.codebook_size, grid=info.grid, chunk_size=info.meta["chunk_size"],
                            batch_size=batch, train=train, rank=rank, world_size=world,
                            num_workers=self.cfg.num_workers, seed=self.seed,
                            shuffle_buffer=self.cfg.shuffle_buffer, epoch=self.epoch, model_dir=str(info.root))
+
+    def restrict_classes(self, classes) -> None:
+        """Load only samples of these labels from now on (continual learning: one task's classes)."""
+        self.classes = frozenset(int(c) for c in classes)
+
+    def split_arrays(self, split: str) -> tuple:
+        """(ids, labels, samples per shard) of a whole split, read once and kept."""
+        if split not in self._arrays:
+            from seit.data.shard_reader import read_split
+
+            self._arrays[split] = read_split(self.load_info(), split)
+        return self._arrays[split]
+
+    def row_masks(self, split: str) -> dict | None:
+        """Per-shard rows to load: the ``data.subset`` manifest's, and of them the restricted classes'."""
+        masks = self.subset_masks(split)
+        if self.classes is None:
+            return masks
+        _, labels, counts = self.split_arrays(split)
+        wanted = np.isin(labels, sorted(self.classes))
+        bounds = np.cumsum([0, *counts])
+        paths = self.load_info().shard_paths(split)
+        rows = {p: wanted[a:b] for p, a, b in zip(paths, bounds[:-1], bounds[1:])}
+        if masks is not None:
+            rows = {p: rows[p] & masks[p] for p in paths}
+        if not any(m.any() for m in rows.values()):
+            raise ValueError(f"{self.load_info().root} split {split!r} has no sample of classes {sorted(self.classes)}")
+        return rows
 
     def subset_masks(self, split: str) -> dict | None:
         """Row masks of the ``data.subset`` manifest, for the split it was made for (else None)."""

@@ -32,10 +32,21 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.splits: dict[str, list[ImageRecord]] | None = None
         self.classes: list[str] = []
+        self.restricted: frozenset[int] | None = None  # restrict_classes(): only these labels are loaded
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits, self.classes = scan_source(resolve_source(str(self.cfg.source), self.cache_dir))
+
+    def restrict_classes(self, classes) -> None:
+        """Load only images of these labels from now on (continual learning: one task's classes)."""
+        self.restricted = frozenset(int(c) for c in classes)
+
+    def records(self, split: str) -> list[ImageRecord]:
+        self.setup()
+        if split not in self.splits:
+            raise ValueError(f"{self.cfg.source} has no split {split!r}; it has {sorted(self.splits)}")
+        return self.splits[split]
 
     @property
     def num_classes(self) -> int:
@@ -43,10 +54,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return len(self.classes)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        self.setup()
-        if split not in self.splits:
-            raise ValueError(f"{self.cfg.source} has no split {split!r}; it has {sorted(self.splits)}")
-        ds = ImageRecordDataset(self.splits[split], self.cfg.image_size)
+        records = self.records(split)
+        if self.restricted is not None:
+            records = [r for r in records if r.label in self.restricted]
+            if not records:
+                raise ValueError(f"{self.cfg.source} split {split!r} has no image of classes {sorted(self.restricted)}")
+        ds = ImageRecordDataset(records, self.cfg.image_size)
         workers = self.cfg.num_workers
         return DataLoader(ds, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
                           shuffle=train, drop_last=train, num_workers=workers, persistent_workers=workers > 0,

@@ -50,14 +50,17 @@ class ImageRecord:
 
 def load_image(record: ImageRecord, size: int) -> np.ndarray:
     """Decode, convert to RGB and squash-resize (bicubic, as SeiT's tokenizer input) to uint8 [3,S,S]."""
+    return decode_image(record.read_bytes(), size, record.where)
+
+
+def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
+    """``load_image`` on bytes already read (a replay memory holds the files' bytes)."""
     try:
-        with Image.open(io.BytesIO(record.read_bytes())) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
             return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
-    except ImageReadError:
-        raise
     except Exception as exc:  # PIL raises many types for bad files
-        raise ImageReadError(f"cannot read image {record.where}: {exc}") from exc
+        raise ImageReadError(f"cannot read image {where}: {exc}") from exc
 
 
 def _is_image(name: str) -> bool:

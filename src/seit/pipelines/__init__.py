@@ -33,6 +33,12 @@ def _curate(cfg):
     return curate(cfg)
 
 
+def _continual(cfg):
+    from seit.pipelines.continual import continual
+
+    return continual(cfg)
+
+
 def _convert(cfg):
     from seit.pipelines.convert import convert
 
@@ -41,7 +47,7 @@ def _convert(cfg):
 
 TASKS = {"train": _train, "train_tokenizer": _train, "train_tokenadapt": _train, "pretrain_mtm": _train,
          "tokenize": _tokenize, "embed": _embed, "curate": _curate,
-         "convert": _convert}
+         "convert": _convert, "continual": _continual}
 
 
 def run_task(cfg: DictConfig):

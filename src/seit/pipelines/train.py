@@ -92,7 +92,8 @@ def build_task(cfg: DictConfig, dm):
     return builders.get(cfg.task.name, build_classifier)(cfg, dm)
 
 
-def build_classifier(cfg: DictConfig, dm) -> ClassificationTask:
+def build_classifier(cfg: DictConfig, dm, cls: type = ClassificationTask, **extra) -> ClassificationTask:
+    """A ``cls`` (ClassificationTask or a subclass, given its ``extra`` arguments) for this data."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     tokens = cfg.data.kind == "tokens"
     if tokens != (model["input"] == "tokens"):
@@ -106,12 +107,12 @@ def build_classifier(cfg: DictConfig, dm) -> ClassificationTask:
         model["codebook_size"] = info.codebook_size
         model["codebook_dim"] = int(info.meta.get("embed_dim", 32))
         fingerprint = info.fingerprint
-    task = ClassificationTask(
+    task = cls(
         model=model, optim=OmegaConf.to_container(cfg.optim, resolve=True),
         aug=OmegaConf.to_container(cfg.aug, resolve=True), num_classes=dm.num_classes,
         input_grid=input_grid(dm), batch_size=int(cfg.data.batch_size), codebook_sha256=fingerprint,
         label_smoothing=cfg.task.label_smoothing, ema_decay=cfg.task.ema_decay, compile=cfg.task.compile,
-        seed=int(cfg.seed), linear_probe=bool(cfg.task.get("linear_probe")))
+        seed=int(cfg.seed), linear_probe=bool(cfg.task.get("linear_probe")), **extra)
     if tokens:
         task.load_codebook(info.load_codebook())
         if model.get("pretrained"):

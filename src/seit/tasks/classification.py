@@ -71,14 +71,15 @@ class ClassificationTask(pl.LightningModule):
         self._generator.manual_seed(step_seed(self.hparams.seed, self.global_rank, self.global_step))
         return self._generator
 
-    def train_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(augmented input map, soft targets)."""
-        h, labels, g = self.hparams, batch["label"], self.step_generator()
+    def train_batch(self, batch: dict, num_classes: int | None = None, aug: AugConfig | None = None,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(augmented input map, soft targets over ``num_classes``, default all)."""
+        h, labels = self.hparams, batch["label"]
+        classes, aug, g = num_classes or h.num_classes, aug or self.aug, generator or self.step_generator()
         if self.input_key == "ids":
-            return augment_tokens(batch["ids"], labels, self.model.embed, self.aug, h.num_classes,
+            return augment_tokens(batch["ids"], labels, self.model.embed, aug, classes,
                                   h.label_smoothing, self.synonyms, g, adapt=self.tokenadapt)
-        return augment_pixels(batch["images"], labels, self.model.embed, self.aug, h.num_classes,
-                              h.label_smoothing, g)
+        return augment_pixels(batch["images"], labels, self.model.embed, aug, classes, h.label_smoothing, g)
 
     def load_tokenadapt(self, path: str) -> None:
         """Install a trained TokenAdapt, frozen; it must share the dataset's codebook."""

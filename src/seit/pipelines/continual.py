@@ -1,0 +1,186 @@
+"""``task=continual``: class-incremental learning with a replay memory budgeted in bytes.
+
+For each task: train on its classes plus the memory, evaluate on every class seen so far, rebuild
+the memory, then write ``tasks/NN/`` (the model, the memory's files, ``result.json`` last). A
+relaunch with the same run dir skips the finished tasks, reloads the model and the memory of the
+last one, and resumes an interrupted task from its ``checkpoints/last.ckpt``. Tokens and pixels
+take the same path; only the sample store differs (token chunks or JPEG files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import WandbLogger
+
+from seit.continual.memory import JpegSamples, ReplayMemory, TokenSamples, parse_bytes
+from seit.continual.protocol import AccuracyMatrix, class_order, matrix_png, split_tasks
+from seit.pipelines.train import build_classifier, build_datamodule, instantiate_all, resolve_ckpt_path
+from seit.tasks.continual import ContinualTask
+from seit.utils.io import atomic_open, atomic_write_json
+from seit.utils.summary import config_hash, write_summary
+from seit.utils.visuals import RunVisuals
+
+log = logging.getLogger(__name__)
+
+
+def sample_store(cfg: DictConfig, dm):
+    """The training split as exemplars: token grids through the dataset's codec, or image files."""
+    split = cfg.data.train_split
+    if cfg.data.kind == "tokens":
+        ids, labels, _ = dm.split_arrays(split)
+        info = dm.load_info()
+        return TokenSamples(ids, labels, info.load_codec(), info.codebook_size)
+    return JpegSamples(dm.records(split), int(cfg.data.image_size), cfg.task.memory.get("jpeg_quality"))
+
+
+def task_trainer(cfg: DictConfig, task_dir: Path, loggers: list) -> pl.Trainer:
+    """The configured trainer for one task: no validation inside fit (the pipeline evaluates after
+    it), and a last.ckpt in the task's dir for resuming an interrupted task."""
+    callbacks = [c for c in instantiate_all(cfg.get("callbacks")) if not isinstance(c, (ModelCheckpoint, RunVisuals))]
+    callbacks.append(ModelCheckpoint(dirpath=task_dir / "checkpoints", save_top_k=0, save_last=True,
+                                     every_n_train_steps=100, enable_version_counter=False))
+    epochs = int(cfg.trainer.max_epochs)
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                   check_val_every_n_epoch=epochs + 1, num_sanity_val_steps=0)
+
+
+def finished_tasks(root: Path, num_tasks: int) -> list[dict]:
+    """Results of the tasks already done, in order (a task counts once its result.json exists)."""
+    done = []
+    for t in range(num_tasks):
+        path = root / f"{t:02d}" / "result.json"
+        if not path.is_file():
+            break
+        done.append(json.loads(path.read_text()))
+    return done
+
+
+def continual(cfg: DictConfig) -> dict:
+    pl.seed_everything(cfg.seed, workers=True)
+    t_cfg = cfg.task
+    output_dir = Path(cfg.paths.output_dir)
+    tasks_dir = output_dir / "tasks"
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    order = class_order(dm.num_classes, int(t_cfg.order_seed), t_cfg.get("class_order"))
+    tasks = split_tasks(order, int(t_cfg.num_tasks))
+    store = sample_store(cfg, dm)
+    task = build_classifier(cfg, dm, ContinualTask, class_order=order, method=str(t_cfg.method),
+                            replay_batch=int(t_cfg.replay_batch), distill=OmegaConf.to_container(t_cfg.distill),
+                            derpp=OmegaConf.to_container(t_cfg.derpp))
+    memory = ReplayMemory(store, parse_bytes(t_cfg.memory.budget), str(t_cfg.memory.selection), seed=int(cfg.seed),
+                          keep_logits=t_cfg.method == "derpp")
+    matrix = AccuracyMatrix(tasks)
+    loggers = instantiate_all(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    results = finished_tasks(tasks_dir, len(tasks))
+    for r in results:
+        matrix.record(r["task"], {int(k): v for k, v in r["eval_correct"].items()},
+                      {int(k): v for k, v in r["eval_total"].items()})
+    if results:
+        last = tasks_dir / f"{len(results) - 1:02d}"
+        task.model.load_state_dict(torch.load(last / "model.pt", map_location="cpu", weights_only=True))
+        memory.load(last / "memory")
+        log.info("resuming after task %d of %d from %s", len(results) - 1, len(tasks), last)
+
+    start = time.perf_counter()
+    for t in range(len(results), len(tasks)):
+        task_dir = tasks_dir / f"{t:02d}"
+        seen = [c for group in tasks[:t + 1] for c in group]
+        log.info("task %d/%d: classes %s; memory %d exemplars, %d bytes", t + 1, len(tasks), tasks[t],
+                 len(memory), memory.nbytes)
+        task.begin_task(seen=len(seen), old=len(seen) - len(tasks[t]), replay=memory.replay_set())
+        trainer = task_trainer(cfg, task_dir, loggers)
+        t0 = time.perf_counter()
+        dm.restrict_classes(tasks[t])
+        trainer.fit(task, datamodule=dm, ckpt_path=resolve_ckpt_path("last", task_dir))
+        train_s = time.perf_counter() - t0
+        dm.restrict_classes(seen)
+        trainer.validate(task, datamodule=dm, verbose=False)
+        correct, total = task.eval_correct.cpu().numpy(), task.eval_total.cpu().numpy()
+        train_counts = task.train_counts.cpu().numpy()
+        matrix.record(t, {c: int(correct[c]) for c in seen}, {c: int(total[c]) for c in seen})
+        leaked = sorted(set(np.flatnonzero(total).tolist()) - set(seen))
+        if leaked:
+            raise AssertionError(f"task {t} evaluated classes {leaked} that it has not seen")
+
+        new_idx = np.flatnonzero(np.isin(store.labels, tasks[t]))
+        mem_stats = {}
+        if trainer.is_global_zero:
+            predict = lambda idx: task.predict(store.inputs(idx))  # noqa: E731
+            mem_stats = memory.update(t, new_idx, logit_dim=len(seen), features=lambda idx: predict(idx)[0],
+                                      logits=lambda idx: predict(idx)[1])
+            result = {"task": t, "classes": tasks[t], "seen_classes": seen,
+                      "train_classes": np.flatnonzero(train_counts).tolist(),
+                      "train_samples": {int(c): int(n) for c, n in enumerate(train_counts) if n},
+                      "eval_classes": np.flatnonzero(total).tolist(),
+                      "eval_correct": {c: int(correct[c]) for c in seen}, "eval_total": {c: int(total[c]) for c in seen},
+                      "seen_accuracy": matrix.seen_accuracy(t), "accuracy_row": matrix.acc[t, :t + 1].tolist(),
+                      "memory": mem_stats, "train_s": round(train_s, 2)}
+            with atomic_open(task_dir / "model.pt") as f:
+                torch.save(task.model.state_dict(), f)
+            memory.save(task_dir / "memory")
+            atomic_write_json(task_dir / "result.json", result)  # last: the task is done
+            shutil.rmtree(task_dir / "checkpoints", ignore_errors=True)
+            results.append(result)
+            log.info("task %d: accuracy on the %d seen classes %.4f; memory %d exemplars in %d of %d bytes",
+                     t + 1, len(seen), result["seen_accuracy"], mem_stats["exemplars"], mem_stats["bytes"], memory.budget)
+        _log_task(loggers, t, matrix, mem_stats)
+        if trainer.world_size > 1:  # every rank replays the memory rank 0 wrote
+            trainer.strategy.barrier()
+            memory.load(task_dir / "memory")
+
+    scores = matrix.summary()
+    summary = {
+        "task": "continual", "method": t_cfg.method, "representation": cfg.data.kind,
+        "selection": memory.selection, "budget_bytes": memory.budget, "num_tasks": len(tasks),
+        "class_order": order, "tasks": tasks, **scores,
+        "metrics": {"continual/average_incremental_accuracy": scores.get("average_incremental_accuracy"),
+                    "continual/final_accuracy": scores.get("final_accuracy"),
+                    "continual/forgetting": scores.get("forgetting")},
+        "memory": [r["memory"] for r in results],
+        "per_task": [{k: r[k] for k in ("task", "classes", "train_classes", "eval_classes", "seen_accuracy",
+                                        "train_s")} for r in results],
+        "wall_s": round(time.perf_counter() - start, 2),
+        "config_hash": config_hash(cfg), "output_dir": str(output_dir),
+    }
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        png = output_dir / "accuracy_matrix.png"
+        matrix_png(matrix.acc, png, f"{cfg.data.kind}, {t_cfg.method}/{memory.selection}, "
+                                    f"{memory.budget:,} B: avg inc. {scores.get('average_incremental_accuracy', 0):.3f}")
+        for lg in loggers:
+            if isinstance(lg, WandbLogger):
+                lg.log_image(key="continual/accuracy_matrix", images=[str(png)])
+        write_summary(output_dir, summary)
+        print(f"final: average incremental accuracy {scores.get('average_incremental_accuracy', float('nan')):.4f}, "
+              f"final accuracy {scores.get('final_accuracy', float('nan')):.4f}, forgetting "
+              f"{scores.get('forgetting', float('nan')):.4f}; memory {len(memory)} exemplars in "
+              f"{memory.nbytes:,} of {memory.budget:,} bytes", flush=True)
+        print(f"summary: {output_dir / 'summary.json'}", flush=True)
+    for lg in loggers:
+        lg.finalize("success")
+    return summary
+
+
+def _log_task(loggers: list, t: int, matrix: AccuracyMatrix, mem: dict) -> None:
+    row = matrix.acc[t]
+    metrics = {"continual/seen_accuracy": matrix.seen_accuracy(t), "continual/task": t,
+               **{f"continual/acc_task{j}": float(row[j]) for j in range(t + 1)}}
+    if mem:
+        metrics.update({"continual/memory_exemplars": mem["exemplars"], "continual/memory_bytes": mem["bytes"]})
+    for lg in loggers:
+        lg.log_metrics(metrics, step=t)
