@@ -103,6 +103,7 @@ def continual(cfg: DictConfig) -> dict:
         seen = [c for group in tasks[:t + 1] for c in group]
         log.info("task %d/%d: classes %s; memory %d exemplars, %d bytes", t + 1, len(tasks), tasks[t],
                  len(memory), memory.nbytes)
+        pl.seed_everything(int(cfg.seed) * 1000 + t, workers=True)  # a resumed task repeats the uninterrupted one
         task.begin_task(seen=len(seen), old=len(seen) - len(tasks[t]), replay=memory.replay_set())
         trainer = task_trainer(cfg, task_dir, loggers)
         t0 = time.perf_counter()

@@ -1,0 +1,102 @@
+"""Class-incremental Tiny-ImageNet-20 (5 tasks x 4 classes): tokens against JPEG pixels per memory budget.
+
+    python experiments/continual_tiny20.py --seeds 0 1             # the budget grid, ER + herding
+    python experiments/continual_tiny20.py --seeds 0 --methods     # distill and DER++ at 100 KB
+    python experiments/continual_tiny20.py --report                # the tables of RESULTS.md
+
+Every run is ``python run.py experiment=continual_{tokens,pixels} task.memory.budget=B ...``;
+finished runs (a summary.json in their dir) are skipped, so the script resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from resumable_runs import OUT, run_once
+
+BUDGETS = ("100KB", "1MB", "10MB")
+REPRESENTATIONS = ("tokens", "pixels")
+METHODS = ("er", "distill", "derpp")
+
+
+def run_dir(rep: str, budget: str, method: str, seed: int):
+    return OUT / "logs" / "continual" / "runs" / f"cl20_{rep}_{budget}_{method}_s{seed}"
+
+
+def run(rep: str, budget: str, method: str, seed: int) -> None:
+    run_once([f"experiment=continual_{rep}", f"task.memory.budget={budget}", f"task.method={method}",
+              f"seed={seed}"], run_dir(rep, budget, method, seed))
+
+
+def load(rep: str, budget: str, method: str, seeds) -> list[dict]:
+    out = []
+    for s in seeds:
+        path = run_dir(rep, budget, method, s) / "summary.json"
+        if path.is_file():
+            out.append(json.loads(path.read_text()))
+    return out
+
+
+def pm(values: list[float]) -> str:
+    v = 100 * np.array(values)
+    return f"{v.mean():.1f} ± {v.std():.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+
+def report(seeds) -> None:
+    print("| budget | representation | exemplars held (after the last task) | B / exemplar | avg incremental acc | "
+          "final acc | forgetting | runs |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for budget in BUDGETS:
+        for rep in REPRESENTATIONS:
+            runs = load(rep, budget, "er", seeds)
+            if not runs:
+                continue
+            held = [r["memory"][-1]["exemplars"] for r in runs]
+            per = [r["memory"][-1]["bytes_per_exemplar"] for r in runs]
+            print(f"| {budget} | {rep} | {np.mean(held):,.0f} | {np.mean(per):,.0f} | "
+                  f"{pm([r['average_incremental_accuracy'] for r in runs])} | {pm([r['final_accuracy'] for r in runs])} | "
+                  f"{pm([r['forgetting'] for r in runs])} | {len(runs)} |")
+    print("\n| budget | tokens − pixels, avg incremental acc (pp) |")
+    print("|---|---:|")
+    for budget in BUDGETS:
+        tok, pix = load("tokens", budget, "er", seeds), load("pixels", budget, "er", seeds)
+        if tok and pix:
+            gap = 100 * (np.mean([r["average_incremental_accuracy"] for r in tok])
+                         - np.mean([r["average_incremental_accuracy"] for r in pix]))
+            print(f"| {budget} | {gap:+.1f} |")
+    print("\n| method (100KB) | tokens avg inc. | pixels avg inc. | tokens exemplars | pixels exemplars |")
+    print("|---|---:|---:|---:|---:|")
+    for method in METHODS:
+        tok, pix = load("tokens", "100KB", method, seeds), load("pixels", "100KB", method, seeds)
+        if tok or pix:
+            cell = lambda runs: pm([r["average_incremental_accuracy"] for r in runs]) + f" ({len(runs)})" if runs else "-"  # noqa: E731
+            held = lambda runs: f"{np.mean([r['memory'][-1]['exemplars'] for r in runs]):,.0f}" if runs else "-"  # noqa: E731
+            print(f"| {method} | {cell(tok)} | {cell(pix)} | {held(tok)} | {held(pix)} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--methods", action="store_true", help="distill and DER++ at 100KB instead of the budget grid")
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    if args.report:
+        report(args.seeds)
+        return
+    if args.methods:
+        for method in METHODS[1:]:
+            for rep in REPRESENTATIONS:
+                for seed in args.seeds:
+                    run(rep, "100KB", method, seed)
+        return
+    for budget in BUDGETS:
+        for rep in REPRESENTATIONS:
+            for seed in args.seeds:
+                run(rep, budget, "er", seed)
+
+
+if __name__ == "__main__":
+    main()
