@@ -85,3 +85,14 @@ def test_continual_distill_with_random_selection(tmp_path, images):
     run(*token_overrides(tmp_path, images), "task.method=distill", "task.memory.selection=random",
         f"hydra.run.dir={out}")
     check_protocol(out, 1200)
+
+
+def test_continual_on_two_ranks_counts_every_val_sample_once(tmp_path, images):
+    out = tmp_path / "ddp"
+    run(*token_overrides(tmp_path, images), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "task.method=derpp", f"hydra.run.dir={out}")
+    s = check_protocol(out, 1200)
+    for t in range(TASKS):
+        result = json.loads((out / "tasks" / f"{t:02d}" / "result.json").read_text())
+        seen = {c for group in s["tasks"][:t + 1] for c in group}
+        assert sum(result["eval_total"].values()) == 3 * len(seen)  # 3 val images per class, split over ranks

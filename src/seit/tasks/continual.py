@@ -43,12 +43,11 @@ class ContinualTask(ClassificationTask):
         self.replay_aug = dataclasses.replace(self.aug, mix={**self.aug.mix, "cutmix_alpha": 0.0, "mixup_alpha": 0.0})
         self.seen, self.old = len(class_order), 0  # slots in use now, and before this task
         self.teacher = None
-        for name in ("replay_inputs", "replay_labels", "replay_logits", "replay_dims"):
-            self.register_buffer(name, None, persistent=False)
+        # Plain tensors, not buffers: DDP would broadcast buffers from rank 0 at every step,
+        # overwriting each rank's counts (and shipping the whole memory).
+        self.replay: dict[str, torch.Tensor] = {}
         n = len(class_order)
-        self.register_buffer("train_counts", torch.zeros(n, dtype=torch.long), persistent=False)
-        self.register_buffer("eval_correct", torch.zeros(n, dtype=torch.long), persistent=False)
-        self.register_buffer("eval_total", torch.zeros(n, dtype=torch.long), persistent=False)
+        self.counts = {k: torch.zeros(n, dtype=torch.long) for k in ("train", "eval_correct", "eval_total")}
 
     # -- what the pipeline sets before each task ----------------------------------------------
     def begin_task(self, seen: int, old: int, replay: dict | None) -> None:
@@ -58,12 +57,28 @@ class ContinualTask(ClassificationTask):
             self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()
         else:
             self.teacher = None
-        replay = replay or {}
-        self.replay_inputs = replay.get("inputs")
-        self.replay_labels = replay.get("labels")
-        self.replay_logits = replay.get("logits")
-        self.replay_dims = replay.get("logit_dims")
-        self.train_counts.zero_()
+        self.replay = dict(replay or {})
+        self.counts["train"].zero_()
+
+    def on_device(self, store: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors of ``store`` on the module's device (moved once, in place)."""
+        for k, v in store.items():
+            if v.device != self.device:
+                store[k] = v.to(self.device)
+        return store
+
+    @property
+    def train_counts(self) -> torch.Tensor:
+        """Samples trained on per class in this task (new and replayed)."""
+        return self.counts["train"]
+
+    @property
+    def eval_correct(self) -> torch.Tensor:
+        return self.counts["eval_correct"]
+
+    @property
+    def eval_total(self) -> torch.Tensor:
+        return self.counts["eval_total"]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -75,16 +90,16 @@ class ContinualTask(ClassificationTask):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         h, g = self.hparams, self.step_generator()
         labels = batch["label"]
-        self.train_counts += torch.bincount(labels, minlength=len(self.train_counts))
+        counts, replay = self.on_device(self.counts), self.on_device(self.replay)
+        counts["train"] += torch.bincount(labels, minlength=len(counts["train"]))
         x, targets = self.train_batch({**batch, "label": self.slot_of[labels]}, self.seen, generator=g)
         size = x.shape[0]
         memory = None
-        if self.replay_inputs is not None and len(self.replay_inputs):
-            pick = torch.randint(len(self.replay_inputs), (h.replay_batch,), generator=g, device=g.device)
-            pick = pick.to(self.replay_inputs.device)
-            mem_labels = self.replay_labels[pick]
-            self.train_counts += torch.bincount(mem_labels, minlength=len(self.train_counts))
-            xm, tm = self.train_batch({self.input_key: self.replay_inputs[pick], "label": self.slot_of[mem_labels]},
+        if replay and len(replay["inputs"]):
+            pick = torch.randint(len(replay["inputs"]), (h.replay_batch,), generator=g, device=g.device)
+            mem_labels = replay["labels"][pick]
+            counts["train"] += torch.bincount(mem_labels, minlength=len(counts["train"]))
+            xm, tm = self.train_batch({self.input_key: replay["inputs"][pick], "label": self.slot_of[mem_labels]},
                                       self.seen, aug=self.replay_aug, generator=g)
             x, memory = torch.cat([x, xm]), (pick, tm)
         logits = self.model(x)[:, :self.seen]
@@ -93,7 +108,7 @@ class ContinualTask(ClassificationTask):
             pick, tm = memory
             replay_ce = self.soft_criterion(logits[size:], tm)
             if h.method == "derpp":
-                stored, dims = self.replay_logits[pick], self.replay_dims[pick]
+                stored, dims = replay["logits"][pick], replay["logit_dims"][pick]
                 width = stored.shape[1]
                 valid = torch.arange(width, device=dims.device)[None] < dims[:, None]
                 mse = ((logits[size:, :width] - stored) ** 2 * valid).sum() / valid.sum().clamp(min=1)
@@ -122,20 +137,22 @@ class ContinualTask(ClassificationTask):
         labels = batch["label"]
         logits = self.model(eval_view(self.model.embed(batch[self.input_key]), self.aug))[:, :self.seen]
         right = logits.argmax(1) == self.slot_of[labels]
-        n = len(self.eval_total)
-        self.eval_total += torch.bincount(labels, minlength=n)
-        self.eval_correct += torch.bincount(labels[right], minlength=n)
+        counts = self.on_device(self.counts)
+        n = len(counts["eval_total"])
+        counts["eval_total"] += torch.bincount(labels, minlength=n)
+        counts["eval_correct"] += torch.bincount(labels[right], minlength=n)
 
     def on_validation_epoch_end(self) -> None:
-        correct = self.trainer.strategy.reduce(self.eval_correct.clone(), reduce_op="sum")
-        total = self.trainer.strategy.reduce(self.eval_total.clone(), reduce_op="sum")
-        self.eval_correct.copy_(correct)
-        self.eval_total.copy_(total)
-        self.log("val/acc1", correct.sum().float() / total.sum().clamp(min=1), prog_bar=True, sync_dist=False)
+        counts = self.on_device(self.counts)
+        for k in ("eval_correct", "eval_total"):
+            counts[k] = self.trainer.strategy.reduce(counts[k], reduce_op="sum")
+        correct, total = counts["eval_correct"], counts["eval_total"]
+        self.log("val/acc1", correct.sum().float() / total.sum().clamp(min=1), prog_bar=True)
         self.log("val/samples", total.sum().float())
 
     def on_train_end(self) -> None:
-        self.train_counts.copy_(self.trainer.strategy.reduce(self.train_counts.clone(), reduce_op="sum"))
+        counts = self.on_device(self.counts)
+        counts["train"] = self.trainer.strategy.reduce(counts["train"], reduce_op="sum")
 
     # -- what the memory update reads ------------------------------------------------------------
     @torch.no_grad()
