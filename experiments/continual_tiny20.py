@@ -3,6 +3,7 @@
     python experiments/continual_tiny20.py --seeds 0 1             # the budget grid, ER + herding
     python experiments/continual_tiny20.py --seeds 0 --methods     # distill and DER++ at 100 KB
     python experiments/continual_tiny20.py --report                # the tables of RESULTS.md
+    python experiments/continual_tiny20.py --capacity              # exemplars each memory holds per budget
 
 Every run is ``python run.py experiment=continual_{tokens,pixels} task.memory.budget=B ...``;
 finished runs (a summary.json in their dir) are skipped, so the script resumes.
@@ -77,12 +78,47 @@ def report(seeds) -> None:
             print(f"| {method} | {cell(tok)} | {cell(pix)} | {held(tok)} | {held(pix)} |")
 
 
+def capacity() -> None:
+    """Exemplars of all 20 classes that fit each budget, by real encoding (no training needed)."""
+    import sys
+
+    sys.path.insert(0, str(OUT / "src"))
+    from seit.continual.memory import JpegSamples, ReplayMemory, TokenSamples, parse_bytes
+    from seit.data.dataset_info import TokenDatasetInfo
+    from seit.data.image_source import scan_source
+    from seit.data.shard_reader import read_split
+
+    stores = {}
+    for name, root in (("tokens (ctx-rans)", "tiny20_patch_kmeans_s64p4k512"),
+                       ("tokens (zstd-planes)", "tiny20_patch_kmeans_s64p4k512_zstd")):
+        info = TokenDatasetInfo.open(OUT / "data_cache" / "tokens" / root)
+        ids, labels, _ = read_split(info, "train")
+        stores[name] = TokenSamples(ids, labels, info.load_codec(), info.codebook_size)
+    records = scan_source(OUT.parent / "shared" / "data" / "tiny-imagenet-20")[0]["train"]
+    stores["JPEG files"] = JpegSamples(records, 64)
+    for q in (75, 50, 25):
+        stores[f"JPEG re-encoded q={q}"] = JpegSamples(records, 64, quality=q)
+    print("| memory | " + " | ".join(BUDGETS) + " |")
+    print("|---|" + "---:|" * len(BUDGETS))
+    for name, store in stores.items():
+        cells = []
+        for budget in BUDGETS:
+            memory = ReplayMemory(store, parse_bytes(budget), "random", seed=0)
+            stats = memory.update(0, np.arange(len(store.labels)), logit_dim=20)
+            cells.append(f"{stats['exemplars']:,} ({stats['bytes_per_exemplar']:,.0f} B)")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--methods", action="store_true", help="distill and DER++ at 100KB instead of the budget grid")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--capacity", action="store_true", help="exemplars held per budget and representation")
     args = ap.parse_args()
+    if args.capacity:
+        capacity()
+        return
     if args.report:
         report(args.seeds)
         return
