@@ -44,6 +44,14 @@ def sample_store(cfg: DictConfig, dm):
     return JpegSamples(dm.records(split), int(cfg.data.image_size), cfg.task.memory.get("jpeg_quality"))
 
 
+def trainable(cfg: DictConfig, dm, n: int) -> np.ndarray:
+    """Which train samples the loader serves: all, or those of the ``data.subset`` manifest."""
+    masks = dm.subset_masks(cfg.data.train_split) if cfg.data.kind == "tokens" else None
+    if masks is None:
+        return np.ones(n, bool)
+    return np.concatenate([masks[p] for p in dm.load_info().shard_paths(cfg.data.train_split)])
+
+
 def task_trainer(cfg: DictConfig, task_dir: Path, loggers: list) -> pl.Trainer:
     """The configured trainer for one task: no validation inside fit (the pipeline evaluates after
     it), and a last.ckpt in the task's dir for resuming an interrupted task."""
@@ -77,6 +85,7 @@ def continual(cfg: DictConfig) -> dict:
     order = class_order(dm.num_classes, int(t_cfg.order_seed), t_cfg.get("class_order"))
     tasks = split_tasks(order, int(t_cfg.num_tasks))
     store = sample_store(cfg, dm)
+    allowed = trainable(cfg, dm, len(store.labels))
     task = build_classifier(cfg, dm, ContinualTask, class_order=order, method=str(t_cfg.method),
                             replay_batch=int(t_cfg.replay_batch), distill=OmegaConf.to_container(t_cfg.distill),
                             derpp=OmegaConf.to_container(t_cfg.derpp))
@@ -119,7 +128,7 @@ def continual(cfg: DictConfig) -> dict:
         if leaked:
             raise AssertionError(f"task {t} evaluated classes {leaked} that it has not seen")
 
-        new_idx = np.flatnonzero(np.isin(store.labels, tasks[t]))
+        new_idx = np.flatnonzero(np.isin(store.labels, tasks[t]) & allowed)
         mem_stats = {}
         if trainer.is_global_zero:
             predict = lambda idx: task.predict(store.inputs(idx))  # noqa: E731
