@@ -56,8 +56,9 @@ def task_trainer(cfg: DictConfig, task_dir: Path, loggers: list) -> pl.Trainer:
     """The configured trainer for one task: no validation inside fit (the pipeline evaluates after
     it), and a last.ckpt in the task's dir for resuming an interrupted task."""
     callbacks = [c for c in instantiate_all(cfg.get("callbacks")) if not isinstance(c, (ModelCheckpoint, RunVisuals))]
-    callbacks.append(ModelCheckpoint(dirpath=task_dir / "checkpoints", save_top_k=0, save_last=True,
-                                     every_n_train_steps=100, enable_version_counter=False))
+    for every in ({"every_n_epochs": 1}, {"every_n_train_steps": 100}):  # both write last.ckpt; the newer wins
+        callbacks.append(ModelCheckpoint(dirpath=task_dir / "checkpoints", save_top_k=0, save_last=True,
+                                         enable_version_counter=False, **every))
     epochs = int(cfg.trainer.max_epochs)
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                    check_val_every_n_epoch=epochs + 1, num_sanity_val_steps=0)
