@@ -23,6 +23,7 @@ Selection rules (all class-incremental: a class's samples only arrive during its
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import struct
@@ -32,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 import zstandard
+from PIL import Image
 
 from seit.data.chunk import Chunk, decode_chunk, encode_chunk
 from seit.data.image_source import ImageRecord, decode_image
@@ -94,10 +96,6 @@ class JpegSamples:
         data = self.records[i].read_bytes()
         if self.quality is None:
             return data
-        import io
-
-        from PIL import Image
-
         pixels = decode_image(data, self.size, self.records[i].where).transpose(1, 2, 0)
         out = io.BytesIO()
         Image.fromarray(pixels).save(out, format="JPEG", quality=int(self.quality))
