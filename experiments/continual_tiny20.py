@@ -2,8 +2,8 @@
 
     python experiments/continual_tiny20.py --seeds 0 1             # the budget grid, ER + herding
     python experiments/continual_tiny20.py --seeds 2 --budgets 100KB  # a third seed where the target is
-    python experiments/continual_tiny20.py --seeds 0 --methods     # distill and DER++ at 100 KB
-    python experiments/continual_tiny20.py --report                # the tables of RESULTS.md
+    python experiments/continual_tiny20.py --seeds 1 --methods     # distill and DER++ at 100 KB
+    python experiments/continual_tiny20.py --report --seeds 0 1 2  # the tables of RESULTS.md
     python experiments/continual_tiny20.py --capacity              # exemplars each memory holds per budget
 
 Every run is ``python run.py experiment=continual_{tokens,pixels} task.memory.budget=B ...``;
@@ -70,14 +70,19 @@ def report(seeds) -> None:
             aia = [100 * (t["average_incremental_accuracy"] - p["average_incremental_accuracy"]) for t, p in pairs]
             final = [100 * (t["final_accuracy"] - p["final_accuracy"]) for t, p in pairs]
             print(f"| {budget} | {' / '.join(f'{g:+.1f}' for g in aia)} | {np.mean(aia):+.1f} | {np.mean(final):+.1f} |")
-    print("\n| method (100KB) | tokens avg inc. | pixels avg inc. | tokens exemplars | pixels exemplars |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| method (100 KB) | seed | tokens: avg inc. / final | pixels: avg inc. / final | gap, avg inc. (pp) | "
+          "exemplars tokens / pixels |")
+    print("|---|---:|---:|---:|---:|---:|")
     for method in METHODS:
-        tok, pix = load("tokens", "100KB", method, seeds), load("pixels", "100KB", method, seeds)
-        if tok or pix:
-            cell = lambda runs: pm([r["average_incremental_accuracy"] for r in runs]) + f" ({len(runs)})" if runs else "-"  # noqa: E731
-            held = lambda runs: f"{np.mean([r['memory'][-1]['exemplars'] for r in runs]):,.0f}" if runs else "-"  # noqa: E731
-            print(f"| {method} | {cell(tok)} | {cell(pix)} | {held(tok)} | {held(pix)} |")
+        for seed in seeds:
+            tok, pix = load("tokens", "100KB", method, [seed]), load("pixels", "100KB", method, [seed])
+            if not (tok and pix) or method == "er" and not load("tokens", "100KB", "distill", [seed]):
+                continue  # ER rows only next to the seeds the other methods ran
+            t, p = tok[0], pix[0]
+            print(f"| {method} | {seed} | {100 * t['average_incremental_accuracy']:.1f} / {100 * t['final_accuracy']:.1f} | "
+                  f"{100 * p['average_incremental_accuracy']:.1f} / {100 * p['final_accuracy']:.1f} | "
+                  f"{100 * (t['average_incremental_accuracy'] - p['average_incremental_accuracy']):+.1f} | "
+                  f"{t['memory'][-1]['exemplars']:,} / {p['memory'][-1]['exemplars']:,} |")
 
 
 def capacity() -> None:
