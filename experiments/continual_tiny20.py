@@ -2,7 +2,8 @@
 
     python experiments/continual_tiny20.py --seeds 0 1             # the budget grid, ER + herding
     python experiments/continual_tiny20.py --seeds 2 --budgets 100KB  # a third seed where the target is
-    python experiments/continual_tiny20.py --seeds 1 --methods     # distill and DER++ at 100 KB
+    python experiments/continual_tiny20.py --seeds 0 1 --methods   # distill and DER++ at 100 KB
+    python experiments/continual_tiny20.py --seeds 0 --no-memory   # the lower bound: budget 0
     python experiments/continual_tiny20.py --report --seeds 0 1 2  # the tables of RESULTS.md
     python experiments/continual_tiny20.py --capacity              # exemplars each memory holds per budget
 
@@ -51,13 +52,13 @@ def report(seeds) -> None:
     print("| budget | representation | exemplars held (after the last task) | B / exemplar | avg incremental acc | "
           "final acc | forgetting | runs |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for budget in BUDGETS:
+    for budget in ("0B", *BUDGETS):  # 0B: no memory, the lower bound (run with --no-memory)
         for rep in REPRESENTATIONS:
             runs = load(rep, budget, "er", seeds)
             if not runs:
                 continue
             held = [r["memory"][-1]["exemplars"] for r in runs]
-            per = [r["memory"][-1]["bytes_per_exemplar"] for r in runs]
+            per = [r["memory"][-1]["bytes_per_exemplar"] or 0 for r in runs]
             print(f"| {budget} | {rep} | {np.mean(held):,.0f} | {np.mean(per):,.0f} | "
                   f"{pm([r['average_incremental_accuracy'] for r in runs])} | {pm([r['final_accuracy'] for r in runs])} | "
                   f"{pm([r['forgetting'] for r in runs])} | {len(runs)} |")
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--methods", action="store_true", help="distill and DER++ at 100KB instead of the budget grid")
     ap.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=BUDGETS)
+    ap.add_argument("--no-memory", action="store_true", help="the lower bound: ER with a budget of 0 bytes")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--capacity", action="store_true", help="exemplars held per budget and representation")
     args = ap.parse_args()
@@ -129,6 +131,11 @@ def main() -> None:
         return
     if args.report:
         report(args.seeds)
+        return
+    if args.no_memory:
+        for rep in REPRESENTATIONS:
+            for seed in args.seeds:
+                run(rep, "0B", "er", seed)
         return
     if args.methods:
         for method in METHODS[1:]:
