@@ -65,6 +65,9 @@ def test_continual_tokens_and_resume_after_a_task(tmp_path, images):
     again = check_protocol(resumed, 1200)
     for key in ("accuracy_matrix", "memory", "class_order"):
         assert again[key] == full[key], key
+    # resuming into it with another protocol is refused, not mixed
+    proc = run(*token_overrides(tmp_path, images), "task.memory.budget=2KB", f"hydra.run.dir={resumed}", check=False)
+    assert proc.returncode != 0 and "another protocol" in proc.stderr
 
 
 def test_continual_pixels_with_der_and_a_jpeg_memory(tmp_path, images):

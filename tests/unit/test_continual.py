@@ -183,7 +183,7 @@ def test_save_load_round_trip_and_replay_decodes_the_stored_bytes(keep_logits, t
         assert replay["logits"].shape == (len(held), 4)
         assert set(replay["logit_dims"].tolist()) == {2, 4}  # each class's logits: the classes seen at its task
     (tmp_path / f"class_{min(memory.members)}.bin").write_bytes(b"SCHK" + b"\0" * 40)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=f"class_{min(memory.members)}.bin is corrupt"):
         ReplayMemory(samples, 4_000, "reservoir", keep_logits=keep_logits).load(tmp_path)
     with pytest.raises(ValueError, match="herding memory|reservoir memory"):
         ReplayMemory(samples, 4_000, "herding", keep_logits=keep_logits).load(tmp_path)

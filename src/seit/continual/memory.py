@@ -370,8 +370,12 @@ class ReplayMemory:
                              f"uses {self.selection} (logits: {self.keep_logits})")
         self.members, self.logits, self._payloads = {}, {}, {}
         for c, entry in meta["classes"].items():
-            payload = (root / entry["payload"]).read_bytes()
-            _, _, keys = self.samples.decode(payload)
+            path = root / entry["payload"]
+            payload = path.read_bytes()
+            try:
+                _, _, keys = self.samples.decode(payload)
+            except Exception as exc:  # codec, zstd and PIL errors alike: name the file
+                raise ValueError(f"memory file {path} is corrupt ({exc}); delete {root.parent} to redo that task") from exc
             c = int(c)
             self.members[c] = keys
             self._payloads[(c, keys.tobytes())] = payload

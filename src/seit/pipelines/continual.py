@@ -97,8 +97,13 @@ def continual(cfg: DictConfig) -> dict:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
+    protocol = {"tasks": tasks, "method": str(t_cfg.method), "selection": memory.selection,
+                "budget_bytes": memory.budget, "input": cfg.data.kind}
     results = finished_tasks(tasks_dir, len(tasks))
     for r in results:
+        if r["protocol"] != protocol:
+            raise ValueError(f"{tasks_dir} holds tasks of another protocol ({r['protocol']}); this run is {protocol}. "
+                             "Resume with the same settings, or pick a new run dir (run_name=...)")
         matrix.record(r["task"], {int(k): v for k, v in r["eval_correct"].items()},
                       {int(k): v for k, v in r["eval_total"].items()})
     if results:
@@ -135,7 +140,7 @@ def continual(cfg: DictConfig) -> dict:
             predict = lambda idx: task.predict(store.inputs(idx))  # noqa: E731
             mem_stats = memory.update(t, new_idx, logit_dim=len(seen), features=lambda idx: predict(idx)[0],
                                       logits=lambda idx: predict(idx)[1])
-            result = {"task": t, "classes": tasks[t], "seen_classes": seen,
+            result = {"task": t, "protocol": protocol, "classes": tasks[t], "seen_classes": seen,
                       "train_classes": np.flatnonzero(train_counts).tolist(),
                       "train_samples": {int(c): int(n) for c, n in enumerate(train_counts) if n},
                       "eval_classes": np.flatnonzero(total).tolist(),
