@@ -10,7 +10,9 @@ drawn from it (decoded from the memory's bytes, kept on the device):
   the model and of the frozen model from the end of the previous task, on both batches;
 - ``derpp`` (DER++): the memory batch's cross-entropy weighted by ``beta`` and a mean squared
   error, weighted by ``alpha``, between its logits and those stored when its class was learned.
-  Both terms use one memory batch (DER++ draws two), which halves the replay compute.
+  Both terms use one memory batch (DER++ draws two), which halves the replay compute, and the
+  logits are those of the model at the end of the class's task (DER++ records them while the
+  task streams), because the memory is rebuilt between tasks.
 
 The memory batch is augmented like the task's batch but never mixed (CutMix would blend a
 stored sample's logits with another's).
