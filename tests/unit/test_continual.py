@@ -187,6 +187,9 @@ def test_save_load_round_trip_and_replay_decodes_the_stored_bytes(keep_logits, t
         ReplayMemory(samples, 4_000, "reservoir", keep_logits=keep_logits).load(tmp_path)
     with pytest.raises(ValueError, match="herding memory|reservoir memory"):
         ReplayMemory(samples, 4_000, "herding", keep_logits=keep_logits).load(tmp_path)
+    (tmp_path / "memory.json").unlink()
+    with pytest.raises(FileNotFoundError, match="memory.json is missing"):
+        ReplayMemory(samples, 4_000, "reservoir", keep_logits=keep_logits).load(tmp_path)
 
 
 def test_jpeg_memory_holds_the_files_bytes_and_decodes_like_the_loader(tmp_path):

@@ -364,6 +364,9 @@ class ReplayMemory:
 
     def load(self, root: str | Path) -> None:
         root = Path(root)
+        if not (root / "memory.json").is_file():
+            raise FileNotFoundError(f"{root / 'memory.json'} is missing: the memory of that task was not saved; "
+                                    f"delete {root.parent} to redo the task")
         meta = json.loads((root / "memory.json").read_text())
         if meta["selection"] != self.selection or meta["keep_logits"] != self.keep_logits:
             raise ValueError(f"{root} holds a {meta['selection']} memory (logits: {meta['keep_logits']}); this run "

@@ -35,7 +35,7 @@ class TokenDataModule(pl.LightningDataModule):
         self.seed = seed
         self.epoch = SharedEpoch()
         self.info: TokenDatasetInfo | None = None
-        self.classes: frozenset[int] | None = None  # restrict_classes(): only these labels are loaded
+        self.restricted: frozenset[int] | None = None  # restrict_classes(): only these labels are loaded
         self._arrays: dict[str, tuple] = {}
 
     def prepare_data(self) -> None:
@@ -92,7 +92,7 @@ class TokenDataModule(pl.LightningDataModule):
 
     def restrict_classes(self, classes) -> None:
         """Load only samples of these labels from now on (continual learning: one task's classes)."""
-        self.classes = frozenset(int(c) for c in classes)
+        self.restricted = frozenset(int(c) for c in classes)
 
     def split_arrays(self, split: str) -> tuple:
         """(ids, labels, samples per shard) of a whole split, read once and kept."""
@@ -105,17 +105,17 @@ class TokenDataModule(pl.LightningDataModule):
     def row_masks(self, split: str) -> dict | None:
         """Per-shard rows to load: the ``data.subset`` manifest's, and of them the restricted classes'."""
         masks = self.subset_masks(split)
-        if self.classes is None:
+        if self.restricted is None:
             return masks
         _, labels, counts = self.split_arrays(split)
-        wanted = np.isin(labels, sorted(self.classes))
+        wanted = np.isin(labels, sorted(self.restricted))
         bounds = np.cumsum([0, *counts])
         paths = self.load_info().shard_paths(split)
         rows = {p: wanted[a:b] for p, a, b in zip(paths, bounds[:-1], bounds[1:])}
         if masks is not None:
             rows = {p: rows[p] & masks[p] for p in paths}
         if not any(m.any() for m in rows.values()):
-            raise ValueError(f"{self.load_info().root} split {split!r} has no sample of classes {sorted(self.classes)}")
+            raise ValueError(f"{self.load_info().root} split {split!r} has no sample of classes {sorted(self.restricted)}")
         return rows
 
     def subset_masks(self, split: str) -> dict | None:

@@ -52,6 +52,14 @@ def trainable(cfg: DictConfig, dm, n: int) -> np.ndarray:
     return np.concatenate([masks[p] for p in dm.load_info().shard_paths(cfg.data.train_split)])
 
 
+def predict_split(task: ContinualTask, store, idx: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(features, logits) of the samples ``idx``, decoded a chunk at a time (pixels at scale do not fit at once)."""
+    parts = [task.predict(store.inputs(idx[i:i + chunk])) for i in range(0, len(idx), chunk)]
+    if not parts:
+        return np.zeros((0, 0), np.float32), np.zeros((0, task.seen), np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def task_trainer(cfg: DictConfig, task_dir: Path, loggers: list) -> pl.Trainer:
     """The configured trainer for one task: no validation inside fit (the pipeline evaluates after
     it), and a last.ckpt in the task's dir for resuming an interrupted task."""
@@ -137,9 +145,11 @@ def continual(cfg: DictConfig) -> dict:
         new_idx = np.flatnonzero(np.isin(store.labels, tasks[t]) & allowed)
         mem_stats = {}
         if trainer.is_global_zero:
-            predict = lambda idx: task.predict(store.inputs(idx))  # noqa: E731
-            mem_stats = memory.update(t, new_idx, logit_dim=len(seen), features=lambda idx: predict(idx)[0],
-                                      logits=lambda idx: predict(idx)[1])
+            features, logits = predict_split(task, store, new_idx)
+            row = {int(i): r for r, i in enumerate(new_idx)}
+            mem_stats = memory.update(t, new_idx, logit_dim=len(seen),
+                                      features=lambda idx: features[[row[int(i)] for i in idx]],
+                                      logits=lambda idx: logits[[row[int(i)] for i in idx]])
             result = {"task": t, "protocol": protocol, "classes": tasks[t], "seen_classes": seen,
                       "train_classes": np.flatnonzero(train_counts).tolist(),
                       "train_samples": {int(c): int(n) for c, n in enumerate(train_counts) if n},
