@@ -173,9 +173,7 @@ def test_tokenize_then_stream_round_trip(tmp_path, image_folder):
 
     def read(root):
         info = TokenDatasetInfo.open(root)
-        stream = TokenStream(info.shards("train"), info.shard_paths("train"), codec=info.codec,
-                             codebook_size=info.codebook_size, grid=info.grid, chunk_size=info.meta["chunk_size"],
-                             batch_size=5, train=False, num_workers=2)
+        stream = TokenStream(info.shard_specs("train"), codec=info.codec, batch_size=5, train=False, num_workers=2)
         batches = list(DataLoader(stream, batch_size=None, num_workers=2))
         return {k: ids for b in batches for k, ids in zip(b["key"], b["ids"].numpy())}
 

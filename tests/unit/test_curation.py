@@ -183,7 +183,7 @@ def dataset(tmp_path):
 def _keys(info, split="train"):
     from seit.data.shard_reader import read_shard
 
-    return [k for p in info.shard_paths(split) for c in read_shard(p, info.load_codec()) for k in c.keys]
+    return [k for p in info.shard_specs(split) for c in read_shard(p, info.load_codec()) for k in c.keys]
 
 
 def test_manifest_round_trips_and_the_loader_sees_exactly_the_kept_keys(dataset, tmp_path):
@@ -213,7 +213,7 @@ def _batch_keys(batch, keys, info):
     """Training batches carry no keys: match the ids back to the samples they came from."""
     from seit.data.shard_reader import read_shard
 
-    ids = np.concatenate([c.ids for p in info.shard_paths("train") for c in read_shard(p, info.load_codec())])
+    ids = np.concatenate([c.ids for p in info.shard_specs("train") for c in read_shard(p, info.load_codec())])
     flat = {ids[i].tobytes(): keys[i] for i in range(len(keys))}
     return [flat[x.numpy().tobytes()] for x in batch["ids"]]
 

@@ -16,9 +16,8 @@ COUNTS = {"train": [70, 45, 33], "val": [41, 29, 3]}  # uneven shards, fewer sha
 
 
 def _stream(info, split, *, train, rank=0, world=1, workers=0, batch=8, seed=0):
-    return TokenStream(info.shards(split), info.shard_paths(split), codec=info.codec,
-                       codebook_size=info.codebook_size, grid=info.grid, chunk_size=info.meta["chunk_size"],
-                       batch_size=batch, train=train, rank=rank, world_size=world, num_workers=workers, seed=seed,
+    return TokenStream(info.shard_specs(split), codec=info.codec, batch_size=batch, train=train, rank=rank,
+                       world_size=world, num_workers=workers, seed=seed,
                        shuffle_buffer=32)
 
 
@@ -63,8 +62,8 @@ def test_train_splits_shards_by_node_then_worker(tmp_path):
         seen = set()
         for worker in range(2):
             stream = _stream(info, "train", train=True, rank=rank, world=2, workers=2)
-            urls = stream._resampled_urls(random.Random(0), worker)
-            seen |= {next(urls)["url"] for _ in range(200)}
+            specs = stream._resampled(random.Random(0), worker)
+            seen |= {next(specs).path for _ in range(200)}
         shards_seen.append(seen)
     assert len(shards_seen[0]) == len(shards_seen[1]) == 4 and not shards_seen[0] & shards_seen[1]
 
@@ -103,8 +102,9 @@ def test_ids_beyond_codebook_are_caught_with_the_sample(tmp_path):
     info = TokenDatasetInfo.open(tmp_path)
     ids = np.zeros((10, 8, 8), np.uint16)
     ids[3, 2, 2] = 299
-    write_shard(tmp_path / SHARD_DIR / "val-000000.tar", ids, np.zeros(10, np.int64), [f"s{i}" for i in range(10)],
-                split="val", codec="zstd-planes", codebook_size=300, chunk_size=8)
+    record = write_shard(tmp_path / SHARD_DIR / "val-000000.tar", ids, np.zeros(10, np.int64),
+                         [f"s{i}" for i in range(10)], split="val", codec="zstd-planes", codebook_size=300, chunk_size=8)
+    info.meta["shards"][0].update(sha256=record.sha256, bytes=record.bytes)
     info.meta["codebook_size"] = 200  # the dataset claims a smaller codebook than the ids use
     with pytest.raises(ShardReadError, match="'s3' has id 299"):
         _iterate(_stream(info, "val", train=False), 0)

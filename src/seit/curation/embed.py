@@ -194,12 +194,12 @@ def embed_split(info: TokenDatasetInfo, split: str, checkpoint: str | Path | Non
     _check_plan(out, json.loads((progress / "plan.json").read_text()), plan)
     raw_path = out / EMBEDDINGS if not whiten else progress / "raw.npy"
     vectors = np.load(raw_path, mmap_mode="r+")
-    codec, paths = info.load_codec(), info.shard_paths(split)
+    codec, specs = info.load_codec(), info.shard_specs(split)
     mine = [i for i in range(len(shards)) if i % world == rank and not (progress / f"{shards[i]['name']}.json").is_file()]
     bar = tqdm(total=sum(shards[i]["count"] for i in mine), desc=f"embed (rank {rank})", unit="sample", disable=None)
     for i in mine:
         keys, row = [], offsets[i]
-        for chunk in read_shard(paths[i], codec):
+        for chunk in read_shard(specs[i], codec):
             for start in range(0, len(chunk), batch_size):
                 ids = torch.from_numpy(chunk.ids[start:start + batch_size].astype(np.int64)).to(dev)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -209,7 +209,7 @@ def embed_split(info: TokenDatasetInfo, split: str, checkpoint: str | Path | Non
                 bar.update(len(ids))
             keys += chunk.keys
         if row != offsets[i + 1]:
-            raise DatasetError(f"{paths[i]} holds {row - offsets[i]} samples, dataset.json says {shards[i]['count']}")
+            raise DatasetError(f"{specs[i].path} holds {row - offsets[i]} samples, dataset.json says {shards[i]['count']}")
         vectors.flush()
         atomic_write_json(progress / f"{shards[i]['name']}.json", {"keys": keys})
     bar.close()

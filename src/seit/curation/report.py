@@ -41,8 +41,8 @@ def read_ids(info: TokenDatasetInfo, split: str, index: np.ndarray) -> np.ndarra
     want = {int(i): n for n, i in enumerate(index)}
     out = np.zeros((len(index), *info.grid), np.uint16)
     pos, codec = 0, info.load_codec()
-    for path in info.shard_paths(split):
-        for chunk in read_shard(path, codec):
+    for spec in info.shard_specs(split):
+        for chunk in read_shard(spec, codec):
             for i in range(len(chunk)):
                 if pos + i in want:
                     out[want[pos + i]] = chunk.ids[i]

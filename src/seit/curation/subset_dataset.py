@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from seit.data.dataset_info import INFO_FILE, SHARD_DIR, TokenDatasetInfo, write_dataset_info
-from seit.data.shard_reader import read_shard
+from seit.data.shard_reader import load_shard, read_shard
 from seit.data.shard_writer import write_shard
+from seit.utils.io import atomic_write_bytes
 
 META_FILES = ("codebook_file", "synonyms_file")
 
@@ -42,13 +43,14 @@ def write_subset_dataset(info: TokenDatasetInfo, subset, out: str | Path) -> Pat
                        keys=[rest] if rest else [])
 
     for shard in info.meta["shards"]:
-        src = info.root / SHARD_DIR / shard["name"]
-        if shard["split"] != subset.split:
-            shutil.copy2(src, out / SHARD_DIR / shard["name"])
+        spec = info.spec(shard)
+        if shard["split"] != subset.split:  # copied as they are, once the reader has checked them
+            list(read_shard(spec, codec))
+            atomic_write_bytes(out / SHARD_DIR / shard["name"], load_shard(spec))
             records.append(dict(shard))
             continue
-        mask, pos = masks[str(src)], 0
-        for c in read_shard(src, codec):
+        mask, pos = masks[spec.path], 0
+        for c in read_shard(spec, codec):
             rows = np.flatnonzero(mask[pos:pos + len(c)])
             pos += len(c)
             buf["ids"].append(c.ids[rows])

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from seit.data.codec import Codec, CodecError, as_codec
+from seit.data.codec import Codec, CodecError, as_codec, zstd_frame_size
 
 CHUNK_EXT = "tokens"
 _HEADER = struct.Struct("<4sIIII")
 _MAGIC = b"SCHK"
+MAX_KEY_BYTES = 4096  # per sample key: bounds what a keys stream may claim to decompress to
 
 
 @dataclass
@@ -37,9 +38,9 @@ def encode_chunk(chunk: Chunk, codec: Codec | str, codebook_size: int) -> bytes:
     n = len(chunk.keys)
     if chunk.ids.shape[0] != n or chunk.labels.shape[0] != n:
         raise ValueError(f"chunk has {chunk.ids.shape[0]} id grids, {chunk.labels.shape[0]} labels, {n} keys")
-    bad = [k for k in chunk.keys if "\n" in k or not k]
+    bad = [k for k in chunk.keys if "\n" in k or not k or len(k.encode()) > MAX_KEY_BYTES]
     if bad:
-        raise ValueError(f"sample keys must be non-empty and single-line: {bad[:3]}")
+        raise ValueError(f"sample keys must be non-empty, single-line and at most {MAX_KEY_BYTES} bytes: {bad[:3]}")
     ids = as_codec(codec).encode(chunk.ids, codebook_size)
     zc = zstandard.ZstdCompressor(level=19, write_checksum=True)
     labels = zc.compress(chunk.labels.astype("<i4").tobytes())
@@ -47,24 +48,36 @@ def encode_chunk(chunk: Chunk, codec: Codec | str, codebook_size: int) -> bytes:
     return _HEADER.pack(_MAGIC, n, len(ids), len(labels), len(keys)) + ids + labels + keys
 
 
-def decode_chunk(payload: bytes, codec: Codec | str) -> Chunk:
-    """Decode one chunk; raises CodecError on anything malformed (callers add the shard name)."""
+def decode_chunk(payload: bytes, codec: Codec | str, *, n: int | None = None,
+                 grid: tuple[int, int] | None = None) -> Chunk:
+    """Decode one chunk; raises CodecError on anything malformed (callers add the shard name).
+
+    ``n`` and ``grid``, when given (the reader knows both from dataset.json), are checked against
+    every count field before anything is decompressed, so a damaged count cannot allocate
+    absurd memory; without them the counts are only checked against each other.
+    """
     if len(payload) < _HEADER.size:
         raise CodecError(f"chunk of {len(payload)} bytes is shorter than its header")
-    magic, n, n_ids, n_labels, n_keys = _HEADER.unpack_from(payload)
+    magic, count, n_ids, n_labels, n_keys = _HEADER.unpack_from(payload)
     if magic != _MAGIC:
         raise CodecError(f"bad chunk magic {magic!r}")
+    if n is not None and count != n:
+        raise CodecError(f"chunk header claims {count} samples, dataset.json implies {n}")
     if _HEADER.size + n_ids + n_labels + n_keys != len(payload):
         raise CodecError(f"chunk size {len(payload)} does not match its header (truncated?)")
     start = _HEADER.size
-    ids = as_codec(codec).decode(payload[start : start + n_ids])
+    shape = (count, *grid) if grid is not None else None
+    ids = as_codec(codec).decode(payload[start : start + n_ids], shape=shape)
     start += n_ids
+    labels_frame, keys_frame = payload[start : start + n_labels], payload[start + n_labels :]
+    zstd_frame_size(labels_frame, 4 * count, "labels")
+    zstd_frame_size(keys_frame, -(MAX_KEY_BYTES + 1) * max(count, 1), "keys")
     zd = zstandard.ZstdDecompressor()
     try:
-        labels = np.frombuffer(zd.decompress(payload[start : start + n_labels]), dtype="<i4")
-        keys = zd.decompress(payload[start + n_labels :]).decode().split("\n")
-    except zstandard.ZstdError as exc:
+        labels = np.frombuffer(zd.decompress(labels_frame), dtype="<i4")
+        keys = zd.decompress(keys_frame).decode().split("\n")
+    except (zstandard.ZstdError, UnicodeDecodeError) as exc:
         raise CodecError(f"labels or keys stream is corrupt: {exc}") from exc
-    if not (ids.shape[0] == labels.shape[0] == len(keys) == n):
-        raise CodecError(f"chunk claims {n} samples, holds {ids.shape[0]} ids / {labels.shape[0]} labels / {len(keys)} keys")
+    if not (ids.shape[0] == labels.shape[0] == len(keys) == count):
+        raise CodecError(f"chunk claims {count} samples, holds {ids.shape[0]} ids / {labels.shape[0]} labels / {len(keys)} keys")
     return Chunk(ids=ids, labels=labels.astype(np.int64), keys=keys)

@@ -54,13 +54,34 @@ def encode_zstd_planes(ids: np.ndarray, codebook_size: int, level: int = 19) -> 
     return _HEADER.pack(_MAGIC, 1, dtype.itemsize, h, w, n) + body
 
 
-def decode_zstd_planes(payload: bytes) -> np.ndarray:
+def check_shape(found: tuple[int, int, int], shape: tuple[int, int, int] | None) -> None:
+    """Refuse a payload whose header claims another shape than the caller expects, before allocating."""
+    if shape is not None and tuple(found) != tuple(shape):
+        raise CodecError(f"header claims ids of shape {list(found)}, expected {list(shape)}")
+
+
+def zstd_frame_size(frame: bytes, expected: int, what: str) -> None:
+    """A zstd frame must declare the size it decodes to, and it must be ``expected`` (or at most
+    ``-expected``), checked before decompressing: a damaged size field must not allocate terabytes."""
+    try:
+        size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{what}: not a zstd frame ({exc})") from exc
+    if size < 0 or (size != expected if expected >= 0 else size > -expected):
+        raise CodecError(f"{what}: zstd frame declares {size} bytes, expected "
+                         f"{expected if expected >= 0 else f'at most {-expected}'}")
+
+
+def decode_zstd_planes(payload: bytes, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """ids uint16 [n,H,W]; ``shape``, when given, must match the header (checked before allocating)."""
     if len(payload) < _HEADER.size:
         raise CodecError(f"payload of {len(payload)} bytes is shorter than the header")
     magic, version, itemsize, h, w, n = _HEADER.unpack_from(payload)
     if magic != _MAGIC or version != 1 or itemsize not in (1, 2):
         raise CodecError(f"bad header (magic={magic!r}, version={version}, itemsize={itemsize})")
+    check_shape((n, h, w), shape)
     expected = n * h * w * itemsize
+    zstd_frame_size(payload[_HEADER.size :], expected, "ids")
     try:
         raw = zstandard.ZstdDecompressor().decompress(payload[_HEADER.size :], max_output_size=expected)
     except zstandard.ZstdError as exc:
@@ -74,12 +95,14 @@ def decode_zstd_planes(payload: bytes) -> np.ndarray:
 
 
 Encoder = Callable[[np.ndarray, int], bytes]
-Decoder = Callable[[bytes], np.ndarray]
+Decoder = Callable[..., np.ndarray]  # (payload, shape=None) -> ids
 
 
 @dataclass(frozen=True)
 class Codec:
-    """A codec ready to use: ``encode(ids [n,H,W], codebook_size) -> bytes``, ``decode(bytes) -> uint16 ids``."""
+    """A codec ready to use: ``encode(ids [n,H,W], codebook_size) -> bytes`` and
+    ``decode(bytes, shape=None) -> uint16 ids [n,H,W]``; a given ``shape`` is checked against the
+    payload's header before anything is allocated."""
 
     name: str
     encode: Encoder

@@ -39,7 +39,7 @@ import numba
 import numpy as np
 from safetensors.numpy import load, save
 
-from seit.data.codec import Codec, CodecError
+from seit.data.codec import Codec, CodecError, check_shape
 from seit.utils.io import atomic_write_bytes
 
 NAME = "ctx-rans"
@@ -390,12 +390,13 @@ def encode_ctx(model: CtxModel, ids: np.ndarray, codebook_size: int) -> bytes:
     return _HEADER.pack(_MAGIC, _VERSION, h, w, n, codebook_size % 65536, model.fingerprint, zlib.crc32(body)) + body
 
 
-def decode_ctx(model: CtxModel, payload: bytes) -> np.ndarray:
+def decode_ctx(model: CtxModel, payload: bytes, shape: tuple[int, int, int] | None = None) -> np.ndarray:
     if len(payload) < _HEADER.size:
         raise CodecError(f"payload of {len(payload)} bytes is shorter than the {NAME} header")
     magic, version, h, w, n, k, fingerprint, crc = _HEADER.unpack_from(payload)
     if magic != _MAGIC or version != _VERSION:
         raise CodecError(f"bad {NAME} header (magic={magic!r}, version={version})")
+    check_shape((n, h, w), shape)
     if fingerprint != model.fingerprint or k != model.codebook_size % 65536:
         raise CodecError(f"chunk was coded with {NAME} model {fingerprint:08x} (K={k}), but the dataset's model is "
                          f"{model.fingerprint:08x} (K={model.codebook_size}): wrong or replaced {MODEL_FILE}")
@@ -417,4 +418,4 @@ def load_codec(model_dir: str | os.PathLike | None) -> Codec:
     if model_dir is None:
         raise ValueError(f"codec {NAME!r} needs its model: pass model_dir, the dataset dir holding {MODEL_FILE}")
     model = load_model(model_dir)
-    return Codec(NAME, lambda ids, k: encode_ctx(model, ids, k), lambda payload: decode_ctx(model, payload))
+    return Codec(NAME, lambda ids, k: encode_ctx(model, ids, k), lambda payload, shape=None: decode_ctx(model, payload, shape))

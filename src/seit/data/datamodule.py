@@ -84,10 +84,8 @@ class TokenDataModule(pl.LightningDataModule):
         info = self.load_info()
         rank, world = self._rank_world()
         batch = self.cfg.batch_size if train else self.cfg.eval_batch_size
-        return TokenStream(info.shards(split), info.shard_paths(split), codec=info.codec, keep=self.row_masks(split),
-                           codebook_size=info.codebook_size, grid=info.grid, chunk_size=info.meta["chunk_size"],
-                           batch_size=batch, train=train, rank=rank, world_size=world,
-                           num_workers=self.cfg.num_workers, seed=self.seed,
+        return TokenStream(info.shard_specs(split), codec=info.codec, keep=self.row_masks(split), batch_size=batch,
+                           train=train, rank=rank, world_size=world, num_workers=self.cfg.num_workers, seed=self.seed,
                            shuffle_buffer=self.cfg.shuffle_buffer, epoch=self.epoch, model_dir=str(info.root))
 
     def restrict_classes(self, classes) -> None:

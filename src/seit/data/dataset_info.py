@@ -37,6 +37,29 @@ class DatasetError(ValueError):
     """A token dataset that is missing, incomplete or does not match what the caller expects."""
 
 
+@dataclass(frozen=True)
+class ShardSpec:
+    """What dataset.json promises about one shard; ``shard_reader`` checks all of it on every read."""
+
+    path: str
+    split: str
+    count: int  # samples
+    chunk_size: int  # samples per chunk; the last chunk holds the rest
+    grid: tuple[int, int]
+    codebook_size: int
+    num_classes: int  # labels are -1 (unlabelled) or in [0, num_classes)
+    sha256: str | None = None
+    bytes: int | None = None
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.count // self.chunk_size)
+
+    def chunk_count(self, index: int) -> int:
+        """Samples in chunk ``index``."""
+        return min(self.chunk_size, self.count - index * self.chunk_size)
+
+
 def codebook_fingerprint(codebook: torch.Tensor) -> str:
     """sha256 over the shape and the float16 values of the codebook.
 
@@ -110,13 +133,14 @@ class TokenDatasetInfo:
     meta: dict
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> "TokenDatasetInfo":
+    def open(cls, root: str | os.PathLike, check: bool = True) -> "TokenDatasetInfo":
+        """Read and check dataset.json; ``check=False`` skips ``check_listing`` (a scrub reports it instead)."""
         root = Path(root)
         info_path = root / INFO_FILE
         if not info_path.is_file():
             hint = " (the directory does not exist)" if not root.exists() else ""
             raise DatasetError(f"{info_path} not found{hint}: not a token dataset; build one with "
-                               f"`python run.py task=tokenize data.source=IMAGES data.root={root}`")
+                               f"`python run.py task=tokenize data.build.source=IMAGES data.root={root}`")
         try:
             meta = json.loads(info_path.read_text())
         except json.JSONDecodeError as exc:
@@ -127,9 +151,8 @@ class TokenDatasetInfo:
         if meta["format"] != FORMAT_NAME or meta["version"] > FORMAT_VERSION:
             raise DatasetError(f"{info_path}: format {meta['format']!r} v{meta['version']} is not readable "
                                f"by this version (reads {FORMAT_NAME!r} up to v{FORMAT_VERSION})")
-        absent = [s["name"] for s in meta["shards"] if not (root / SHARD_DIR / s["name"]).is_file()]
-        if absent:
-            raise DatasetError(f"{root}: {len(absent)} shard(s) listed in {INFO_FILE} are missing: {absent[:5]}")
+        if check:
+            check_listing(root, meta)
         return cls(root=root, meta=meta)
 
     @property
@@ -162,6 +185,16 @@ class TokenDatasetInfo:
             splits = sorted({s["split"] for s in self.meta["shards"]})
             raise DatasetError(f"{self.root} has no split {split!r}; it has {splits}")
         return shards
+
+    def shard_specs(self, split: str) -> list[ShardSpec]:
+        """One ShardSpec per shard of the split, in dataset order: what the reader checks."""
+        return [self.spec(s) for s in self.shards(split)]
+
+    def spec(self, shard: dict) -> ShardSpec:
+        """The ShardSpec of one entry of dataset.json's ``shards``."""
+        return ShardSpec(path=str(self.root / SHARD_DIR / shard["name"]), split=shard["split"], count=int(shard["count"]),
+                         chunk_size=int(self.meta["chunk_size"]), grid=self.grid, codebook_size=self.codebook_size,
+                         num_classes=len(self.classes), sha256=shard.get("sha256"), bytes=shard.get("bytes"))
 
     def shard_paths(self, split: str) -> list[str]:
         return [str(self.root / SHARD_DIR / s["name"]) for s in self.shards(split)]
@@ -199,6 +232,45 @@ class TokenDatasetInfo:
                 f"codebook mismatch: the dataset {self.root} was tokenized with codebook "
                 f"{self.fingerprint[:12]}…, but {what} uses codebook {expected[:12]}…. Token ids only mean "
                 "something under the codebook that produced them; re-tokenize or use a matching checkpoint.")
+
+
+def listing_problems(root: Path, meta: dict) -> list[str]:
+    """What can be checked without reading a shard, one line per fault: the listed shards exist with
+    their recorded sizes, the counts add up per split and in total, and no unlisted shard lies
+    beside them (a listing that lost entries would otherwise drop their samples silently)."""
+    problems, names = [], [s["name"] for s in meta["shards"]]
+    if int(meta["chunk_size"]) <= 0:
+        problems.append(f"{INFO_FILE}: chunk_size {meta['chunk_size']} must be > 0")
+    if len(set(names)) != len(names):
+        problems.append(f"{INFO_FILE} lists a shard twice: {sorted({n for n in names if names.count(n) > 1})[:5]}")
+    for s in meta["shards"]:
+        path = root / SHARD_DIR / s["name"]
+        if not path.is_file():
+            problems.append(f"shard {s['name']} is missing")
+        elif s.get("bytes") is not None and path.stat().st_size != s["bytes"]:
+            problems.append(f"shard {s['name']} has {path.stat().st_size} bytes, not the recorded {s['bytes']}")
+        if int(s["count"]) <= 0:
+            problems.append(f"shard {s['name']} records {s['count']} samples")
+    splits: dict[str, int] = {}
+    for s in meta["shards"]:
+        splits[s["split"]] = splits.get(s["split"], 0) + int(s["count"])
+    recorded = meta.get("splits", splits)
+    if recorded != splits or sum(splits.values()) != meta["num_samples"]:
+        problems.append(f"{INFO_FILE}: its shards add up to {splits} ({sum(splits.values())} samples), but it "
+                        f"records {recorded} ({meta['num_samples']}): shard entries were removed or edited")
+    listed, shard_dir = set(names), root / SHARD_DIR
+    unlisted = sorted(p.name for p in shard_dir.iterdir() if p.suffix == ".tar" and not p.name.startswith(".")
+                      and p.name not in listed) if shard_dir.is_dir() else []
+    if unlisted:
+        problems.append(f"{len(unlisted)} shard file(s) not listed in {INFO_FILE}: {unlisted[:5]}")
+    return problems
+
+
+def check_listing(root: Path, meta: dict) -> None:
+    problems = listing_problems(root, meta)
+    if problems:
+        raise DatasetError(f"{root}: {'; '.join(problems[:3])}{f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''}"
+                           f"; scrub it with `python run.py task=verify data.root={root}`")
 
 
 def storage_summary(meta: dict) -> dict:

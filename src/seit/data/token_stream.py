@@ -1,15 +1,22 @@
 """Streaming token shards with webdataset: the CPU side only reads and decodes.
 
+Every shard is read by the one reader (``shard_reader.read_chunks``), which checks what
+dataset.json promises; webdataset composes the stages and shuffles.
+
 Training (after OpenCLIP): the shard list is split by node, then by worker, and every worker
 resamples shards from its own part with its own seeded RNG (seed, epoch, rank, worker). When
 there are fewer shards than rank x worker slots, every worker resamples from all shards instead,
 so no worker is ever left empty. Each worker yields exactly ``batches_per_worker`` full batches:
-every rank gets the same number of steps and DDP never waits on a rank that ran dry. The epoch comes from a shared counter that the training
-loop advances, so persistent workers reshuffle every epoch.
+every rank gets the same number of steps and DDP never waits on a rank that ran dry. The epoch
+comes from a shared counter that the training loop advances, so persistent workers reshuffle
+every epoch.
 
-Evaluation: every worker of every rank walks all shards in order and decodes only the chunks
-whose global index falls to it (``index % (world * workers)``), so each sample is seen exactly
-once over all ranks, whatever the number of shards, and no rank is ever handed nothing.
+Evaluation: each sample is seen exactly once over all ranks. Chunk ``c`` of the split (counted
+over all shards in order) goes to rank ``c % world`` and, within it, to worker
+``(c // world) % workers``; every worker walks all shards and decodes only its own chunks. When
+the split has fewer chunks than ranks, samples are dealt to ranks one by one instead (every rank
+decodes every chunk; such splits are tiny), so that no rank is left without a batch, which would
+make the others wait for it forever. A split with fewer samples than ranks is refused.
 """
 
 from __future__ import annotations
@@ -25,12 +32,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from seit.data.chunk import CHUNK_EXT, decode_chunk
-from seit.data.codec import Codec, CodecError, get_codec
+from seit.data.codec import Codec, get_codec
+from seit.data.dataset_info import DatasetError, ShardSpec
+from seit.data.shard_reader import ShardReadError, read_chunks
 
-
-class ShardReadError(RuntimeError):
-    """A shard that is truncated or corrupt; the message names the shard (and chunk)."""
+__all__ = ["SharedEpoch", "ShardReadError", "TokenStream"]
 
 
 class SharedEpoch:
@@ -46,12 +52,6 @@ class SharedEpoch:
         return self.value.value
 
 
-def _raise_shard_error(exn: Exception) -> bool:
-    where = next((a for a in exn.args if isinstance(a, str) and a.endswith(".tar")), "an unknown shard")
-    raise ShardReadError(f"cannot read shard {where}: {exn.args[0] if exn.args else exn!r} "
-                         "(truncated or corrupt; re-run task=tokenize to rebuild it)") from exn
-
-
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -60,31 +60,39 @@ def _worker() -> tuple[int, int]:
 class TokenStream(IterableDataset):
     """Yields batches ``{"ids": uint16 [B,H,W], "label": int64 [B]}`` (+ ``"key"`` for eval)."""
 
-    def __init__(self, shards: list[dict], paths: list[str], *, codec: str | Codec, codebook_size: int,
-                 grid: tuple[int, int], chunk_size: int, batch_size: int, train: bool, rank: int = 0,
+    def __init__(self, specs: list[ShardSpec], *, codec: str | Codec, batch_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 2048,
                  epoch: SharedEpoch | None = None, model_dir: str | None = None,
                  keep: dict[str, np.ndarray] | None = None):
-        """codec: a resolved Codec, or its name; a name is resolved in each worker process on first use,
-        loading a codec model from model_dir (default: the dataset dir, i.e. the shards' parent dir).
+        """specs: the split's shards (``TokenDatasetInfo.shard_specs``).
+        codec: a resolved Codec, or its name; a name is resolved in each worker process on first use,
+        loading a codec model from model_dir (default: the dataset dir, the shards' parent dir).
         keep: {shard path: bool [count]} rows to use (a subset manifest); shards are then drawn in
-        proportion to their kept rows and the epoch length counts kept rows only."""
-        if keep is not None:
-            used = [i for i, p in enumerate(paths) if keep[p].any()]
-            shards, paths = [shards[i] for i in used], [paths[i] for i in used]
+        proportion to their kept rows and the epoch length counts kept rows only.
+
+        Raises DatasetError when there is nothing to read: no shard with a sample to use (training),
+        or fewer samples than ranks (evaluation)."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size} must be > 0")
         self.keep = keep
-        self.urls = list(paths)
-        self.weights = [int(keep[p].sum()) for p in paths] if keep is not None else None
-        self.chunk_size = chunk_size
-        self.model_dir = model_dir or (str(Path(paths[0]).parent.parent) if paths else None)
+        used = [s for s in specs if (keep[s.path].any() if keep is not None else s.count > 0)]
+        self.specs = used if train else list(specs)
+        self.weights = [int(keep[s.path].sum()) for s in used] if keep is not None else None
         self._codec = codec if isinstance(codec, Codec) else None
-        self.expected_chunks = {p: -(-s["count"] // chunk_size) for s, p in zip(shards, paths)}
-        self.codec, self.codebook_size, self.grid = getattr(codec, "name", codec), codebook_size, tuple(grid)
+        self.codec = getattr(codec, "name", codec)
+        self.model_dir = model_dir or (str(Path(specs[0].path).parent.parent) if specs else None)
         self.batch_size, self.train = batch_size, train
         self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 1)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.epoch = epoch or SharedEpoch()
-        total = sum(self.weights) if keep is not None else sum(s["count"] for s in shards)
+        total = sum(self.weights) if keep is not None else sum(s.count for s in used)
+        where = f"{specs[0].split!r} split of {len(specs)} shard(s)" if specs else "an empty split"
+        if total == 0:
+            raise DatasetError(f"the {where} has no sample to {'train' if train else 'evaluate'} on")
+        if not train and total < world_size:
+            raise DatasetError(f"the {where} has {total} samples, fewer than the {world_size} ranks: every rank "
+                               "needs at least one (run with fewer devices)")
+        self.num_chunks = sum(s.num_chunks for s in specs)
         rank_batches = -(-total // (batch_size * world_size))
         self.batches_per_worker = -(-rank_batches // self.num_workers)
 
@@ -93,63 +101,30 @@ class TokenStream(IterableDataset):
         return self.batches_per_worker * self.num_workers
 
     # -- stages ----------------------------------------------------------------------------
-    def _resampled_urls(self, rng: random.Random, worker: int) -> Iterator[dict]:
-        urls = self.urls
-        weights = self.weights
-        if len(urls) >= self.world_size * self.num_workers:
-            urls = urls[self.rank :: self.world_size][worker :: self.num_workers]
+    def _resampled(self, rng: random.Random, worker: int) -> Iterator[ShardSpec]:
+        specs, weights = self.specs, self.weights
+        if len(specs) >= self.world_size * self.num_workers:
+            specs = specs[self.rank :: self.world_size][worker :: self.num_workers]
             weights = weights and weights[self.rank :: self.world_size][worker :: self.num_workers]
         while True:
-            yield {"url": rng.choices(urls, weights)[0] if weights else rng.choice(urls)}
+            yield rng.choices(specs, weights)[0] if weights else rng.choice(specs)
 
-    def _checked(self, samples: Iterator[dict]) -> Iterator[dict]:
-        """Pass chunks through, and fail loudly when a shard ends with chunks missing."""
-        url, seen = None, 0
-        for sample in samples:
-            if sample["__url__"] != url or sample.get("__chunk_index__") == 0:
-                self._check_count(url, seen)
-                url, seen = sample["__url__"], 0
-            seen += 1
-            yield sample
-        self._check_count(url, seen)
-
-    def _check_count(self, url: str | None, seen: int) -> None:
-        if url is not None and seen != self.expected_chunks[url]:
-            raise ShardReadError(f"shard {url} holds {seen} chunks, dataset.json expects "
-                                 f"{self.expected_chunks[url]}: the shard is truncated")
-
-    def _decode(self, sample: dict) -> dict:
-        where = f"chunk {sample['__key__']} of shard {sample['__url__']}"
-        if CHUNK_EXT not in sample:
-            raise ShardReadError(f"{where} has no .{CHUNK_EXT} member (members: {sorted(sample)})")
+    def _codec_here(self) -> Codec:
         if self._codec is None:  # once per process: a codec model is loaded here, not per chunk
             self._codec = get_codec(self.codec, model_dir=self.model_dir)
-        try:
-            chunk = decode_chunk(sample[CHUNK_EXT], self._codec)
-        except CodecError as exc:
-            raise ShardReadError(f"{where} is corrupt: {exc}") from exc
-        if tuple(chunk.ids.shape[1:]) != self.grid:
-            raise ShardReadError(f"{where} has a {chunk.ids.shape[1:]} grid, the dataset says {self.grid}")
-        if chunk.ids.size and int(chunk.ids.max()) >= self.codebook_size:
-            bad = int(np.argmax(chunk.ids.reshape(len(chunk), -1).max(1) >= self.codebook_size))
-            raise ShardReadError(f"{where}: sample {chunk.keys[bad]!r} has id {int(chunk.ids[bad].max())} "
-                                 f">= codebook size {self.codebook_size}")
-        return {"chunk": chunk, "__url__": sample["__url__"], "__chunk_index__": sample["__chunk_index__"]}
+        return self._codec
 
-    def _with_chunk_index(self, samples: Iterator[dict]) -> Iterator[dict]:
-        for sample in samples:
-            sample["__chunk_index__"] = int(sample["__key__"].rsplit("-", 1)[1])
-            yield sample
-
-    def _unchunk(self, samples: Iterator[dict]) -> Iterator[tuple]:
-        for sample in samples:
-            chunk = sample["chunk"]
-            rows = range(len(chunk))
-            if self.keep is not None:
-                first = sample["__chunk_index__"] * self.chunk_size
-                rows = np.flatnonzero(self.keep[sample["__url__"]][first:first + len(chunk)])
-            for i in rows:
-                yield chunk.ids[i], chunk.labels[i], chunk.keys[i]
+    def _samples(self, specs: Iterator[ShardSpec], select=lambda spec, index: True) -> Iterator[tuple]:
+        """(ids [H,W], label, key) of the chosen chunks of each shard, keep-mask applied."""
+        codec = self._codec_here()
+        for spec in specs:
+            for index, chunk in read_chunks(spec, codec, lambda c: select(spec, c)):
+                rows = range(len(chunk))
+                if self.keep is not None:
+                    first = index * spec.chunk_size
+                    rows = np.flatnonzero(self.keep[spec.path][first:first + len(chunk)])
+                for i in rows:
+                    yield chunk.ids[i], chunk.labels[i], chunk.keys[i]
 
     def _batches(self, samples: Iterator[tuple], partial: bool, keys: bool) -> Iterator[dict]:
         while True:
@@ -162,25 +137,27 @@ class TokenStream(IterableDataset):
                 batch["key"] = [b[2] for b in block]
             yield batch
 
+    def _eval_samples(self, worker: int) -> Iterator[tuple]:
+        world, workers = self.world_size, self.num_workers
+        if self.num_chunks >= world:  # whole chunks: rank c % world, then worker (c // world) % workers
+            offsets = dict(zip((s.path for s in self.specs),
+                               itertools.accumulate((s.num_chunks for s in self.specs), initial=0)))
+
+            def mine(spec: ShardSpec, index: int) -> bool:
+                c = offsets[spec.path] + index
+                return c % world == self.rank and (c // world) % workers == worker
+
+            yield from self._samples(iter(self.specs), mine)
+            return
+        if worker == 0:  # a tiny split: deal samples to ranks one by one, worker 0 of each rank reads
+            yield from itertools.islice(self._samples(iter(self.specs)), self.rank, None, world)
+
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         worker, _ = _worker()
-        slot = self.rank * self.num_workers + worker
         if self.train:
-            rng = random.Random(f"{self.seed}-{self.epoch.get()}-{slot}")
-            stream = wds.DataPipeline(
-                lambda: self._resampled_urls(rng, worker),
-                wds.tarfile_to_samples(handler=_raise_shard_error),
-                self._with_chunk_index, self._checked, wds.map(self._decode), self._unchunk,
-                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng),
-            )
+            rng = random.Random(f"{self.seed}-{self.epoch.get()}-{self.rank * self.num_workers + worker}")
+            stream = wds.DataPipeline(lambda: self._samples(self._resampled(rng, worker)),
+                                      wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng))
             return itertools.islice(self._batches(iter(stream), partial=False, keys=False), self.batches_per_worker)
-        slots = self.world_size * self.num_workers
-        stream = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            wds.tarfile_to_samples(handler=_raise_shard_error),
-            self._with_chunk_index, self._checked,
-            lambda src: (s for i, s in enumerate(src) if i % slots == slot),
-            wds.map(self._decode), self._unchunk,
-        )
-        return self._batches(iter(stream), partial=True, keys=True)
+        return self._batches(self._eval_samples(worker), partial=True, keys=True)

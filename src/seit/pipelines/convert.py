@@ -156,8 +156,8 @@ def export_synonyms(info: TokenDatasetInfo, out: Path) -> list[Path]:
 def read_split(info: TokenDatasetInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Every sample of a split, ordered by key: shards in order, chunks in tar order, then sorted by key."""
     ids, labels, keys, codec = [], [], [], info.load_codec()
-    for path in info.shard_paths(split):
-        for chunk in read_shard(path, codec):
+    for spec in info.shard_specs(split):
+        for chunk in read_shard(spec, codec):
             ids.append(chunk.ids)
             labels.append(chunk.labels)
             keys += chunk.keys
