@@ -4,6 +4,13 @@ A source directory may hold split subdirectories (``train/``, ``val/``, ...); ot
 one split, ``train``. Inside a split the layout is detected: ``*.tar`` files (WebDataset style:
 ``KEY.jpg`` + optional ``KEY.cls``), class subfolders (ImageFolder), or loose images (unlabelled,
 label -1). Records only point at bytes, so worker processes can read them in any order.
+Everything else found there is not tokenized; ``list_source`` names it, so nothing is dropped
+without a word.
+
+Decoding brings every mode Pillow opens to 8-bit RGB by its meaning, not its raw numbers:
+16-bit and 32-bit integer images are scaled from 0..65535 (the range PNG, TIFF and PGM store
+them in), float images from 0..1, images with transparency are composited onto white, and
+EXIF orientation is applied.
 """
 
 from __future__ import annotations
@@ -11,14 +18,16 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 SPLIT_NAMES = ("train", "val", "test")
+_WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;16BS", "I;16LS", "I;32", "I;32B"}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
 class ImageReadError(ValueError):
@@ -38,13 +47,17 @@ class ImageRecord:
         return self.path if self.offset < 0 else f"{self.path}:{self.key}"
 
     def read_bytes(self) -> bytes:
-        if self.offset < 0:
-            return Path(self.path).read_bytes()
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.size)
+        try:
+            if self.offset < 0:
+                return Path(self.path).read_bytes()
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(self.size)
+        except OSError as exc:  # a broken symlink, a vanished file, a permission
+            raise ImageReadError(f"cannot read image {self.where}: {exc.strerror or exc}") from exc
         if len(data) != self.size:
-            raise ImageReadError(f"{self.where}: tar member truncated ({len(data)} of {self.size} bytes)")
+            raise ImageReadError(f"tar {self.path}: member {self.key} is truncated ({len(data)} of {self.size} "
+                                 "bytes): the tar file is incomplete")
         return data
 
 
@@ -57,21 +70,37 @@ def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
     """``load_image`` on bytes already read (a replay memory holds the files' bytes)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            img = to_rgb(img).resize((size, size), Image.Resampling.BICUBIC)
             return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
     except Exception as exc:  # PIL raises many types for bad files
         raise ImageReadError(f"cannot read image {where}: {exc}") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB with the pixels the file means, whatever its mode and bit depth (see the module doc)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _WIDE_INT_MODES:
+        wide = np.asarray(img).astype(np.float64)
+        return Image.fromarray(np.round(np.clip(wide / 257.0, 0, 255)).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        unit = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.round(np.clip(unit * 255.0, 0, 255)).astype(np.uint8), "L").convert("RGB")
+    if img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTS
 
 
-def _scan_tar(path: Path) -> list[ImageRecord]:
-    images, labels = {}, {}
+def _scan_tar(path: Path, ignored: list[str]) -> list[ImageRecord]:
+    images, labels, last = {}, {}, None
     try:
         with tarfile.open(path, "r:") as tar:
             for m in tar:
+                last = m
                 if not m.isfile():
                     continue
                 key, _, ext = m.name.partition(".")
@@ -79,32 +108,65 @@ def _scan_tar(path: Path) -> list[ImageRecord]:
                     images[key] = (m.offset_data, m.size)
                 elif ext == "cls":
                     labels[key] = int(tar.extractfile(m).read().decode().strip())
+                else:
+                    ignored.append(f"{path}:{m.name}")
+            _check_tar_end(path, tar.offset)
     except (tarfile.TarError, ValueError, OSError) as exc:
-        raise ImageReadError(f"cannot read tar shard {path}: {exc}") from exc
+        if last is None:
+            where = ""
+        elif last.offset_data + last.size > os.path.getsize(path):
+            where = f"; member {last.name} is truncated"
+        else:
+            where = f", after member {last.name}"
+        raise ImageReadError(f"cannot read tar shard {path}: {exc}{where}") from exc
     return [ImageRecord(k, labels.get(k, -1), str(path), off, size) for k, (off, size) in images.items()]
 
 
-def scan_split(root: Path, class_index: dict[str, int]) -> list[ImageRecord]:
+def _check_tar_end(path: Path, end: int) -> None:
+    """tarfile stops quietly at a cut or corrupt header; only zero padding may follow the last member."""
+    with open(path, "rb") as f:
+        f.seek(end)
+        if f.read(8 * 512).strip(b"\0"):
+            raise tarfile.ReadError("unreadable or truncated member header")
+
+
+def scan_split(root: Path, class_index: dict[str, int], ignored: list[str] | None = None) -> list[ImageRecord]:
+    """The split's records; what it holds but does not tokenize goes to ``ignored``."""
+    ignored = [] if ignored is None else ignored
     entries = sorted(os.listdir(root))
     tars = [e for e in entries if e.endswith(".tar")]
     if tars:
-        return [r for t in tars for r in _scan_tar(root / t)]
+        ignored += [str(root / e) for e in entries if not e.endswith(".tar")]
+        return [r for t in tars for r in _scan_tar(root / t, ignored)]
     records = []
     class_dirs = [e for e in entries if (root / e).is_dir()]
     for cls in class_dirs:
         for dirpath, _, files in sorted(os.walk(root / cls)):
             for f in sorted(files):
-                if _is_image(f):
-                    path = Path(dirpath) / f
-                    key = str(path.relative_to(root).with_suffix(""))
-                    records.append(ImageRecord(key, class_index[cls], str(path)))
-    if not class_dirs:
+                path = Path(dirpath) / f
+                if not _is_image(f):
+                    ignored.append(str(path))
+                    continue
+                key = str(path.relative_to(root).with_suffix(""))
+                records.append(ImageRecord(key, class_index[cls], str(path)))
+    if class_dirs:
+        ignored += [str(root / e) for e in entries if e not in class_dirs]
+    else:
         records = [ImageRecord(os.path.splitext(e)[0], -1, str(root / e)) for e in entries if _is_image(e)]
+        ignored += [str(root / e) for e in entries if not _is_image(e)]
     return records
 
 
-def scan_source(source: str | os.PathLike) -> tuple[dict[str, list[ImageRecord]], list[str]]:
-    """List every image of every split, in a fixed sorted order. Returns (splits, class names)."""
+@dataclass
+class SourceListing:
+    """Every image of every split in a fixed sorted order, the class names, and what is not tokenized."""
+
+    splits: dict[str, list[ImageRecord]]
+    classes: list[str]
+    ignored: list[str] = field(default_factory=list)
+
+
+def list_source(source: str | os.PathLike) -> SourceListing:
     root = Path(source)
     if not root.is_dir():
         raise FileNotFoundError(f"image source {root} does not exist or is not a directory")
@@ -112,7 +174,10 @@ def scan_source(source: str | os.PathLike) -> tuple[dict[str, list[ImageRecord]]
     tars = any(e.endswith(".tar") for d in split_dirs.values() for e in os.listdir(d))
     classes = [] if tars else sorted({e for d in split_dirs.values() for e in os.listdir(d) if (d / e).is_dir()})
     class_index = {c: i for i, c in enumerate(classes)}
-    splits = {name: scan_split(d, class_index) for name, d in split_dirs.items()}
+    ignored: list[str] = []
+    if split_dirs.get("train") != root:
+        ignored += [str(root / e) for e in sorted(os.listdir(root)) if e not in split_dirs]
+    splits = {name: scan_split(d, class_index, ignored) for name, d in split_dirs.items()}
     empty = [str(split_dirs[n]) for n, recs in splits.items() if not recs]
     if empty:
         raise ValueError(f"no images found in {', '.join(empty)} (looked for {sorted(IMAGE_EXTS)} files, "
@@ -120,4 +185,10 @@ def scan_source(source: str | os.PathLike) -> tuple[dict[str, list[ImageRecord]]
     if tars and not classes:
         n_cls = max(r.label for recs in splits.values() for r in recs) + 1
         classes = [str(i) for i in range(n_cls)]
-    return splits, classes
+    return SourceListing(splits, classes, ignored)
+
+
+def scan_source(source: str | os.PathLike) -> tuple[dict[str, list[ImageRecord]], list[str]]:
+    """List every image of every split, in a fixed sorted order. Returns (splits, class names)."""
+    listing = list_source(source)
+    return listing.splits, listing.classes
