@@ -39,6 +39,12 @@ def _continual(cfg):
     return continual(cfg)
 
 
+def _verify(cfg):
+    from seit.pipelines.verify import verify
+
+    return verify(cfg)
+
+
 def _convert(cfg):
     from seit.pipelines.convert import convert
 
@@ -47,7 +53,7 @@ def _convert(cfg):
 
 TASKS = {"train": _train, "train_tokenizer": _train, "train_tokenadapt": _train, "pretrain_mtm": _train,
          "tokenize": _tokenize, "embed": _embed, "curate": _curate,
-         "convert": _convert, "continual": _continual}
+         "convert": _convert, "continual": _continual, "verify": _verify}
 
 
 def run_task(cfg: DictConfig):
