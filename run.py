@@ -14,6 +14,7 @@ os.environ.setdefault("SEIT_ROOT", ROOT)
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from seit.utils.config import print_config, register_resolvers  # noqa: E402  (light: omegaconf only)
+from seit.utils.errors import run_cli, task_errors  # noqa: E402  (light)
 
 register_resolvers()
 
@@ -22,9 +23,10 @@ register_resolvers()
 def main(cfg: DictConfig):
     from seit.pipelines import run_task
 
-    if cfg.get("print_config"):
-        print_config(cfg)
-    result = run_task(cfg)
+    with task_errors():  # one line, not Hydra's trimmed traceback (HYDRA_FULL_ERROR=1 for that)
+        if cfg.get("print_config"):
+            print_config(cfg)
+        result = run_task(cfg)
     metric = cfg.get("optimized_metric")
     if metric and isinstance(result, dict):
         return result.get("metrics", {}).get(metric)
@@ -32,4 +34,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # errors as one line; HYDRA_FULL_ERROR=1 for the traceback

@@ -1,0 +1,102 @@
+"""Errors as one line: ``error: <message>`` on stderr and exit status 1.
+
+The messages of our errors name the file, key or sample; forty lines of traceback above them hide
+that line. ``HYDRA_FULL_ERROR=1`` still gives the full traceback. Hydra's own config errors (an
+unknown key, a missing group option) take the same path: Hydra is told to raise them (its
+``HYDRA_FULL_ERROR``), and we print them. The user's choice is kept in ``SEIT_ERRORS`` so that the
+processes a run starts (DDP ranks, submitit jobs) report the same way. Light imports only: run.py
+imports this before any config is read.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from omegaconf.errors import OmegaConfBaseException
+
+MODE_VAR = "SEIT_ERRORS"
+# Errors whose message is the whole story; anything else also gets its type and a pointer to the traceback.
+EXPECTED = (ValueError, OSError, LookupError, OmegaConfBaseException)
+
+
+class TaskError(SystemExit):
+    """A task's exception, carried past Hydra's job runner (which would print a line of its own)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(1)
+        self.error = error
+
+
+@contextmanager
+def task_errors() -> Iterator[None]:
+    """Around the task in a single run; a multirun keeps Hydra's line naming the failed job's overrides."""
+    try:
+        yield
+    except Exception as e:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if os.environ.get(MODE_VAR) == "full" or HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        raise TaskError(e) from e
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Call the Hydra ``main`` and turn what it raises into one line (unless the full traceback is asked for)."""
+    full = os.environ.setdefault(MODE_VAR, "full" if os.environ.get("HYDRA_FULL_ERROR") == "1" else "short") == "full"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its own trimmed traceback
+    try:
+        main()
+    except TaskError as e:
+        _fail(one_line(e.error), 1)
+    except SystemExit as e:
+        if not _is_sigterm(e):
+            raise
+        _fail(getattr(e, "report", "stopped by SIGTERM"), 128 + 15)
+    except Exception as e:
+        if full:
+            raise
+        _fail(one_line(e), 1)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` and of the exceptions it was raised from, on one line."""
+    parts: list[str] = []
+    while exc is not None and len(parts) < 3:
+        text = _text(exc)
+        if text and not any(text in p for p in parts):
+            parts.append(text)
+        exc = exc.__cause__
+    return ": ".join(parts)
+
+
+def _text(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = exc.args[0]  # str(KeyError) is the repr of its argument
+    else:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if isinstance(exc, OmegaConfBaseException):
+            key = getattr(exc, "full_key", None)
+            lines = lines[:1] + ([f"(key {key})"] if key and lines and key not in lines[0] else [])
+        text = " ".join(lines).split(" Config search path:")[0]  # Hydra's list of where it looked
+    if isinstance(exc, EXPECTED) or _is_hydra(exc):
+        return text
+    return f"{type(exc).__name__}: {text} (HYDRA_FULL_ERROR=1 shows the traceback)"
+
+
+def _is_hydra(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("hydra.")
+
+
+def _is_sigterm(exc: SystemExit) -> bool:
+    exceptions = sys.modules.get("pytorch_lightning.utilities.exceptions")  # loaded by any training run
+    return exceptions is not None and isinstance(exc, exceptions.SIGTERMException)
+
+
+def _fail(message: str, status: int) -> None:
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
