@@ -141,13 +141,21 @@ def max_data_blocks(fraction: float) -> int:
 
 
 def choose_block_size(shard_size: int, fraction: float) -> int:
-    """The block size (bytes) that minimises the parity file for a shard of ``shard_size`` bytes.
+    """The block size (bytes) that gives the smallest parity file for a shard of ``shard_size`` bytes.
 
-    The parity file costs about ``fraction * size + size / k`` (the spare block) plus ``32 * (k + m)``
-    header bytes, smallest near ``k = sqrt(size / 32)``; ``k`` is capped by zfec's 256 blocks.
+    The file costs ``m * block_size`` plus ``32 * (k + m)`` header bytes (two copies of 16-byte hashes):
+    about ``fraction * size + size / k + 32 * k``, smallest near ``k = sqrt(size / 32)``. Every ``k`` up
+    to zfec's limit is tried (ties go to the larger ``k``, which tolerates more scattered damage).
     """
-    k = min(max(1, round(math.sqrt(shard_size / _BYTES_PER_BLOCK))), max_data_blocks(fraction))
-    return max(1, math.ceil(shard_size / k))
+    best = None
+    for k in range(1, max_data_blocks(fraction) + 1):
+        block = max(1, math.ceil(shard_size / k))
+        kk = max(1, math.ceil(shard_size / block))
+        m = parity_blocks(kk, fraction)
+        key = (m * block + 2 * ParityHeader.length(kk, m), -kk)
+        if best is None or key < best[0]:
+            best = (key, block)
+    return best[1]
 
 
 def layout(shard_size: int, fraction: float, block_size: int | None = None) -> tuple[int, int, int]:
