@@ -94,22 +94,39 @@ def scrub(info: TokenDatasetInfo) -> tuple[list[str], list[ShardReport]]:
         codec = info.load_codec()
     except (OSError, ValueError) as exc:  # a missing or damaged codec model: no shard can be decoded
         return [*faults, f"codec {info.codec!r} cannot be loaded: {exc}"], []
-    specs = [info.spec(s) for s in info.meta["shards"]]
-    reports = [scrub_shard(spec, codec) for spec in tqdm(specs, desc="verify", unit="shard", disable=None)]
+    reports = []
+    for shard in tqdm(info.meta["shards"], desc="verify", unit="shard", disable=None):
+        report = scrub_shard(info.spec(shard), codec)
+        if shard.get("parity") and report.ok:
+            report.faults += parity_faults(info, shard)
+        reports.append(report)
     return faults, reports
 
 
-def repair(info: TokenDatasetInfo, bad: list[ShardReport]) -> None:
-    """Rebuild bad shards from parity, else from the source images; each must match its recorded sha256."""
-    from seit.data.parity import ParityError, repair_shard
+def parity_faults(info: TokenDatasetInfo, shard: dict) -> list[str]:
+    """A missing, damaged or stale parity file of an intact shard (repair rewrites it)."""
+    from seit.data.parity import check_parity, parity_path_for
 
+    check = check_parity(info.spec(shard).path, parity_path_for(info.root, shard["name"]), shard["sha256"])
+    if check.problem or check.bad_parity_blocks or not check.header_ok:
+        return [f"parity file {Path(check.parity).name}: {check.problem or f'{check.bad_parity_blocks} damaged blocks'}"]
+    return []
+
+
+def repair(info: TokenDatasetInfo, bad: list[ShardReport]) -> None:
+    """Rebuild bad shards from parity, else from the source images; each must match its recorded sha256.
+    A parity file that is missing or damaged is written again from its (intact or repaired) shard."""
+    from seit.data.parity import ParityError, parity_path_for, repair_shard, write_parity
+
+    shards = {s["name"]: s for s in info.meta["shards"]}
     need_source = []
     for report in bad:
-        shard = next(s for s in info.meta["shards"] if s["name"] == report.name)
-        parity = shard.get("parity")
-        if parity:
+        shard = shards[report.name]
+        if report.faults[0].startswith("parity file"):  # the shard itself scrubbed clean
+            continue
+        if shard.get("parity"):
             try:
-                repair_shard(info.spec(shard).path, info.root / parity["file"], expected_sha256=shard["sha256"])
+                repair_shard(info.spec(shard).path, parity_path_for(info.root, shard["name"]), shard["sha256"])
                 report.repaired = "parity"
                 continue
             except (ParityError, OSError) as exc:
@@ -121,6 +138,12 @@ def repair(info: TokenDatasetInfo, bad: list[ShardReport]) -> None:
         rebuild_shards(info.root, [r.name for r in need_source])
         for report in need_source:
             report.repaired = "source"
+    for report in bad:
+        shard = shards[report.name]
+        if shard.get("parity") and parity_faults(info, shard):
+            p = shard["parity"]
+            write_parity(info.spec(shard).path, parity_path_for(info.root, shard["name"]), p["fraction"], p.get("block_size"))
+            report.repaired = report.repaired or "a new parity file"
 
 
 def table(faults: list[str], reports: list[ShardReport]) -> str:

@@ -1,0 +1,107 @@
+"""task=verify: the scrub names every bad shard and chunk, and repair from parity is byte-exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import write_token_dataset
+from seit.data import shard_reader
+from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError
+from seit.data.parity import parity_path_for, write_parity
+from seit.pipelines.verify import verify
+
+BLOCK = 512
+
+
+def _cfg(root: Path, out: Path, repair: bool = False):
+    return OmegaConf.create({"data": {"root": str(root)}, "paths": {"output_dir": str(out)}, "repair": repair})
+
+
+def _dataset(root: Path, parity: float = 0.0) -> dict:
+    meta = write_token_dataset(root, counts={"train": [40, 24], "val": [20]}, chunk_size=8)
+    if parity:
+        for shard in meta["shards"]:
+            shard["parity"] = write_parity(root / SHARD_DIR / shard["name"], parity_path_for(root, shard["name"]), parity)
+        (root / INFO_FILE).write_text(json.dumps(meta))
+    return meta
+
+
+def _flip(path: Path, pos: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[pos] ^= 0x10
+    path.write_bytes(bytes(data))
+    shard_reader._VERIFIED.clear()
+
+
+def test_an_intact_dataset_verifies(tmp_path):
+    _dataset(tmp_path / "ds")
+    summary = verify(_cfg(tmp_path / "ds", tmp_path / "out"))
+    assert summary["shards"] == 3 and summary["samples"] == 84 and not summary["faults"]
+    table = (tmp_path / "out" / "verify.md").read_text()
+    assert table.count("| ok |") == 3
+
+
+def test_faults_name_the_shard_and_chunk(tmp_path):
+    root = tmp_path / "ds"
+    _dataset(root)
+    shard = root / SHARD_DIR / "train-000001.tar"
+    first_size = int(shard.read_bytes()[124:136].rstrip(b"\0 ").decode(), 8)  # the 1st member's size field (octal)
+    _flip(shard, 2 * BLOCK + -(-first_size // BLOCK) * BLOCK + 40)  # inside chunk 1's payload (the 2nd member)
+    (root / SHARD_DIR / "val-000001.tar").write_bytes(b"\0" * 1024)  # a stray file
+    with pytest.raises(DatasetError, match=r"fault\(s\) in 1 of 3 shards: train-000001.tar") as err:
+        verify(_cfg(root, tmp_path / "out"))
+    assert "not listed in dataset.json: ['val-000001.tar']" in str(err.value)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["bad_shards"] == ["train-000001.tar"]
+    row = next(line for line in (tmp_path / "out" / "verify.md").read_text().splitlines() if "train-000001" in line)
+    assert "sha256" in row and "chunk 1 (train-000001-00001.tokens)" in row
+
+
+@pytest.mark.parametrize("damage", ["flip", "zero_chunk", "truncate", "delete_member_header"])
+def test_repair_from_parity_gives_byte_identical_shards(tmp_path, damage):
+    root = tmp_path / "ds"
+    _dataset(root, parity=0.25)
+    shard = root / SHARD_DIR / "train-000000.tar"
+    clean = shard.read_bytes()
+    data = bytearray(clean)
+    if damage == "flip":
+        data[BLOCK + 77] ^= 0xFF
+    elif damage == "zero_chunk":
+        data[BLOCK : 2 * BLOCK] = bytes(BLOCK)
+    elif damage == "delete_member_header":
+        data[0:BLOCK] = bytes(BLOCK)
+    else:
+        data = data[: len(data) - 3 * BLOCK]
+    shard.write_bytes(bytes(data))
+    shard_reader._VERIFIED.clear()
+    with pytest.raises(DatasetError, match="train-000000.tar"):
+        verify(_cfg(root, tmp_path / "scrub"))
+    summary = verify(_cfg(root, tmp_path / "repair", repair=True))
+    assert shard.read_bytes() == clean
+    assert summary["repaired"] == {"train-000000.tar": "parity"} and not summary["faults"]
+
+
+def test_a_damaged_parity_file_is_reported_and_rewritten(tmp_path):
+    root = tmp_path / "ds"
+    _dataset(root, parity=0.1)
+    par = parity_path_for(root, "val-000000.tar")
+    clean = par.read_bytes()
+    par.write_bytes(clean[: len(clean) // 2])
+    with pytest.raises(DatasetError, match="val-000000.tar"):
+        verify(_cfg(root, tmp_path / "scrub"))
+    verify(_cfg(root, tmp_path / "repair", repair=True))
+    assert par.read_bytes() == clean
+
+
+def test_damage_beyond_parity_and_without_source_is_still_a_fault(tmp_path):
+    root = tmp_path / "ds"
+    _dataset(root, parity=0.05)
+    shard = root / SHARD_DIR / "val-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:BLOCK])
+    with pytest.raises(DatasetError):
+        verify(_cfg(root, tmp_path / "repair", repair=True))
+    assert len(shard.read_bytes()) == BLOCK  # left as it was: nothing was half-written over it
