@@ -169,3 +169,17 @@ def test_layout_limits():
         layout(4 << 20, 0.1, block_size=4096)
     with pytest.raises(ValueError, match="fraction"):
         layout(1000, 0.0)
+
+
+def test_appended_bytes_and_damaged_parity_of_an_intact_shard(shard: Path):
+    original = shard.read_bytes()
+    par, rec = _parity(shard, 0.05)
+    shard.write_bytes(original + b"junk" * 100)  # a shard that grew: cut back to its size
+    assert repair_shard(shard, par).repaired and shard.read_bytes() == original
+    blob = bytearray(par.read_bytes())
+    blob[len(blob) // 2] ^= 1  # inside a parity block
+    par.write_bytes(bytes(blob))
+    c = check_parity(shard, par)
+    assert c.shard_ok and c.bad_parity_blocks == 1 and "rewrite the parity" in c.problem
+    r = repair_shard(shard, par)
+    assert not r.repaired and r.bad_parity_blocks == 1 and shard.read_bytes() == original

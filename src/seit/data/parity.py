@@ -82,7 +82,7 @@ class ParityHeader:
 
 @dataclass
 class ParityCheck:
-    """What :func:`check_parity` found; ``problem`` is None when the shard is intact and the parity usable."""
+    """What :func:`check_parity` found; ``problem`` is None when the shard and its parity file are both intact."""
 
     shard: str
     parity: str
@@ -240,8 +240,9 @@ def _parse_header(blob: bytes, offset: int) -> ParityHeader | None:
     return ParityHeader(version, algorithm, size, block_size, k, m, sha, data_hashes, parity_hashes)
 
 
-def _read_parity(blob: bytes) -> tuple[ParityHeader, list[bytes | None]] | None:
-    """The first intact header copy and the parity blocks (None where missing or damaged), or None."""
+def _read_parity(blob: bytes) -> tuple[ParityHeader, list[bytes | None], bool] | None:
+    """The first intact header copy, the parity blocks (None where missing or damaged) and whether the whole
+    file is intact (both header copies, every block, nothing more), or None without an intact header."""
     header, offset = None, 0
     while header is None and offset >= 0:
         header = _parse_header(blob, offset)
@@ -253,7 +254,9 @@ def _read_parity(blob: bytes) -> tuple[ParityHeader, list[bytes | None]] | None:
     for i, h in enumerate(header.parity_hashes):
         block = blob[start + i * b:start + (i + 1) * b]
         blocks.append(block if len(block) == b and _block_hash(block) == h else None)
-    return header, blocks
+    head = header.to_bytes()
+    intact = all(p is not None for p in blocks) and blob == head + b"".join(blocks) + head
+    return header, blocks, intact
 
 
 def _read(path: str | os.PathLike) -> bytes | None:
@@ -276,7 +279,7 @@ def _diagnose(shard_path, parity_path, expected_sha256):
         if shard is not None and expected_sha256 is not None:
             check.shard_ok = hashlib.sha256(shard).hexdigest() == expected_sha256
         return check, None, shard, None, None
-    header, parity = parsed
+    header, parity, parity_intact = parsed
     check.header_ok, check.k, check.m = True, header.k, header.m
     if expected_sha256 is not None and expected_sha256 != header.shard_sha256:
         check.problem = (f"parity file {parity_name} is for another version of {shard_name} "
@@ -286,6 +289,9 @@ def _diagnose(shard_path, parity_path, expected_sha256):
     if shard is not None and len(shard) == header.shard_size and hashlib.sha256(shard).hexdigest() == header.shard_sha256:
         check.shard_ok = True
         data: list[bytes | None] = _split(shard, header.block_size, header.k)
+        if not parity_intact:
+            check.problem = (f"parity file {parity_name} is damaged ({check.bad_parity_blocks} of {header.m} parity "
+                             f"blocks bad, or a header copy); the shard is intact: rewrite the parity")
     else:
         raw = shard or b""
         data = []
@@ -310,7 +316,9 @@ def check_parity(shard_path: str | os.PathLike, parity_path: str | os.PathLike,
 
     Reports whether a header copy is intact, whether the shard matches it (and ``expected_sha256``, the
     shard's sha256 in dataset.json, when given: a mismatch with the header means the parity is stale),
-    how many data/parity blocks are bad and whether the shard could be repaired. Never raises for damage.
+    how many data/parity blocks are bad and whether the shard could be repaired. ``problem`` is a one-line
+    description, None only when shard and parity file are both intact (an intact shard with a damaged
+    parity file is a problem too: rewrite the parity). Never raises for damage.
     """
     return _diagnose(shard_path, parity_path, expected_sha256)[0]
 
