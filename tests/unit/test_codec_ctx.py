@@ -182,16 +182,21 @@ def test_tokenize_then_stream_round_trip(tmp_path, image_folder):
     assert all((ours[k] == theirs[k]).all() for k in ours)
 
 
-def test_resume_reuses_the_model_and_gives_identical_shards(tmp_path, image_folder):
-    from seit.pipelines.tokenize import tokenize
+def test_resume_reuses_the_model_and_gives_identical_shards(tmp_path, image_folder, monkeypatch):
+    from seit.pipelines import tokenize as tok
 
-    first = tokenize(tokenize_config(image_folder, tmp_path / "a"))
+    first = tok.tokenize(tokenize_config(image_folder, tmp_path / "a"))
     root = tmp_path / "b"
     cfg = tokenize_config(image_folder, root)
-    tokenize(cfg)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # interrupted after the shards: a re-run must reuse the model
+        m.setattr(tok, "write_dataset_info", killed)
+        with pytest.raises(KeyboardInterrupt):
+            tok.tokenize(cfg)
     model_bytes = (root / MODEL_FILE).read_bytes()
-    (root / "dataset.json").unlink()  # as if interrupted after the shards: a re-run must reuse the model
-    (root / ".progress").mkdir()
-    resumed = tokenize(cfg)
+    resumed = tok.tokenize(cfg)
     assert (root / MODEL_FILE).read_bytes() == model_bytes
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in first["shards"]]

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from seit.data.codec import Codec, get_codec
-from seit.utils.io import atomic_write_json
+from seit.utils.io import atomic_save_tensors, atomic_write_bytes, json_bytes
 
 FORMAT_NAME = "seit-tokens"
 FORMAT_VERSION = 1
@@ -75,17 +75,13 @@ def codebook_fingerprint(codebook: torch.Tensor) -> str:
 def save_codebook(path: str | os.PathLike, codebook: torch.Tensor) -> str:
     codebook = codebook.detach().cpu().to(torch.float16).contiguous()
     fingerprint = codebook_fingerprint(codebook)
-    tmp = f"{path}.tmp"
-    save_file({"codebook": codebook}, tmp, metadata={"sha256": fingerprint})
-    os.replace(tmp, path)
+    atomic_save_tensors(path, {"codebook": codebook}, metadata={"sha256": fingerprint})
     return fingerprint
 
 
 def save_synonyms(path: str | os.PathLike, table: torch.Tensor) -> None:
     """Store a [K, k] synonym table (nearest first) as uint16."""
-    tmp = f"{path}.tmp"
-    save_file({"synonyms": table.to(torch.int32).to(torch.uint16).contiguous()}, tmp)
-    os.replace(tmp, path)
+    atomic_save_tensors(path, {"synonyms": table.to(torch.int32).to(torch.uint16).contiguous()})
 
 
 def dir_bytes(root: str | os.PathLike) -> int:
@@ -104,10 +100,10 @@ def dir_bytes(root: str | os.PathLike) -> int:
 def write_dataset_info(root: str | os.PathLike, *, shards: list[dict], grid: tuple[int, int], codebook_size: int,
                        embed_dim: int, codec: str, chunk_size: int, codebook_sha256: str, classes: list[str],
                        source_bytes: int, **extra) -> dict:
-    """Write dataset.json last, once every shard and the codebook are in place.
+    """Write dataset.json last and once (atomically), when every shard and the codebook are in place.
 
-    ``bytes_on_disk`` counts every file of the dataset dir, dataset.json included, so the file
-    is written until its own size stops changing the total.
+    ``bytes_on_disk`` counts every file of the dataset dir, dataset.json included, so its text is
+    re-made in memory until its own size matches the total it states; only then is it written.
     """
     root = Path(root)
     splits: dict[str, int] = {}
@@ -117,13 +113,17 @@ def write_dataset_info(root: str | os.PathLike, *, shards: list[dict], grid: tup
             "grid": list(grid), "codebook_size": codebook_size, "embed_dim": embed_dim, "codec": codec,
             "chunk_size": chunk_size, "codebook_sha256": codebook_sha256, "codebook_file": CODEBOOK_FILE,
             "classes": list(classes), **extra, "shards": shards, "source_bytes": source_bytes, "bytes_on_disk": 0}
-    for _ in range(8):
-        atomic_write_json(root / INFO_FILE, meta)
-        total = dir_bytes(root)
-        if total == meta["bytes_on_disk"]:
+    old = root / INFO_FILE
+    others = dir_bytes(root) - (old.stat().st_size if old.is_file() else 0)
+    while True:
+        data = json_bytes(meta)
+        pad = meta["bytes_on_disk"] - others - len(data)
+        if 0 <= pad <= 8:  # trailing spaces settle a total whose digits flip the length back and forth
+            data = data[:-1] + b" " * pad + b"\n"
             break
-        meta["bytes_on_disk"] = total
+        meta["bytes_on_disk"] = others + len(data)
         meta.update(storage_summary(meta))
+    atomic_write_bytes(old, data)
     return meta
 
 

@@ -55,11 +55,18 @@ def shard_bytes(ids: np.ndarray, labels: np.ndarray, keys: list[str], *, stem: s
     return b"".join(parts)
 
 
-def write_shard(path: str | os.PathLike, ids: np.ndarray, labels: np.ndarray, keys: list[str], *,
-                split: str, codec: Codec | str, codebook_size: int, chunk_size: int, skipped: int = 0) -> ShardRecord:
-    name = os.path.basename(path)
+def encode_shard(name: str, ids: np.ndarray, labels: np.ndarray, keys: list[str], *, split: str, codec: Codec | str,
+                 codebook_size: int, chunk_size: int, skipped: int = 0) -> tuple[bytes, ShardRecord]:
+    """A shard's bytes and its record, not yet written (a rebuild checks the sha256 before it replaces a file)."""
     data = shard_bytes(ids, labels, keys, stem=name.rsplit(".", 1)[0], codec=codec,
                        codebook_size=codebook_size, chunk_size=chunk_size)
+    return data, ShardRecord(name=name, split=split, count=len(keys), sha256=hashlib.sha256(data).hexdigest(),
+                             bytes=len(data), skipped=skipped)
+
+
+def write_shard(path: str | os.PathLike, ids: np.ndarray, labels: np.ndarray, keys: list[str], *,
+                split: str, codec: Codec | str, codebook_size: int, chunk_size: int, skipped: int = 0) -> ShardRecord:
+    data, record = encode_shard(os.path.basename(path), ids, labels, keys, split=split, codec=codec,
+                                codebook_size=codebook_size, chunk_size=chunk_size, skipped=skipped)
     atomic_write_bytes(path, data)
-    return ShardRecord(name=name, split=split, count=len(keys), sha256=hashlib.sha256(data).hexdigest(),
-                       bytes=len(data), skipped=skipped)
+    return record

@@ -3,9 +3,11 @@
 Work is planned as a fixed list of shards (images sorted, then shuffled with a fixed seed so
 that every shard mixes all classes; ``shard_size`` per shard), so the
 result does not depend on how many processes run or how often the job was interrupted: every
-shard is written atomically with a progress record, a re-run skips the shards already done, and
-``dataset.json`` is written last. The plan and the fitted tokenizer are saved first, and a re-run
-that would produce something different from the interrupted one refuses to mix the two.
+shard is written atomically with a progress record, a re-run re-checks and skips the shards
+already done, and ``dataset.json`` is written last, once. The plan (``tokenize_plan``) is the
+first file written into data.root; a re-run that would produce something different refuses to
+mix the two, and a directory without a plan is never written into. ``rebuild_shards`` re-makes
+named shards of a finished dataset byte for byte from its recorded source and settings.
 
 A codec with a per-dataset model (``ctx-rans``) gets it fitted before the first shard, from the
 ids of the first ``data.build.codec_fit_samples`` shuffled training images, and saved once in the
@@ -15,35 +17,33 @@ dataset dir; a resumed run reuses that file (its sha256 is part of the plan).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seit.data.dataset_info import (CODEBOOK_FILE, DatasetError, INFO_FILE, SHARD_DIR, SYNONYMS_FILE, TokenDatasetInfo,
-                                    save_codebook, save_synonyms, write_dataset_info)
-from seit.data.codec import MODEL_CODECS, Codec, get_codec
+from seit.data.codec import MODEL_CODECS, get_codec
 from seit.data.codec_ctx import MODEL_FILE, CtxModel
+from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, SHARD_DIR, SYNONYMS_FILE, DatasetError, TokenDatasetInfo,
+                                    save_codebook, save_synonyms, write_dataset_info)
 from seit.data.embedded import resolve_source
-from seit.data.image_source import ImageReadError, ImageRecord, load_image, scan_source
-from seit.data.shard_writer import write_shard
+from seit.data.image_source import IMAGE_EXTS, ImageReadError, ImageRecord, SourceListing, list_source, load_image
 from seit.data.storage_report import format_report, storage_report
+from seit.pipelines.tokenize_plan import (PLAN_FILE, PROGRESS_DIR, check_finished, check_planned, listing_hash,
+                                          plan_shards, settings, shuffle, start_plan, validate_settings)
+from seit.pipelines.tokenize_shards import encode_records, make_shard, run_shards
 from seit.tokenizers import PatchKMeansTokenizer, Tokenizer, load_tokenizer
 from seit.tokenizers.codebook_tools import synonyms
-from seit.utils.io import atomic_write_json, sha256_file
+from seit.utils.io import atomic_write_bytes, atomic_write_json, canonical_safetensors, sha256_file
 
 log = logging.getLogger(__name__)
-PROGRESS_DIR = ".progress"
-_ENCODE_BATCH = 64
+_IGNORED_LISTED = 20
 
 
 def tokenizer_path(cfg) -> Path:
@@ -82,6 +82,10 @@ def fit_tokenizer(cfg, records: list[ImageRecord]) -> Tokenizer:
         counts = torch.bincount(tokenizer.encode(images).reshape(-1), minlength=tokenizer.codebook_size)
         tokenizer = tokenizer.compacted(counts)
         log.info("compaction: %d of %d codes used on the fit images", tokenizer.codebook_size, t.codebook_size)
+    distinct = len(torch.unique(tokenizer.codebook, dim=0))
+    if distinct < 2:  # checked before the tokenizer is saved: a rerun must not find and reuse it
+        raise ValueError(f"the {t.kind} codebook fitted on {len(images)} images of data.build.source has {distinct} "
+                         "distinct code: the images are flat (one colour); fit on varied images or pass tokenizer.checkpoint")
     return tokenizer
 
 
@@ -104,6 +108,8 @@ def obtain_tokenizer(cfg, train_records: list[ImageRecord]) -> tuple[Tokenizer, 
         path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(path)
         log.info("fitted tokenizer saved to %s", path)
+    if tokenizer.codebook_size < 2:
+        raise ValueError(f"the tokenizer at {path} has a codebook of {tokenizer.codebook_size} code: ids would carry nothing")
     if getattr(tokenizer, "any_size", False):  # fully convolutional: runs at the configured size
         tokenizer.image_size = int(cfg.tokenizer.image_size)
     margin = float(cfg.tokenizer.get("copy_margin") or 0.0)
@@ -117,89 +123,25 @@ def obtain_tokenizer(cfg, train_records: list[ImageRecord]) -> tuple[Tokenizer, 
     return tokenizer, path
 
 
-# --- worker side: one shard per call --------------------------------------------------------
-_WORKER_TOKENIZER: Tokenizer | None = None
-_WORKER_CODEC: Codec | None = None
-
-
-def _init_worker(path: str, image_size: int, copy_margin: float, codec: str, model_dir: str) -> None:
-    global _WORKER_TOKENIZER, _WORKER_CODEC
-    torch.set_num_threads(1)
-    _WORKER_TOKENIZER = load_tokenizer(path)
-    _WORKER_TOKENIZER.image_size = image_size
-    if copy_margin:
-        _WORKER_TOKENIZER.copy_margin = copy_margin
-    _WORKER_CODEC = get_codec(codec, model_dir=model_dir)
-
-
-def _encode_records(tokenizer: Tokenizer, records: list[ImageRecord], skip_bad_images: bool):
-    """ids [n,H,W], labels, keys of the readable records, and where the unreadable ones are."""
-    ids, labels, keys, skipped = [], [], [], []
-    for start in range(0, len(records), _ENCODE_BATCH):
-        batch, batch_records = [], []
-        for rec in records[start : start + _ENCODE_BATCH]:
-            try:
-                batch.append(load_image(rec, tokenizer.image_size))
-            except ImageReadError as exc:
-                if not skip_bad_images:
-                    raise ImageReadError(f"{exc} (pass data.build.skip_bad_images=true to skip and count such images)") from None
-                skipped.append(rec.where)
-                continue
-            batch_records.append(rec)
-        if batch:
-            with torch.inference_mode():
-                ids.append(tokenizer.encode(torch.from_numpy(np.stack(batch)).float() / 255).numpy())
-            labels += [r.label for r in batch_records]
-            keys += [r.key for r in batch_records]
-    ids = np.concatenate(ids) if ids else np.zeros((0, *tokenizer.grid), np.uint16)
-    return ids, np.asarray(labels, np.int64), keys, skipped
-
-
-def _encode_shard(job: dict) -> dict:
-    tokenizer = _WORKER_TOKENIZER
-    ids, labels, keys, skipped = _encode_records(tokenizer, job["records"], job["skip_bad_images"])
-    record = write_shard(job["path"], ids, labels, keys, split=job["split"], codec=_WORKER_CODEC,
-                         codebook_size=tokenizer.codebook_size, chunk_size=job["chunk_size"],
-                         skipped=len(skipped)).to_dict()
-    record["skipped_samples"] = skipped
-    atomic_write_json(job["progress"], record)
-    return record
-
-
 # --- driver -----------------------------------------------------------------------------------
-def _listing_hash(splits: dict[str, list[ImageRecord]]) -> str:
-    h = hashlib.sha256()
-    for name, recs in splits.items():
-        for r in recs:
-            h.update(f"{name}\t{r.key}\t{r.label}\n".encode())
-    return h.hexdigest()
-
-
-def _check_plan(progress: Path, plan: dict, save: bool = True) -> None:
-    """Refuse a plan that differs from the interrupted run's in any of its keys; save it if new (and save)."""
-    plan_path = progress / "plan.json"
-    if plan_path.is_file():
-        old = json.loads(plan_path.read_text())
-        diff = sorted(k for k in plan if old.get(k) != plan[k])
-        if diff:
-            raise ValueError(f"{progress.parent} holds an interrupted tokenize run with different settings "
-                             f"({', '.join(diff)}); resume it with the same settings, or pick another data.root")
-    elif save:
-        atomic_write_json(plan_path, plan)
-
-
-def codec_model(root: Path, tokenizer: Tokenizer, records: list[ImageRecord], total: int, build) -> str:
+def codec_model(root: Path, tokenizer: Tokenizer, records: list[ImageRecord], total: int, build, recorded: str | None) -> str:
     """Fit the codec model on the first records' ids and save it in root, unless a resumed run did; its sha256.
 
     ``total``: how many samples it will code, which sets how large a model pays for itself.
+    ``recorded``: the sha256 the plan holds for it, if the interrupted run got that far.
     """
     path = root / MODEL_FILE
     if not path.is_file():
         sample = records[: build.codec_fit_samples]
         log.info("fitting the %s codec model on the ids of %d images", build.codec, len(sample))
-        ids = _encode_records(tokenizer, sample, build.skip_bad_images)[0]
-        CtxModel.fit(ids, tokenizer.codebook_size, total_samples=total).save(path)
-    return sha256_file(path)
+        ids = encode_records(tokenizer, sample, build.skip_bad_images)[0]
+        model = CtxModel.fit(ids, tokenizer.codebook_size, total_samples=total)
+        atomic_write_bytes(path, canonical_safetensors(model.to_bytes()))  # the same ids give the same file
+    sha = sha256_file(path)
+    if recorded and sha != recorded:
+        raise DatasetError(f"{path} is not the codec model this run's plan recorded (sha256 {sha[:12]}…, not "
+                           f"{recorded[:12]}…): it was replaced; move {root} away to start over")
+    return sha
 
 
 @contextmanager
@@ -234,102 +176,150 @@ def tokenize(cfg) -> dict:
         return _tokenize(cfg)
 
 
+def _finished(cfg, root: Path) -> dict:
+    info = TokenDatasetInfo.open(root)
+    if cfg.tokenizer.get("checkpoint"):
+        check_built_by(info, cfg.tokenizer.checkpoint, cfg.tokenizer.get("copy_margin"))
+    if cfg.data.build.source:
+        check_finished(root, info.meta, settings(cfg))
+    shutil.rmtree(root / PROGRESS_DIR, ignore_errors=True)  # a run killed between its last two steps
+    log.info("%s already complete (%d samples); nothing to do", root, info.meta["num_samples"])
+    return info.meta
+
+
+def _listing(cfg) -> tuple[str, SourceListing]:
+    source = os.path.abspath(resolve_source(str(cfg.data.build.source), cfg.paths.cache_dir))
+    listing = list_source(source)
+    shuffle(listing, cfg.data.build.shuffle_seed)
+    if listing.ignored:
+        log.warning("%d file(s) in %s are not tokenized (not %s images, or beside the class folders), e.g. %s; "
+                    "listed in dataset.json", len(listing.ignored), source, "/".join(sorted(IMAGE_EXTS)),
+                    ", ".join(listing.ignored[:3]))
+    return source, listing
+
+
 def _tokenize(cfg) -> dict:
     root = Path(cfg.data.root)
     build = cfg.data.build
     if (root / INFO_FILE).is_file():
-        info = TokenDatasetInfo.open(root)
-        if cfg.tokenizer.get("checkpoint"):
-            check_built_by(info, cfg.tokenizer.checkpoint, cfg.tokenizer.get("copy_margin"))
-        meta = info.meta
-        log.info("%s already complete (%d samples); nothing to do", root, meta["num_samples"])
-        return meta
+        return _finished(cfg, root)
     if not build.source:
         raise ValueError(f"no token dataset at {root} and no data.build.source to build it from")
-    source = resolve_source(str(build.source), cfg.paths.cache_dir)
-    splits, classes = scan_source(source)
-    for recs in splits.values():  # mix classes across shards: resampled shards then give mixed batches
-        np.random.default_rng(build.shuffle_seed).shuffle(recs)
-    tokenizer, tok_path = obtain_tokenizer(cfg, splits.get("train") or next(iter(splits.values())))
+    validate_settings(cfg)
+    check_planned(root)
+    source, listing = _listing(cfg)
+    splits = listing.splits
+    first = splits.get("train") or next(iter(splits.values()))
+    tokenizer, tok_path = obtain_tokenizer(cfg, first)
+    synonyms_k = min(build.synonyms_k, tokenizer.codebook_size - 1)
+    if synonyms_k < build.synonyms_k:
+        log.warning("the codebook has %d codes: %d synonyms per code, not data.build.synonyms_k=%d",
+                    tokenizer.codebook_size, synonyms_k, build.synonyms_k)
 
-    progress = root / PROGRESS_DIR
-    (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    progress.mkdir(exist_ok=True)
-    plan = {"source": os.path.abspath(source), "listing_sha256": _listing_hash(splits),
-            "codebook_sha256": tokenizer.fingerprint, "shard_size": build.shard_size,
-            "chunk_size": build.chunk_size, "codec": build.codec, "shuffle_seed": build.shuffle_seed}
+    plan = start_plan(root, {**settings(cfg), "listing_sha256": listing_hash(splits),
+                             "codebook_sha256": tokenizer.fingerprint})
     margin = float(getattr(tokenizer, "copy_margin", 0.0))
-    if margin:  # the same tokenizer gives other ids under another margin: a resume must not mix them
-        plan["copy_margin"] = margin
+    progress = root / PROGRESS_DIR
     codec_fields = {}
     if build.codec in MODEL_CODECS:
-        _check_plan(progress, plan, save=False)  # before a model is fitted into a dir it does not belong to
-        plan["codec_model_sha256"] = codec_model(root, tokenizer, splits.get("train") or next(iter(splits.values())),
-                                                 sum(map(len, splits.values())), build)
+        sha = codec_model(root, tokenizer, first, sum(map(len, splits.values())), build, plan.get("codec_model_sha256"))
+        if "codec_model_sha256" not in plan:
+            plan = {**plan, "codec_model_sha256": sha}
+            atomic_write_json(progress / PLAN_FILE, plan)
         codec_fields = {"codec_model": MODEL_FILE}
-    else:
-        get_codec(build.codec)  # an unknown name fails here, before any work
-    _check_plan(progress, plan)
     fingerprint = save_codebook(root / CODEBOOK_FILE, tokenizer.codebook)
     synonym_fields = {}
-    if build.synonyms_k:
-        save_synonyms(root / SYNONYMS_FILE, synonyms(tokenizer.codebook, build.synonyms_k))
-        synonym_fields = {"synonyms_file": SYNONYMS_FILE, "synonyms_k": build.synonyms_k}
+    if synonyms_k:
+        save_synonyms(root / SYNONYMS_FILE, synonyms(tokenizer.codebook, synonyms_k))
+        synonym_fields = {"synonyms_file": SYNONYMS_FILE, "synonyms_k": synonyms_k}
 
-    jobs, done = [], []
-    for split, recs in splits.items():
-        for s, start in enumerate(range(0, len(recs), build.shard_size)):
-            name = f"{split}-{s:06d}.tar"
-            job = {"path": str(root / SHARD_DIR / name), "progress": str(progress / f"{name}.json"),
-                   "split": split, "records": recs[start : start + build.shard_size],
-                   "chunk_size": build.chunk_size, "skip_bad_images": build.skip_bad_images}
-            if Path(job["path"]).is_file() and Path(job["progress"]).is_file():
-                done.append(json.loads(Path(job["progress"]).read_text()))
-            else:
-                jobs.append(job)
-    total = sum(len(r) for r in splits.values())
-    if done:
-        log.info("resuming: %d of %d shards already written", len(done), len(done) + len(jobs))
-    bar = tqdm(total=total, initial=sum(d["count"] + d["skipped"] for d in done), desc="tokenize", unit="img")
-    if build.workers > 0 and len(jobs) > 1:
-        ctx = get_context("spawn")
-        with ProcessPoolExecutor(build.workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(str(tok_path), tokenizer.image_size, margin, build.codec,
-                                           str(root))) as pool:
-            for record in pool.map(_encode_shard, jobs):
-                done.append(record)
-                bar.update(record["count"] + record["skipped"])
-    else:
-        _init_worker(str(tok_path), tokenizer.image_size, margin, build.codec, str(root))
-        for job in jobs:
-            done.append(_encode_shard(job))
-            bar.update(done[-1]["count"] + done[-1]["skipped"])
-    bar.close()
-
-    order = {n: i for i, n in enumerate(splits)}
-    done.sort(key=lambda r: (order[r["split"]], r["name"]))
+    done = run_shards(cfg, root, plan_shards(splits, build.shard_size), tok_path, tokenizer, margin)
     skipped = [s for r in done for s in r.pop("skipped_samples")]
     fields = dict(
         shards=done, grid=tokenizer.grid, codebook_size=tokenizer.codebook_size,
         embed_dim=int(tokenizer.codebook.shape[1]), codec=build.codec, chunk_size=build.chunk_size,
-        codebook_sha256=fingerprint, classes=classes, image_size=tokenizer.image_size,
+        codebook_sha256=fingerprint, classes=listing.classes, image_size=tokenizer.image_size,
         tokenizer={"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve()),
                    **({"copy_margin": margin} if margin else {})},
-        skipped={"count": len(skipped), "samples": skipped}, source=os.path.abspath(source),
-        source_bytes=sum(_size(r) for recs in splits.values() for r in recs), **synonym_fields, **codec_fields)
+        skipped={"count": len(skipped), "samples": skipped}, source=source,
+        source_bytes=sum(_size(r) for recs in splits.values() for r in recs),
+        ignored_files={"count": len(listing.ignored), "files": listing.ignored[:_IGNORED_LISTED]},
+        build=plan, **synonym_fields, **codec_fields)
+    n = sum(r["count"] for r in done)
+    if build.storage_report and n:  # measured on the shards, before dataset.json exists
+        fields["storage"] = storage_report(TokenDatasetInfo(root, {**fields, "num_samples": n}),
+                                           fields["source_bytes"] / n, max_samples=build.storage_report_samples)
+        print(format_report(fields["storage"]), flush=True)
     meta = write_dataset_info(root, **fields)
-    if build.storage_report and meta["num_samples"]:
-        storage = storage_report(TokenDatasetInfo.open(root), meta["source_bytes"] / meta["num_samples"],
-                                 max_samples=build.storage_report_samples)
-        meta = write_dataset_info(root, **fields, storage=storage)
-        print(format_report(storage), flush=True)
     shutil.rmtree(progress)
     print_summary(meta)
     return meta
 
 
+def rebuild_shards(root: Path, names: list[str]) -> list[dict]:
+    """Re-make the named shards of a finished dataset from the source and settings its dataset.json records.
+
+    Each new shard must hash to the sha256 dataset.json records before it replaces the file (then
+    atomically); otherwise a DatasetError names the shard and the old file stays. Returns the
+    shards' dataset.json entries.
+    """
+    root = Path(root)
+    with exclusive(root):
+        meta, plan, shards = _rebuild_plan(root, names)
+        tokenizer = load_tokenizer(meta["tokenizer"]["checkpoint"])
+        if tokenizer.fingerprint != meta["codebook_sha256"]:
+            raise DatasetError(f"cannot rebuild shards of {root}: the tokenizer {meta['tokenizer']['checkpoint']} no "
+                               "longer has the codebook the dataset was built with")
+        tokenizer.image_size = int(meta["image_size"])
+        if meta["tokenizer"].get("copy_margin"):
+            tokenizer.copy_margin = float(meta["tokenizer"]["copy_margin"])
+        codec = get_codec(meta["codec"], model_dir=root)
+        recorded = {s["name"]: s for s in meta["shards"]}
+        out = []
+        for name in names:
+            split, records = shards[name]
+            job = {"path": str(root / SHARD_DIR / name), "split": split, "records": records,
+                   "chunk_size": plan["chunk_size"], "skip_bad_images": recorded[name].get("skipped", 0) > 0}
+            data, record = make_shard(tokenizer, codec, job)
+            record.pop("skipped_samples")
+            if record["sha256"] != recorded[name]["sha256"]:
+                raise DatasetError(f"rebuilding shard {name} of {root} gave sha256 {record['sha256'][:12]}…, not the "
+                                   f"recorded {recorded[name]['sha256'][:12]}…: its source images changed; the old file is kept")
+            atomic_write_bytes(job["path"], data)
+            log.info("rebuilt shard %s of %s", name, root)
+            out.append(record)
+        return out
+
+
+def _rebuild_plan(root: Path, names: list[str]) -> tuple[dict, dict, dict]:
+    """dataset.json, its build plan, and the named shards' records, after checking the source is as recorded."""
+    meta = json.loads((root / INFO_FILE).read_text())
+    plan = meta.get("build")
+    if plan is None:
+        raise DatasetError(f"{root / INFO_FILE} records no build settings (it predates them): its shards cannot be "
+                           "rebuilt; tokenize its source again under another data.root")
+    unknown = sorted(set(names) - {s["name"] for s in meta["shards"]})
+    if unknown:
+        raise DatasetError(f"{root / INFO_FILE} lists no shard(s) {unknown[:5]}")
+    source = meta["source"]
+    if not Path(source).is_dir():
+        raise DatasetError(f"cannot rebuild shards of {root}: its source {source} is gone")
+    listing = list_source(source)
+    shuffle(listing, plan["shuffle_seed"])
+    if listing_hash(listing.splits) != plan["listing_sha256"]:
+        raise DatasetError(f"cannot rebuild shards of {root}: the images in its source {source} changed since it was "
+                           "built (added, removed or relabelled)")
+    return meta, plan, plan_shards(listing.splits, plan["shard_size"])
+
+
 def _size(record: ImageRecord) -> int:
-    return record.size if record.offset >= 0 else os.path.getsize(record.path)
+    """Its bytes in the source; an image that is gone (skipped as unreadable) has none."""
+    if record.offset >= 0:
+        return record.size
+    try:
+        return os.path.getsize(record.path)
+    except OSError:
+        return 0
 
 
 def print_summary(meta: dict) -> None:

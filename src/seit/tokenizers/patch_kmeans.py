@@ -14,10 +14,10 @@ import os
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from seit.tokenizers.base import Tokenizer
 from seit.tokenizers.codebook_tools import compaction_map
+from seit.utils.io import atomic_save_tensors
 
 _ASSIGN_BLOCK = 16384
 
@@ -127,14 +127,12 @@ class PatchKMeansTokenizer(Tokenizer):
                                     self._codebook[keep].clone(), compaction=mapping)
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp"
         tensors = {"mean": self.mean, "basis": self.basis, "codebook": self._codebook}
         if self.compaction is not None:
             tensors["compaction"] = self.compaction
-        save_file(tensors, tmp,
-                  metadata={"kind": self.kind, "image_size": str(self.image_size),
-                            "patch_size": str(self.downsample), "scale": repr(self.scale)})
-        os.replace(tmp, path)
+        atomic_save_tensors(path, {k: v.contiguous() for k, v in tensors.items()},
+                            metadata={"kind": self.kind, "image_size": str(self.image_size),
+                                      "patch_size": str(self.downsample), "scale": repr(self.scale)})
 
     @classmethod
     def from_state(cls, tensors: dict, metadata: dict) -> "PatchKMeansTokenizer":

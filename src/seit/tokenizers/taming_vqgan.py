@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from seit.tokenizers.base import Tokenizer
+from seit.utils.io import atomic_save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -544,11 +545,9 @@ class TamingVQGANTokenizer(Tokenizer):
         return torch.cat(out)
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp"
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(tensors, tmp, metadata={"kind": self.kind, "config": json.dumps(self.config, sort_keys=True),
-                                          "image_size": str(self.image_size), "downsample": str(self.downsample)})
-        os.replace(tmp, path)
+        atomic_save_tensors(path, tensors, metadata={"kind": self.kind, "config": json.dumps(self.config, sort_keys=True),
+                                                     "image_size": str(self.image_size), "downsample": str(self.downsample)})
 
     @classmethod
     def from_state(cls, tensors: dict, metadata: dict) -> "TamingVQGANTokenizer":

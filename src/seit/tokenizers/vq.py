@@ -11,11 +11,11 @@ import json
 import os
 
 import torch
-from safetensors.torch import save_file
 
 from seit.tokenizers.base import Tokenizer
 from seit.tokenizers.codebook_tools import compaction_map
 from seit.tokenizers.vq_model import VQModel
+from seit.utils.io import atomic_save_tensors
 
 
 class VQTokenizer(Tokenizer):
@@ -62,13 +62,11 @@ class VQTokenizer(Tokenizer):
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp"
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         if self.compaction is not None:
             state["compaction"] = self.compaction
-        save_file(state, tmp, metadata={"kind": self.kind, "image_size": str(self.image_size),
-                                        "config": json.dumps(self.model.config)})
-        os.replace(tmp, path)
+        atomic_save_tensors(path, state, metadata={"kind": self.kind, "image_size": str(self.image_size),
+                                                   "config": json.dumps(self.model.config)})
 
     @classmethod
     def from_state(cls, tensors: dict, metadata: dict) -> "VQTokenizer":

@@ -41,8 +41,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
+    """safetensors' own save_file leaves a 0600 file in place as it writes; this one is atomic and 0666 & ~umask."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors writes the metadata in hash-map order, which changes from run to run; sorted,
+    the same tensors and metadata always give the same bytes (and sha256). Offsets in the
+    header are relative to the data, so the data is kept as it is.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data stays 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:

@@ -1,0 +1,161 @@
+"""What a tokenize run will build, settled and checked before anything is written into data.root.
+
+The settings that decide a token dataset's bytes (source, sharding, codec, shuffle seed,
+synonyms, tokenizer) form one dict. The plan is that dict plus what the source and the tokenizer
+turned out to be (the sha256 of the image listing and of the codebook). It is the first file
+written into data.root (``.progress/plan.json``) and ends up in dataset.json as ``build``. So
+tokenize never writes into a directory it did not plan, an interrupted run resumes only under
+the same plan, and a finished dataset refuses other settings by name instead of saying
+"nothing to do". ``plan_shards`` is the one place that cuts the listing into shards, so a shard
+rebuilt later gets exactly the images it got the first time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from seit.data.codec import CODECS, MODEL_CODECS
+from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError
+from seit.data.embedded import EMBEDDED_PREFIX
+from seit.data.image_source import ImageRecord, SourceListing
+from seit.utils.io import atomic_write_json
+
+PROGRESS_DIR = ".progress"
+PLAN_FILE = "plan.json"
+# what decides the codebook of a tokenizer that tokenize fits itself
+_FIT_KEYS = ("kind", "image_size", "patch_size", "codebook_size", "embed_dim", "fit_images", "fit_patches",
+             "fit_iters", "seed", "compact")
+_NAMES = {"listing_sha256": "the source's image listing (images added, removed or relabelled)",
+          "codebook_sha256": "the tokenizer's codebook"}
+
+
+def _require(key: str, value, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value} must be {rule}")
+
+
+def _int(key: str, value, low: int, rule: str) -> None:
+    _require(key, value, isinstance(value, int) and not isinstance(value, bool) and value >= low, rule)
+
+
+def validate_settings(cfg) -> None:
+    """Every data.build and tokenizer value that tokenize uses, checked before it writes anything."""
+    b, t = cfg.data.build, cfg.tokenizer
+    _int("data.build.shard_size", b.shard_size, 1, "an integer > 0")
+    _int("data.build.chunk_size", b.chunk_size, 1, "an integer > 0")
+    _int("data.build.workers", b.workers, 0, "an integer >= 0")
+    _int("data.build.shuffle_seed", b.shuffle_seed, 0, "an integer >= 0")
+    _require("data.build.codec", b.codec, b.codec in CODECS, f"one of {sorted(CODECS)}")
+    _int("data.build.codec_fit_samples", b.codec_fit_samples, 1, "an integer > 0")
+    _int("data.build.synonyms_k", b.synonyms_k, 0, "an integer >= 0")
+    _require("data.build.synonyms_k", b.synonyms_k, not b.synonyms_k or b.synonyms_k < t.codebook_size,
+             f"< tokenizer.codebook_size={t.codebook_size} (each code's nearest other codes)")
+    if b.storage_report:
+        _int("data.build.storage_report_samples", b.storage_report_samples, 1, "an integer > 0")
+    _int("tokenizer.image_size", t.image_size, 1, "an integer > 0")
+    margin = t.get("copy_margin") or 0.0
+    _require("tokenizer.copy_margin", margin, isinstance(margin, (int, float)) and margin >= 0, "a number >= 0")
+    if t.get("checkpoint"):
+        return
+    for key, low in (("patch_size", 1), ("codebook_size", 2), ("embed_dim", 1), ("fit_images", 1),
+                     ("fit_patches", 1), ("fit_iters", 0), ("seed", 0)):
+        _int(f"tokenizer.{key}", t[key], low, f"an integer >= {low}")
+    _require("tokenizer.image_size", t.image_size, t.image_size % t.patch_size == 0,
+             f"a multiple of tokenizer.patch_size={t.patch_size}")
+    _require("tokenizer.fit_patches", t.fit_patches, t.fit_patches >= t.codebook_size,
+             f">= tokenizer.codebook_size={t.codebook_size} (k-means needs a patch per code)")
+
+
+def source_id(source: str) -> str:
+    return source if source.startswith(EMBEDDED_PREFIX) else os.path.abspath(source)
+
+
+def settings(cfg) -> dict:
+    """The settings a finished dataset is compared against (the plan without what the inputs turned out to be)."""
+    b, t = cfg.data.build, cfg.tokenizer
+    if t.get("checkpoint"):
+        tok = {"kind": t.kind, "checkpoint": os.path.abspath(t.checkpoint), "image_size": int(t.image_size),
+               "copy_margin": float(t.get("copy_margin") or 0.0)}
+    else:
+        tok = {k: t[k] for k in _FIT_KEYS}
+    out = {"source": source_id(str(b.source)), "shard_size": b.shard_size, "chunk_size": b.chunk_size,
+           "codec": b.codec, "shuffle_seed": b.shuffle_seed, "synonyms_k": b.synonyms_k, "tokenizer": tok}
+    if b.codec in MODEL_CODECS:
+        out["codec_fit_samples"] = b.codec_fit_samples
+    return out
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Each key of ``new`` that ``old`` records otherwise, as ``key=new (built with old)``."""
+    out = []
+    for key, value in new.items():
+        if key == "tokenizer":
+            was = old.get(key) or {}
+            out += [f"tokenizer.{k}={v} (built with {was.get(k)})" for k, v in value.items() if was.get(k) != v]
+        elif old.get(key) != value:
+            out.append(_NAMES.get(key) or f"data.build.{key}={value} (built with {old.get(key)})")
+    return out
+
+
+def shuffle(listing: SourceListing, seed: int) -> None:
+    """Mix classes across shards: resampled shards then give mixed batches."""
+    for recs in listing.splits.values():
+        np.random.default_rng(seed).shuffle(recs)
+
+
+def listing_hash(splits: dict[str, list[ImageRecord]]) -> str:
+    h = hashlib.sha256()
+    for name, recs in splits.items():
+        for r in recs:
+            h.update(f"{name}\t{r.key}\t{r.label}\n".encode())
+    return h.hexdigest()
+
+
+def plan_shards(splits: dict[str, list[ImageRecord]], shard_size: int) -> dict[str, tuple[str, list[ImageRecord]]]:
+    """shard name -> (split, its records), in dataset order."""
+    return {f"{split}-{s:06d}.tar": (split, recs[start : start + shard_size])
+            for split, recs in splits.items() for s, start in enumerate(range(0, len(recs), shard_size))}
+
+
+def check_planned(root: Path) -> None:
+    """Refuse a data.root that holds files but no plan: tokenize did not start it, so it is not tokenize's to write."""
+    if not root.exists() or (root / PROGRESS_DIR / PLAN_FILE).is_file():
+        return
+    if not root.is_dir():
+        raise DatasetError(f"data.root={root} is not a directory")
+    found = sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+    if found:
+        raise DatasetError(f"{root} holds {len(found)} file(s) ({', '.join(found[:3])}) but neither {INFO_FILE} nor "
+                           f"a tokenize plan ({PROGRESS_DIR}/{PLAN_FILE}): tokenize did not plan this directory and "
+                           "will not write into it; move it away or pick another data.root")
+
+
+def start_plan(root: Path, plan: dict) -> dict:
+    """Save the plan as the first file in root, or check it against the interrupted run's; returns the saved plan."""
+    path = root / PROGRESS_DIR / PLAN_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = differences(old, plan)
+        if diff:
+            raise DatasetError(f"{root} holds an interrupted tokenize run with other settings: {'; '.join(diff)}; "
+                               "resume it with the settings it was started with, or pick another data.root")
+        return old
+    (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, plan)
+    return plan
+
+
+def check_finished(root: Path, meta: dict, wanted: dict) -> None:
+    """A finished dataset answers "nothing to do" only to the settings it was built with."""
+    built = meta.get("build")
+    if built is None:
+        return  # built before the settings were recorded: nothing to compare
+    diff = differences(built, wanted)
+    if diff:
+        raise DatasetError(f"{root} is a finished token dataset built with other settings: {'; '.join(diff)}; "
+                           "build these under another data.root")

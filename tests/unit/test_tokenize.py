@@ -1,0 +1,239 @@
+"""Tokenize never destroys or half-writes: plans, refusals, resumes, rebuilds, permissions, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import make_image_folder
+from seit.data.codec_ctx import MODEL_FILE
+from seit.data.dataset_info import DatasetError, dir_bytes
+from seit.data.image_source import ImageReadError
+from seit.pipelines import tokenize as tok
+
+
+def config(images: Path, root: Path, **build):
+    return OmegaConf.create({
+        "paths": {"cache_dir": str(root.parent / "cache")},
+        "tokenizer": {"kind": "patch_kmeans", "checkpoint": None, "image_size": 16, "patch_size": 4,
+                      "codebook_size": 16, "embed_dim": 8, "fit_images": 20, "fit_patches": 2000, "fit_iters": 5,
+                      "seed": 0, "compact": False},
+        "data": {"root": str(root), "build": {
+            "source": str(images), "shard_size": 10, "chunk_size": 4, "codec": "ctx-rans", "codec_fit_samples": 12,
+            "shuffle_seed": 0, "workers": 0, "skip_bad_images": False, "synonyms_k": 3, "storage_report": True,
+            "storage_report_samples": 20, **build}}})
+
+
+def shas(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def interrupted(cfg, monkeypatch) -> None:
+    """A run killed after its shards, before dataset.json."""
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(tok, "write_dataset_info", killed)
+        with pytest.raises(KeyboardInterrupt):
+            tok.tokenize(cfg)
+
+
+def test_a_directory_tokenize_did_not_plan_is_never_written_into(tmp_path, image_folder):
+    root = tmp_path / "ds"
+    tok.tokenize(config(image_folder, root))
+    (root / "dataset.json").unlink()  # a finished dataset that lost its dataset.json
+    before = shas(root)
+    with pytest.raises(DatasetError, match=f"{root} holds .* neither dataset.json nor a tokenize plan"):
+        tok.tokenize(config(image_folder, root, shard_size=7))
+    assert shas(root) == before
+    other = tmp_path / "model_only"
+    other.mkdir()
+    (other / MODEL_FILE).write_bytes(b"someone's file")
+    with pytest.raises(DatasetError, match="codec_model.safetensors"):
+        tok.tokenize(config(image_folder, other))
+    assert [p.name for p in other.iterdir()] == [MODEL_FILE]
+
+
+def test_a_finished_dataset_refuses_other_settings_by_name(tmp_path, image_folder, caplog):
+    root = tmp_path / "ds"
+    meta = tok.tokenize(config(image_folder, root))
+    assert meta["build"]["shard_size"] == 10 and meta["build"]["tokenizer"]["seed"] == 0
+    with pytest.raises(DatasetError, match=r"data.build.shard_size=7 \(built with 10\); data.build.chunk_size=2"):
+        tok.tokenize(config(image_folder, root, shard_size=7, chunk_size=2))
+    cfg = config(image_folder, root, codec="zstd-planes", source=str(tmp_path))
+    with pytest.raises(DatasetError, match=f"data.build.source={tmp_path} .*data.build.codec=zstd-planes"):
+        tok.tokenize(cfg)
+    cfg = config(image_folder, root)
+    cfg.tokenizer.seed = 1
+    with pytest.raises(DatasetError, match=r"tokenizer.seed=1 \(built with 0\)"):
+        tok.tokenize(cfg)
+    with caplog.at_level(logging.INFO):
+        assert tok.tokenize(config(image_folder, root))["num_samples"] == meta["num_samples"]
+    assert "nothing to do" in caplog.text
+
+
+def test_an_interrupted_run_resumes_only_under_its_own_plan(tmp_path, image_folder, monkeypatch):
+    root = tmp_path / "ds"
+    interrupted(config(image_folder, root), monkeypatch)
+    with pytest.raises(DatasetError, match=r"interrupted tokenize run with other settings: data.build.shuffle_seed=1"):
+        tok.tokenize(config(image_folder, root, shuffle_seed=1))
+
+
+def test_a_resume_rebuilds_the_finished_shards_that_went_bad(tmp_path, image_folder, monkeypatch, caplog):
+    clean = tok.tokenize(config(image_folder, tmp_path / "clean"))
+    root = tmp_path / "ds"
+    interrupted(config(image_folder, root), monkeypatch)
+    shard = root / "shards" / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # same size, other bytes
+    shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        meta = tok.tokenize(config(image_folder, root))
+    assert "shard train-000001.tar does not match its progress record" in caplog.text
+    assert [s["sha256"] for s in meta["shards"]] == [s["sha256"] for s in clean["shards"]]
+    assert hashlib.sha256(shard.read_bytes()).hexdigest() == meta["shards"][1]["sha256"]
+
+
+def test_rebuild_shards_restores_a_corrupt_shard_byte_for_byte(tmp_path, image_folder):
+    root = tmp_path / "ds"
+    meta = tok.tokenize(config(image_folder, root))
+    name = meta["shards"][2]["name"]
+    shard = root / "shards" / name
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])
+    assert tok.rebuild_shards(root, [name]) == [meta["shards"][2]]
+    assert shard.read_bytes() == good
+
+    shard.write_bytes(b"damaged")
+    img = next((image_folder / "train").rglob("*.png"))
+    original = img.read_bytes()
+    Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(img)  # same listing, other pixels
+    with pytest.raises(DatasetError, match=r"rebuilding shard .* gave sha256 .*the old file is kept"):
+        tok.rebuild_shards(root, [s["name"] for s in meta["shards"]])
+    assert shard.read_bytes() == b"damaged"
+    img.write_bytes(original)
+    (img.parent / "new.png").write_bytes(original)
+    with pytest.raises(DatasetError, match="the images in its source .* changed"):
+        tok.rebuild_shards(root, [name])
+    os.rename(image_folder, tmp_path / "moved")
+    with pytest.raises(DatasetError, match=f"its source {image_folder} is gone"):
+        tok.rebuild_shards(root, [name])
+    with pytest.raises(DatasetError, match="lists no shard"):
+        tok.rebuild_shards(root, ["train-999999.tar"])
+
+
+def test_dataset_json_is_written_once_with_its_storage_report(tmp_path, image_folder, monkeypatch):
+    import seit.data.dataset_info as dataset_info
+
+    written, write = [], dataset_info.atomic_write_bytes
+    monkeypatch.setattr(dataset_info, "atomic_write_bytes", lambda path, data: (written.append(Path(path).name),
+                                                                                write(path, data)))
+    root = tmp_path / "ds"
+    meta = tok.tokenize(config(image_folder, root))
+    assert written == ["dataset.json"]
+    on_disk = json.loads((root / "dataset.json").read_text())
+    assert on_disk == meta and set(meta["storage"]["rows"]) == {"raw", "seit", "zstd", "ours"}
+    assert meta["bytes_on_disk"] == dir_bytes(root)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed during the storage report")
+
+    monkeypatch.setattr(tok, "storage_report", crash)
+    with pytest.raises(RuntimeError):
+        tok.tokenize(config(image_folder, tmp_path / "other"))
+    assert not (tmp_path / "other" / "dataset.json").exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("chunk_size", 0, "data.build.chunk_size=0 must be an integer > 0"),
+    ("shard_size", -1, "data.build.shard_size=-1 must be an integer > 0"),
+    ("workers", -2, "data.build.workers=-2 must be an integer >= 0"),
+    ("codec", "nope", "data.build.codec=nope must be one of"),
+    ("codec_fit_samples", 0, "data.build.codec_fit_samples=0 must be"),
+    ("synonyms_k", -1, "data.build.synonyms_k=-1 must be"),
+    ("synonyms_k", 16, r"data.build.synonyms_k=16 must be < tokenizer.codebook_size=16"),
+    ("storage_report_samples", 0, "data.build.storage_report_samples=0 must be"),
+])
+def test_settings_are_checked_before_anything_is_written(tmp_path, image_folder, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        tok.tokenize(config(image_folder, tmp_path / "ds", **{key: value}))
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.tokenizer.safetensors").exists()
+
+
+def test_files_are_written_with_the_usual_permissions(tmp_path, image_folder):
+    old = os.umask(0o022)
+    try:
+        tok.tokenize(config(image_folder, tmp_path / "ds"))
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "ds").rglob("*") if p.is_file()] + [tmp_path / "ds.tokenizer.safetensors"]
+    assert {p.name for p in files} >= {"codebook.safetensors", "synonyms.safetensors", MODEL_FILE, "dataset.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o644) for p in files}
+
+
+def test_the_same_settings_give_the_same_bytes(tmp_path, image_folder):
+    a = tok.tokenize(config(image_folder, tmp_path / "a"))
+    b = tok.tokenize(config(image_folder, tmp_path / "b"))
+    files = shas(tmp_path / "a")
+    assert files.pop("dataset.json") and len(files) == 9  # 6 shards, codebook, synonyms, codec model
+    assert files == {k: v for k, v in shas(tmp_path / "b").items() if k != "dataset.json"}
+    assert ((tmp_path / "a.tokenizer.safetensors").read_bytes() == (tmp_path / "b.tokenizer.safetensors").read_bytes())
+    timing = ("storage", "tokenizer", "bytes_on_disk", "bytes_per_sample", "percent_of_source")  # decode speeds, paths
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+
+
+def test_files_not_tokenized_are_counted_and_listed(tmp_path, caplog):
+    images = make_image_folder(tmp_path / "images", classes=2, train=6, val=2)
+    (images / "train" / "notes.txt").write_text("beside the class folders")
+    (images / "val" / "class1" / "x.tiff").write_bytes(b"not a tokenized extension")
+    with caplog.at_level(logging.WARNING):
+        meta = tok.tokenize(config(images, tmp_path / "ds"))
+    assert meta["ignored_files"]["count"] == 2
+    assert sorted(Path(p).name for p in meta["ignored_files"]["files"]) == ["notes.txt", "x.tiff"]
+    assert "2 file(s) in" in caplog.text and "are not tokenized" in caplog.text
+
+
+def test_a_broken_symlink_is_named_and_skipped_on_request(tmp_path):
+    images = make_image_folder(tmp_path / "images", classes=2, train=6, val=2)
+    link = images / "train" / "class0" / "gone.png"
+    link.symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ImageReadError, match="gone.png"):
+        tok.tokenize(config(images, tmp_path / "strict"))
+    meta = tok.tokenize(config(images, tmp_path / "ds", skip_bad_images=True))
+    assert meta["skipped"] == {"count": 1, "samples": [str(link)]} and meta["splits"]["train"] == 12
+
+
+def _flat_images(root: Path, colours) -> Path:
+    for i, colour in enumerate(colours):
+        d = root / "train" / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), colour, np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_codebook_of_flat_images_is_refused_before_anything_is_written(tmp_path, compact):
+    cfg = config(_flat_images(tmp_path / "flat", [100] * 12), tmp_path / "ds")
+    cfg.tokenizer.compact = compact
+    with pytest.raises(ValueError, match="1 distinct code: the images are flat"):
+        tok.tokenize(cfg)
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.tokenizer.safetensors").exists()
+
+
+def test_a_compacted_codebook_smaller_than_synonyms_k_clamps_it(tmp_path, caplog):
+    cfg = config(_flat_images(tmp_path / "two", [0, 255] * 6), tmp_path / "ds", synonyms_k=5)
+    cfg.tokenizer.compact = True
+    with caplog.at_level(logging.WARNING):
+        meta = tok.tokenize(cfg)
+    assert meta["codebook_size"] == 2 and meta["synonyms_k"] == 1
+    assert "1 synonyms per code, not data.build.synonyms_k=5" in caplog.text
