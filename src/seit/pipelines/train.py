@@ -17,7 +17,7 @@ from seit.data.image_datamodule import ImageFolderDataModule, input_grid
 from seit.tasks.classification import ClassificationTask
 from seit.tokenizers.codebook_tools import synonyms
 from seit.utils.throughput import TrainThroughput
-from seit.utils.summary import config_hash, to_float, write_summary
+from seit.utils.summary import config_hash, finished_run, to_float, write_summary
 
 log = logging.getLogger(__name__)
 DATA_KINDS = ("tokens", "images")
@@ -157,8 +157,10 @@ def instantiate_all(node: DictConfig | None) -> list:
 
 
 def train(cfg: DictConfig) -> dict:
-    pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    if (done := finished_run(output_dir, cfg)) is not None:
+        return done
+    pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -25,16 +26,43 @@ def wandb_mode() -> str:
         return "offline"
 
 
-def run_id(run_name: str | None) -> str:
-    """The run dir name: the user's run_name, else the start time and the SLURM job id.
+def run_dir(parent: str, run_name: str | None) -> str:
+    """A single run's output dir under ``parent``: ``run_name``, else the job's id, else a new dir.
 
-    Under SLURM without a run_name the job id alone keys the dir, so that a requeued job (same
-    id, later time) finds its own checkpoints again.
+    A named run (or a SLURM job, or a torchrun job with a rendezvous id, whose id stays the same
+    when it is requeued or restarted) comes back to its dir and resumes there from last.ckpt. An
+    unnamed run gets a dir nobody else has (see ``new_dir``), so it never resumes, and never
+    overwrites, another run.
     """
     if run_name:
-        return str(run_name)
-    job = os.environ.get("SLURM_JOB_ID")
-    return f"slurm-{job}" if job else time.strftime("%Y-%m-%d_%H-%M-%S") + "_local"
+        return f"{parent}/{run_name}"
+    job = shared_job_id()
+    return f"{parent}/{job}" if job else new_dir(parent)
+
+
+def shared_job_id() -> str | None:
+    """The id that every process of one job sees (and a requeued job sees again), if any."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID")
+    if rdzv and rdzv != "none":
+        return f"torchrun-{rdzv}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("several processes without a shared job id would each pick their own output dir: "
+                         "set run_name (or launch with torchrun --rdzv-id / --standalone)")
+    return None
+
+
+def new_dir(parent: str) -> str:
+    """Create and return ``parent/<date>_<time>_<random>``; the exclusive mkdir makes a clash impossible."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    while True:
+        path = Path(parent) / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+            return str(path)
+        except FileExistsError:
+            continue
 
 
 def multirun_group(mode, sweep_dir: str) -> str | None:
@@ -52,13 +80,15 @@ def vq_downsample(ch_mult) -> int:
     return 2 ** (len(ch_mult) - 1)
 
 
-RESOLVERS = {"vq_downsample": vq_downsample, "wandb_mode": wandb_mode, "run_id": run_id, "multirun_group": multirun_group, "join": join}
+RESOLVERS = {"vq_downsample": vq_downsample, "wandb_mode": wandb_mode, "run_dir": run_dir, "new_dir": new_dir,
+             "multirun_group": multirun_group, "join": join}
+CACHED = ("run_dir", "new_dir")  # resolved once per config: a second look must not make another dir
 
 
 def register_resolvers() -> None:
     for name, fn in RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn, use_cache=name == "run_id")
+            OmegaConf.register_new_resolver(name, fn, use_cache=name in CACHED)
 
 
 def print_config(cfg: DictConfig) -> None:

@@ -1,0 +1,94 @@
+"""Stop promptly on SIGTERM (SLURM's time limit, ``timeout``, ``kill``) and leave a last.ckpt.
+
+Lightning already catches SIGTERM in every setup: its handler only sets a flag, and the loops raise
+``SIGTERMException`` at the next batch boundary. Two gaps remain, which this callback closes:
+
+- nothing is saved: on that exception it writes ``last.ckpt`` (atomically, through the trainer's
+  checkpoint IO) into the directory of each ``ModelCheckpoint`` that keeps a last checkpoint, so a
+  relaunch with ``ckpt_path=last`` resumes from the step where the signal arrived;
+- a run stuck between batches (a data loader waiting for a worker, a slow first batch) never reaches
+  a boundary: ``grace_s`` seconds after the first SIGTERM, or at a second one, the process exits with
+  status 143 (128 + SIGTERM) and one line on stderr, without a new checkpoint (the previous last.ckpt
+  stays intact: saves are atomic). A stop that is already saving is left to finish.
+
+The handler runs in Python's main thread; a hang inside C code that never returns to the interpreter
+is beyond it (SLURM's SIGKILL after KillWait ends those).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class StopOnSigterm(Callback):
+    def __init__(self, grace_s: float = 20.0):
+        self.grace_s = float(grace_s)
+        self._previous = None
+        self._installed = False
+        self._signals = 0
+        self._saving = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning registers its own handler after on_fit_start and chains to this one.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            _exit_now("a second SIGTERM")
+        timer = threading.Timer(self.grace_s, self._on_timeout)
+        timer.daemon = True
+        timer.start()
+
+    def _on_timeout(self) -> None:
+        if not self._saving:
+            _exit_now(f"no batch boundary reached within {self.grace_s:g}s of SIGTERM")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+        if not isinstance(exception, SIGTERMException):
+            return
+        self._saving = True
+        saved = []
+        for path in last_checkpoint_paths(trainer):
+            trainer.save_checkpoint(path)
+            saved.append(str(path))
+        exception.report = (f"stopped by SIGTERM at step {trainer.global_step}; saved "  # run.py prints it
+                            + (", ".join(saved) or "no checkpoint (no ModelCheckpoint with save_last)"))
+        log.info(exception.report)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+
+def last_checkpoint_paths(trainer: pl.Trainer) -> list[Path]:
+    """Where the run's ModelCheckpoints keep ``last.ckpt`` (one path per directory)."""
+    paths = {Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+             for cb in trainer.checkpoint_callbacks
+             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath}
+    return sorted(paths)
+
+
+def _exit_now(why: str) -> None:
+    sys.stderr.write(f"error: stopped by SIGTERM ({why}); no new checkpoint, the last one saved is kept\n")
+    sys.stderr.flush()
+    os._exit(EXIT_SIGTERM)
