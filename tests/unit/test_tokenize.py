@@ -79,7 +79,10 @@ def test_a_finished_dataset_refuses_other_settings_by_name(tmp_path, image_folde
         tok.tokenize(cfg)
     with caplog.at_level(logging.INFO):
         assert tok.tokenize(config(image_folder, root))["num_samples"] == meta["num_samples"]
-    assert "nothing to do" in caplog.text
+        cfg = config(image_folder, root)  # its own tokenizer, named: the same codebook, so the same dataset
+        cfg.tokenizer.checkpoint = str(tmp_path / "ds.tokenizer.safetensors")
+        assert tok.tokenize(cfg)["num_samples"] == meta["num_samples"]
+    assert caplog.text.count("nothing to do") == 2
 
 
 def test_an_interrupted_run_resumes_only_under_its_own_plan(tmp_path, image_folder, monkeypatch):

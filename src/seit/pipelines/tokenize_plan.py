@@ -78,11 +78,10 @@ def source_id(source: str) -> str:
 def settings(cfg) -> dict:
     """The settings a finished dataset is compared against (the plan without what the inputs turned out to be)."""
     b, t = cfg.data.build, cfg.tokenizer
-    if t.get("checkpoint"):
-        tok = {"kind": t.kind, "checkpoint": os.path.abspath(t.checkpoint), "image_size": int(t.image_size),
-               "copy_margin": float(t.get("copy_margin") or 0.0)}
-    else:
-        tok = {k: t[k] for k in _FIT_KEYS}
+    # a given checkpoint is compared by its codebook (the plan's codebook_sha256, check_built_by), not its path
+    tok = {"image_size": int(t.image_size), "copy_margin": float(t.get("copy_margin") or 0.0)}
+    if not t.get("checkpoint"):
+        tok.update({k: t[k] for k in _FIT_KEYS})
     out = {"source": source_id(str(b.source)), "shard_size": b.shard_size, "chunk_size": b.chunk_size,
            "codec": b.codec, "shuffle_seed": b.shuffle_seed, "synonyms_k": b.synonyms_k, "tokenizer": tok}
     if b.codec in MODEL_CODECS:
