@@ -173,6 +173,19 @@ def test_settings_are_checked_before_anything_is_written(tmp_path, image_folder,
     assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.tokenizer.safetensors").exists()
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("image_size", 18, "tokenizer.image_size=18 must be a multiple of tokenizer.patch_size=4"),
+    ("codebook_size", 1, "tokenizer.codebook_size=1 must be an integer >= 2"),
+    ("kind", "vq", "a 'vq' tokenizer is not fitted by tokenize"),
+])
+def test_tokenizer_settings_are_checked_before_anything_is_written(tmp_path, image_folder, key, value, message):
+    cfg = config(image_folder, tmp_path / "ds", synonyms_k=0)
+    cfg.tokenizer[key] = value
+    with pytest.raises(ValueError, match=message):
+        tok.tokenize(cfg)
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.tokenizer.safetensors").exists()
+
+
 def test_files_are_written_with_the_usual_permissions(tmp_path, image_folder):
     old = os.umask(0o022)
     try:

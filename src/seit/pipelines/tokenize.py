@@ -59,10 +59,8 @@ def tokenizer_path(cfg) -> Path:
 
 
 def fit_tokenizer(cfg, records: list[ImageRecord]) -> Tokenizer:
+    """Fit the k-means patch tokenizer, the one kind tokenize fits itself (validate_settings refuses others)."""
     t = cfg.tokenizer
-    if t.kind != PatchKMeansTokenizer.kind:
-        raise ValueError(f"a {t.kind!r} tokenizer is not fitted by tokenize: train one with task=train_tokenizer "
-                         "(or bring one) and pass tokenizer.checkpoint=PATH")
     rng = np.random.default_rng(t.seed)
     pick = rng.choice(len(records), size=min(t.fit_images, len(records)), replace=False)
     images = []

@@ -23,6 +23,7 @@ from seit.data.codec import CODECS, MODEL_CODECS
 from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError
 from seit.data.embedded import EMBEDDED_PREFIX
 from seit.data.image_source import ImageRecord, SourceListing
+from seit.tokenizers import PatchKMeansTokenizer
 from seit.utils.io import atomic_write_json
 
 PROGRESS_DIR = ".progress"
@@ -62,6 +63,9 @@ def validate_settings(cfg) -> None:
     _require("tokenizer.copy_margin", margin, isinstance(margin, (int, float)) and margin >= 0, "a number >= 0")
     if t.get("checkpoint"):
         return
+    if t.kind != PatchKMeansTokenizer.kind:
+        raise ValueError(f"a {t.kind!r} tokenizer is not fitted by tokenize: train one with task=train_tokenizer "
+                         "(or bring one) and pass tokenizer.checkpoint=PATH")
     for key, low in (("patch_size", 1), ("codebook_size", 2), ("embed_dim", 1), ("fit_images", 1),
                      ("fit_patches", 1), ("fit_iters", 0), ("seed", 0)):
         _int(f"tokenizer.{key}", t[key], low, f"an integer >= {low}")
