@@ -6,6 +6,8 @@ import logging
 
 from omegaconf import DictConfig
 
+from seit.utils import validate
+
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +56,11 @@ def _convert(cfg):
 TASKS = {"train": _train, "train_tokenizer": _train, "train_tokenadapt": _train, "pretrain_mtm": _train,
          "tokenize": _tokenize, "embed": _embed, "curate": _curate,
          "convert": _convert, "continual": _continual, "verify": _verify}
+_FIT = (validate.check_data, validate.check_build, validate.check_trainer, validate.check_optim)
+# The config checks of each task: the parts of the config it reads.
+CHECKS = {"train": (*_FIT, validate.check_classification), "continual": (*_FIT, validate.check_classification),
+          "train_tokenizer": _FIT, "train_tokenadapt": _FIT, "pretrain_mtm": _FIT,
+          "tokenize": (validate.check_build,), "embed": (validate.check_build,)}
 
 
 def run_task(cfg: DictConfig):
@@ -61,6 +68,8 @@ def run_task(cfg: DictConfig):
     name = cfg.task.name
     if name not in TASKS:
         raise ValueError(f"unknown task.name {name!r}; known tasks: {sorted(TASKS)}")
+    for check in CHECKS.get(name, ()):
+        check(cfg)
     try:
         return TASKS[name](cfg)
     finally:

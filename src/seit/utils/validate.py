@@ -1,0 +1,109 @@
+"""Config values that cannot work, refused with the key named before any work starts.
+
+Without these checks a zero batch size fails deep in a sampler, ``max_epochs=0`` ends "successfully"
+without training, and a negative learning rate trains uphill. One function per part of the config;
+``seit.pipelines.run_task`` calls the ones each task reads.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _get(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        if node is None or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(cfg: DictConfig, key: str, *, minimum: int, optional: bool = False, also: tuple = ()) -> None:
+    value = _get(cfg, key)
+    if value is None and optional or value in also:
+        return
+    if not (_number(value) and float(value).is_integer() and value >= minimum):
+        extra = "".join(f" or {a}" for a in also)
+        raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}{extra}")
+
+
+def _real(cfg: DictConfig, key: str, *, low: float, high: float = math.inf, low_open: bool = False,
+          high_open: bool = False, optional: bool = False) -> None:
+    value = _get(cfg, key)
+    if value is None and optional:
+        return
+    ok = _number(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        if high == math.inf:
+            raise ConfigError(f"{key}={value!r}: must be a number {'>' if low_open else '>='} {low:g}")
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{key}={value!r}: must be a number in {interval}")
+
+
+def check_data(cfg: DictConfig) -> None:
+    """The loader: batch sizes, workers, the shuffle buffer, the image size."""
+    _int(cfg, "data.batch_size", minimum=1)
+    _int(cfg, "data.eval_batch_size", minimum=1)
+    _int(cfg, "data.num_workers", minimum=0)
+    _int(cfg, "data.shuffle_buffer", minimum=0, optional=True)
+    _int(cfg, "data.image_size", minimum=1, optional=True)
+
+
+def check_build(cfg: DictConfig) -> None:
+    """How a token dataset is built (task=tokenize, or before training when it is missing)."""
+    if _get(cfg, "data.build") is None:
+        return
+    _int(cfg, "data.build.shard_size", minimum=1)
+    _int(cfg, "data.build.chunk_size", minimum=1)
+    _int(cfg, "data.build.workers", minimum=0)
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """How long and how often: at least one epoch or step, and at least one batch in it."""
+    _int(cfg, "trainer.max_epochs", minimum=1, optional=True, also=(-1,))
+    _int(cfg, "trainer.max_steps", minimum=1, optional=True, also=(-1,))
+    for key, minimum in (("trainer.limit_train_batches", 0), ("trainer.limit_val_batches", -1)):
+        value = _get(cfg, key)  # a fraction of the loader, or a number of batches (0 val batches: no validation)
+        if value is not None and not (_number(value) and value > minimum and (value <= 1 or float(value).is_integer())):
+            raise ConfigError(f"{key}={value!r}: must be a fraction in (0, 1] or a whole number of batches"
+                              + (" >= 1" if minimum == 0 else " >= 0"))
+    _int(cfg, "trainer.check_val_every_n_epoch", minimum=1, optional=True)
+    _int(cfg, "trainer.log_every_n_steps", minimum=1, optional=True)
+    _int(cfg, "trainer.accumulate_grad_batches", minimum=1, optional=True)
+    _real(cfg, "trainer.gradient_clip_val", low=0, optional=True)  # 0: no clipping
+
+
+def check_optim(cfg: DictConfig) -> None:
+    """The learning rate and its schedule, and AdamW's constants."""
+    _real(cfg, "optim.lr", low=0, low_open=True, optional=True)
+    _real(cfg, "optim.blr", low=0, low_open=True, optional=True)
+    _int(cfg, "optim.base_batch", minimum=1, optional=True)
+    _real(cfg, "optim.weight_decay", low=0, optional=True)
+    _real(cfg, "optim.warmup_epochs", low=0, optional=True)
+    _real(cfg, "optim.min_lr", low=0, optional=True)
+    _real(cfg, "optim.eps", low=0, low_open=True, optional=True)
+    _real(cfg, "optim.layer_decay", low=0, high=1, low_open=True, optional=True)
+    betas = _get(cfg, "optim.betas")
+    if betas is not None and not (len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"optim.betas={list(betas)!r}: must be two numbers in [0, 1)")
+    scaling = _get(cfg, "optim.lr_scaling")
+    if scaling is not None and scaling not in ("linear", "sqrt"):
+        raise ConfigError(f"optim.lr_scaling={scaling!r}: must be linear or sqrt")
+
+
+def check_classification(cfg: DictConfig) -> None:
+    """The classifier's own settings (task=train and task=continual)."""
+    _real(cfg, "task.label_smoothing", low=0, high=1, high_open=True, optional=True)
+    _real(cfg, "task.ema_decay", low=0, high=1, high_open=True, optional=True)

@@ -1,0 +1,47 @@
+"""Config values that cannot work are refused, naming the key, before any work."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO
+from seit.pipelines import CHECKS, run_task
+from seit.utils.config import register_resolvers
+from seit.utils.validate import ConfigError
+
+register_resolvers()
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("task", ["train", "train_tokenizer", "pretrain_mtm", "continual", "tokenize"])
+def test_the_shipped_defaults_pass(task):
+    cfg = config(f"task={task}")
+    for check in CHECKS[task]:
+        check(cfg)
+
+
+@pytest.mark.parametrize("override", [
+    "data.batch_size=0", "data.batch_size=-4", "data.batch_size=2.5", "data.eval_batch_size=0",
+    "data.num_workers=-1", "trainer.max_epochs=0", "trainer.max_steps=0", "+trainer.limit_train_batches=0",
+    "+trainer.limit_train_batches=1.5", "trainer.check_val_every_n_epoch=0", "optim.lr=0", "optim.lr=-1e-3",
+    "optim.lr=fast", "optim.blr=0", "optim.weight_decay=-0.1", "optim.warmup_epochs=-1", "optim.eps=0",
+    "optim.betas=[0.9,1.0]", "optim.lr_scaling=cubic", "optim.layer_decay=1.5", "data.build.shard_size=0",
+    "data.build.workers=-2", "task.label_smoothing=1.0", "task.ema_decay=-0.5",
+])
+def test_a_value_that_cannot_work_is_refused_naming_its_key(override):
+    cfg = config(override)  # task=train: run_task checks before it builds data or a model
+    key = override.lstrip("+").split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        run_task(cfg)
+
+
+def test_tokenize_checks_only_what_it_reads():
+    with pytest.raises(ConfigError, match=r"^data.build.chunk_size="):
+        run_task(config("task=tokenize", "data.build.chunk_size=0"))
+    for check in CHECKS["tokenize"]:
+        check(config("task=tokenize", "data.batch_size=0"))  # tokenize has no loader: not its concern
