@@ -105,3 +105,43 @@ def test_damage_beyond_parity_and_without_source_is_still_a_fault(tmp_path):
     with pytest.raises(DatasetError):
         verify(_cfg(root, tmp_path / "repair", repair=True))
     assert len(shard.read_bytes()) == BLOCK  # left as it was: nothing was half-written over it
+
+
+def _tokenized(tmp_path: Path, **build) -> tuple[Path, dict]:
+    from conftest import make_image_folder
+    from seit.pipelines.tokenize import tokenize
+
+    images = make_image_folder(tmp_path / "images", classes=2, train=10, val=3, size=16)
+    root = tmp_path / "ds"
+    cfg = OmegaConf.create({
+        "paths": {"cache_dir": str(tmp_path / "cache")},
+        "tokenizer": {"kind": "patch_kmeans", "checkpoint": None, "image_size": 16, "patch_size": 4,
+                      "codebook_size": 16, "embed_dim": 8, "fit_images": 20, "fit_patches": 2000, "fit_iters": 5,
+                      "seed": 0, "compact": False},
+        "data": {"root": str(root), "build": {
+            "source": str(images), "shard_size": 10, "chunk_size": 4, "codec": "ctx-rans", "codec_fit_samples": 12,
+            "shuffle_seed": 0, "workers": 0, "skip_bad_images": False, "synonyms_k": 3, "storage_report": False,
+            "storage_report_samples": 20, **build}}})
+    return root, tokenize(cfg)
+
+
+def test_tokenize_writes_parity_that_verify_repairs_from(tmp_path):
+    root, meta = _tokenized(tmp_path, parity=0.5)
+    assert all(s["parity"]["fraction"] == 0.5 for s in meta["shards"])
+    assert meta["bytes_on_disk"] > sum(s["bytes"] + s["parity"]["bytes"] for s in meta["shards"])  # counted
+    shard = root / SHARD_DIR / meta["shards"][1]["name"]
+    clean = shard.read_bytes()
+    shard.write_bytes(clean[: len(clean) // 2])  # half of it lost
+    summary = verify(_cfg(root, tmp_path / "repair", repair=True))
+    assert shard.read_bytes() == clean and summary["repaired"] == {shard.name: "parity"}
+
+
+def test_repair_without_parity_rebuilds_from_the_source_images(tmp_path):
+    root, meta = _tokenized(tmp_path)
+    shard = root / SHARD_DIR / meta["shards"][0]["name"]
+    clean = shard.read_bytes()
+    shard.unlink()
+    with pytest.raises(DatasetError, match=f"{shard.name} is missing"):
+        verify(_cfg(root, tmp_path / "scrub"))
+    summary = verify(_cfg(root, tmp_path / "repair", repair=True))
+    assert shard.read_bytes() == clean and summary["repaired"] == {shard.name: "source"}

@@ -54,6 +54,9 @@ def validate_settings(cfg) -> None:
     _require("data.build.codec", b.codec, b.codec in CODECS, f"one of {sorted(CODECS)}")
     _int("data.build.codec_fit_samples", b.codec_fit_samples, 1, "an integer > 0")
     _int("data.build.synonyms_k", b.synonyms_k, 0, "an integer >= 0")
+    parity = b.get("parity") or 0
+    _require("data.build.parity", parity, isinstance(parity, (int, float)) and 0 <= parity <= 1,
+             "a fraction in [0, 1] (0 = no parity)")
     _require("data.build.synonyms_k", b.synonyms_k, not b.synonyms_k or b.synonyms_k < t.codebook_size,
              f"< tokenizer.codebook_size={t.codebook_size} (each code's nearest other codes)")
     if b.storage_report:
@@ -90,6 +93,8 @@ def settings(cfg) -> dict:
            "codec": b.codec, "shuffle_seed": b.shuffle_seed, "synonyms_k": b.synonyms_k, "tokenizer": tok}
     if b.codec in MODEL_CODECS:
         out["codec_fit_samples"] = b.codec_fit_samples
+    if b.get("parity"):  # recorded only when on, so datasets built before it compare equal
+        out["parity"] = float(b.parity)
     return out
 
 

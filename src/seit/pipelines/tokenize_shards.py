@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from seit.data.codec import Codec, get_codec
 from seit.data.dataset_info import SHARD_DIR
 from seit.data.image_source import ImageReadError, ImageRecord, load_image
+from seit.data.parity import parity_path_for, write_parity
 from seit.data.shard_writer import encode_shard
 from seit.pipelines.tokenize_plan import PROGRESS_DIR
 from seit.tokenizers import Tokenizer, load_tokenizer
@@ -94,6 +95,9 @@ def make_shard(tokenizer: Tokenizer, codec: Codec, job: dict) -> tuple[bytes, di
 def _encode_shard(job: dict) -> dict:
     data, record = make_shard(_WORKER_TOKENIZER, _WORKER_CODEC, job)
     atomic_write_bytes(job["path"], data)
+    if job["parity"]:
+        path = Path(job["path"])
+        record["parity"] = write_parity(path, parity_path_for(path.parent.parent, path.name), job["parity"])
     atomic_write_json(job["progress"], record)
     return record
 
@@ -104,7 +108,8 @@ def run_shards(cfg, root: Path, shards: dict, tok_path: Path, tokenizer: Tokeniz
     jobs, done = [], []
     for name, (split, records) in shards.items():
         job = {"path": str(root / SHARD_DIR / name), "progress": str(progress / f"{name}.json"), "split": split,
-               "records": records, "chunk_size": build.chunk_size, "skip_bad_images": build.skip_bad_images}
+               "records": records, "chunk_size": build.chunk_size, "skip_bad_images": build.skip_bad_images,
+               "parity": float(build.get("parity") or 0.0)}
         record = finished_shard(Path(job["path"]), Path(job["progress"]))
         (done.append(record) if record else jobs.append(job))
     if done:
@@ -135,5 +140,9 @@ def finished_shard(path: Path, progress: Path) -> dict | None:
     record = json.loads(progress.read_text())
     if path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
         log.warning("shard %s does not match its progress record (size or sha256): rebuilding it", path.name)
+        return None
+    parity = record.get("parity") and parity_path_for(path.parent.parent, path.name)
+    if parity and not (parity.is_file() and sha256_file(parity) == record["parity"]["sha256"]):
+        log.warning("the parity file of shard %s does not match its progress record: rebuilding both", path.name)
         return None
     return record
