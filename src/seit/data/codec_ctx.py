@@ -40,7 +40,7 @@ import numpy as np
 from safetensors.numpy import load, save
 
 from seit.data.codec import Codec, CodecError, check_shape
-from seit.utils.io import atomic_write_bytes
+from seit.utils.io import atomic_write_bytes, canonical_safetensors
 
 NAME = "ctx-rans"
 MODEL_FILE = "codec_model.safetensors"
@@ -223,8 +223,9 @@ class CtxModel:
                        "freq_up": freq_up, "cluster_left": cluster_left, "freq_left": freq_left, "marginal": marginal})
 
     def to_bytes(self) -> bytes:
-        return save(self.tables, metadata={"codec": NAME, "version": str(self.version),
-                                           "codebook_size": str(self.codebook_size)})
+        """The model as a safetensors file, with a sorted header: the same model gives the same bytes."""
+        return canonical_safetensors(save(self.tables, metadata={"codec": NAME, "version": str(self.version),
+                                                                 "codebook_size": str(self.codebook_size)}))
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "codec model") -> "CtxModel":

@@ -40,7 +40,7 @@ from seit.pipelines.tokenize_plan import (PLAN_FILE, PROGRESS_DIR, check_finishe
 from seit.pipelines.tokenize_shards import encode_records, make_shard, run_shards
 from seit.tokenizers import PatchKMeansTokenizer, Tokenizer, load_tokenizer
 from seit.tokenizers.codebook_tools import synonyms
-from seit.utils.io import atomic_write_bytes, atomic_write_json, canonical_safetensors, sha256_file
+from seit.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 _IGNORED_LISTED = 20
@@ -134,7 +134,7 @@ def codec_model(root: Path, tokenizer: Tokenizer, records: list[ImageRecord], to
         log.info("fitting the %s codec model on the ids of %d images", build.codec, len(sample))
         ids = encode_records(tokenizer, sample, build.skip_bad_images)[0]
         model = CtxModel.fit(ids, tokenizer.codebook_size, total_samples=total)
-        atomic_write_bytes(path, canonical_safetensors(model.to_bytes()))  # the same ids give the same file
+        atomic_write_bytes(path, model.to_bytes())  # canonical: the same ids give the same file
     sha = sha256_file(path)
     if recorded and sha != recorded:
         raise DatasetError(f"{path} is not the codec model this run's plan recorded (sha256 {sha[:12]}…, not "

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from seit.data.chunk import decode_chunk
 from seit.data.codec import CodecError
 from seit.data.dataset_info import DatasetError, ShardSpec, TokenDatasetInfo, listing_problems
-from seit.data.shard_reader import ShardReadError, check_values, load_shard, read_chunks, tar_members
+from seit.data.shard_reader import ShardReadError, check_values, read_chunks, tar_members
 from seit.utils.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
