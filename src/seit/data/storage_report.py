@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import io
 import math
-import tarfile
 import time
 
 import numpy as np
@@ -29,6 +28,7 @@ from seit.data.chunk import decode_chunk
 from seit.data.codec import Codec
 from seit.data.dataset_info import CODEBOOK_FILE, TokenDatasetInfo
 from seit.data.seit_format import escape_decode, escape_encode
+from seit.data.shard_reader import load_shard, read_shard, tar_members
 
 
 def _read_shards(info: TokenDatasetInfo, codec: Codec, max_samples: int) -> tuple[list[bytes], np.ndarray, np.ndarray, int]:
@@ -37,13 +37,11 @@ def _read_shards(info: TokenDatasetInfo, codec: Codec, max_samples: int) -> tupl
     for shard in info.meta["shards"]:
         if total >= max_samples:
             break
-        blob = (info.root / "shards" / shard["name"]).read_bytes()
-        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-            for member in tar:
-                chunk = decode_chunk(tar.extractfile(member).read(), codec)
-                ids.append(chunk.ids)
-                labels.append(chunk.labels)
-        blobs.append(blob)
+        spec = info.spec(shard)
+        for chunk in read_shard(spec, codec):  # the one reader: the shards are checked, not just timed
+            ids.append(chunk.ids)
+            labels.append(chunk.labels)
+        blobs.append(load_shard(spec))
         total += shard["count"]
     return blobs, np.concatenate(ids), np.concatenate(labels), total
 
@@ -59,9 +57,8 @@ def _timed(fn, repeats: int = 3) -> float:
 
 def _ours_decode(blobs: list[bytes], codec: Codec) -> None:
     for blob in blobs:
-        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-            for member in tar:
-                decode_chunk(tar.extractfile(member).read(), codec)
+        for _, payload in tar_members(blob, "a shard"):
+            decode_chunk(payload, codec)
 
 
 def _seit_files(ids: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:
