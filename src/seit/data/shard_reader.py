@@ -4,8 +4,8 @@ The training and validation streams, export (``task=convert``), embed, curation 
 writing, the continual memory and ``task=verify`` all read here, and all get the same checks of
 what dataset.json promises (a ``ShardSpec``):
 
-- the file has the recorded size and sha256 (hashed once per process per file: about 2 s per
-  1.4 GB, i.e. per full ImageNet-1k token set, at the 750 MB/s one core hashes here);
+- the file has the recorded size and sha256 (hashed once per process per file: about 1 s for the
+  1.4 GB of a full ImageNet-1k token set, at the 1.5 GB/s one core hashes here);
 - the tar is parsed strictly: a damaged header or padding anywhere is an error, not the end of
   the archive, and nothing but zeros may follow the end-of-archive marker;
 - members are the shard's chunks in order, and there are exactly as many as the count implies;
