@@ -224,3 +224,32 @@ def test_shard_bytes_round_trip_through_the_strict_parser():
     assert names == [f"train-000000-{i:05d}.tokens" for i in range(3)]
     with pytest.raises(ShardReadError, match="followed by data"):
         list(shard_reader.tar_members(data + b"\1" + b"\0" * 511, "x"))
+
+
+def test_workers_whose_shards_are_empty_do_not_spin(tmp_path):
+    """Shards recorded empty (every image skipped) are never drawn; the epoch ends on time."""
+    info = _dataset(tmp_path, counts={"train": [0, 0, 0, 16], "val": [8]})
+    assert [s.count for s in info.shard_specs("train")] == [0, 0, 0, 16]
+    assert list(read_shard(info.shard_specs("train")[0], info.load_codec())) == []
+    stream = TokenStream(info.shard_specs("train"), codec=info.codec, batch_size=4, train=True, num_workers=2)
+    batches = list(DataLoader(stream, batch_size=None, num_workers=2))
+    assert len(batches) == len(stream) == 4
+
+
+def test_embed_and_subset_writing_refuse_a_corrupt_shard(tmp_path):
+    from seit.curation.embed import embed_split
+    from seit.curation.manifest import read_subset, write_subset
+    from seit.curation.subset_dataset import write_subset_dataset
+
+    info = _dataset(tmp_path / "ds")
+    keys = [k for spec in info.shard_specs("train") for c in read_shard(spec, info.load_codec()) for k in c.keys]
+    write_subset(tmp_path / "subset", info, "train", keys, [0, 5, 50], method="test")
+    val = Path(info.shard_specs("val")[1].path)
+    data = bytearray(val.read_bytes())
+    data[BLOCK + 30] ^= 2
+    val.write_bytes(bytes(data))  # a shard of the split the subset copies as it is
+    shard_reader._VERIFIED.clear()
+    with pytest.raises(ShardReadError, match="val-000001.tar has sha256"):
+        write_subset_dataset(info, read_subset(tmp_path / "subset"), tmp_path / "copy")
+    with pytest.raises(ShardReadError, match="val-000001.tar has sha256"):
+        embed_split(info, "val", None, tmp_path / "emb", features="thumbnail", thumbnail_grid=2)

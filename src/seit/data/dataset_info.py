@@ -253,7 +253,7 @@ def listing_problems(root: Path, meta: dict) -> list[str]:
             problems.append(f"shard {s['name']} is missing")
         elif s.get("bytes") is not None and path.stat().st_size != s["bytes"]:
             problems.append(f"shard {s['name']} has {path.stat().st_size} bytes, not the recorded {s['bytes']}")
-        if int(s["count"]) <= 0:
+        if int(s["count"]) < 0:
             problems.append(f"shard {s['name']} records {s['count']} samples")
     splits: dict[str, int] = {}
     for s in meta["shards"]:

@@ -12,7 +12,8 @@ what dataset.json promises (a ``ShardSpec``):
 - each chunk holds exactly the samples the count implies, checked against its count fields
   before anything is decompressed;
 - every id is < K, every label is -1 (unlabelled) or a class index, the grid is the dataset's;
-- a shard that yields nothing is an error.
+- a shard that yields nothing is an error (unless dataset.json records it empty: every image
+  of it was unreadable and skipped).
 
 Anything wrong raises ``ShardReadError`` naming the shard, and the chunk or sample where known.
 Without this, a damaged tar header mid-archive reads as a clean end of file and silently drops
@@ -125,7 +126,7 @@ def read_chunks(spec: ShardSpec, codec: Codec, select: Callable[[int], bool] | N
         elif len(payload) < 8 or int.from_bytes(payload[4:8], "little") != n:
             raise ShardReadError(f"{where} does not hold the {n} samples dataset.json implies")
         index += 1
-    if index == 0:
+    if index == 0 and spec.count:
         raise ShardReadError(f"shard {spec.path} holds no chunk (dataset.json records {spec.count} samples)")
     if index != spec.num_chunks:
         raise ShardReadError(f"shard {spec.path} holds {index} chunks, dataset.json implies {spec.num_chunks} "
