@@ -28,6 +28,7 @@ from seit.augment.pipeline import step_seed
 from seit.models.tokenadapt import TokenAdapt
 from seit.tasks.schedule import short_warmup_cosine
 from seit.tokenizers import load_tokenizer
+from seit.utils.checkpoint_io import unreadable
 
 EXPORT_FILE = "tokenadapt.safetensors"
 
@@ -37,7 +38,8 @@ class TokenAdaptTask(pl.LightningModule):
                  seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(tokenizer)  # frozen, and kept out of the checkpoint
+        with unreadable(tokenizer, "task.tokenizer"):
+            self.tokenizer = load_tokenizer(tokenizer)  # frozen, and kept out of the checkpoint
         self.geo = GeoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in geo.items()})
         self.adapt = TokenAdapt(self.tokenizer.codebook, width, heads)
         self.patch = self.tokenizer.downsample
@@ -109,7 +111,7 @@ def load_tokenadapt(path: str | Path, expected_fingerprint: str | None = None) -
     """A frozen TokenAdapt; refuses one trained on another codebook."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"TokenAdapt checkpoint {path} not found (train one with task=train_tokenadapt)")
-    with safe_open(str(path), "pt") as f:
+    with unreadable(path, "TokenAdapt checkpoint"), safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
     if "config" not in meta or "codebook" not in state:

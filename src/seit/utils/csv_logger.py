@@ -44,6 +44,12 @@ class AppendingWriter(ExperimentWriter):
                 self.metrics_keys = sorted(reader.fieldnames or [])
 
     def save(self) -> None:
+        try:
+            self._save()
+        except OSError as e:  # a full disk: the OS error names no file
+            raise OSError(e.errno, f"cannot write {self.metrics_file_path}: {e.strerror or e}") from e
+
+    def _save(self) -> None:
         if self._earlier is not None and self.metrics:
             first = min(int(m["step"]) for m in self.metrics)
             kept = [r for r in self._earlier if r.get("step") and int(float(r["step"])) < first]

@@ -32,7 +32,10 @@ def to_float(value) -> float | None:
 
 def write_summary(output_dir: str | Path, summary: dict) -> Path:
     path = Path(output_dir) / "summary.json"
-    atomic_write_json(path, summary)
+    try:
+        atomic_write_json(path, summary)
+    except OSError as e:  # a full disk: the OS error names no file
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
     return path
 
 
