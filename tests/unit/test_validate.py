@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -18,7 +20,7 @@ def config(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("task", ["train", "train_tokenizer", "pretrain_mtm", "continual", "tokenize"])
+@pytest.mark.parametrize("task", ["train", "pretrain_mtm", "continual", "tokenize", "embed"])
 def test_the_shipped_defaults_pass(task):
     cfg = config(f"task={task}")
     for check in CHECKS[task]:
@@ -45,3 +47,28 @@ def test_tokenize_checks_only_what_it_reads():
         run_task(config("task=tokenize", "data.build.chunk_size=0"))
     for check in CHECKS["tokenize"]:
         check(config("task=tokenize", "data.batch_size=0"))  # tokenize has no loader: not its concern
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ("task=train_tokenizer", "task=train_tokenizer learns from images, not data.kind='tokens': use data=images_"),
+    ("task=train_tokenizer data=images_mnist5k", "add tokenizer=vq"),
+    ("task=train_tokenadapt data=images_mnist5k", "task=train_tokenadapt needs task.tokenizer=<value>"),
+    ("task=train_tokenadapt data=images_mnist5k task.tokenizer=t.safetensors", "needs task.out_grid=<value>"),
+    ("task=pretrain_mtm data=images_mnist5k", "task=pretrain_mtm learns from tokens"),
+    ("task=convert", "task=convert needs task.seit_dir=<value>"),
+    ("task=curate curate=retrieval", "task=curate needs curate.seed_keys=<value>"),
+    ("data=images", "task=train needs data.source=<value>"),
+])
+def test_a_task_says_in_one_line_what_it_needs(overrides, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        run_task(config(*overrides.split()))
+
+
+@pytest.mark.parametrize("overrides", ["task=train_tokenizer data=images_mnist5k tokenizer=vq",
+                                       "task=train_tokenadapt data=images_mnist5k task.tokenizer=t.safetensors "
+                                       "task.out_grid=14", "task=pretrain_mtm", "task=curate curate=kmeans",
+                                       "data=imagenet"])  # imagenet: data.build.source is needed only to build it
+def test_a_complete_config_passes(overrides):
+    cfg = config(*overrides.split())
+    for check in CHECKS[cfg.task.name]:
+        check(cfg)

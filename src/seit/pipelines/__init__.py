@@ -56,11 +56,14 @@ def _convert(cfg):
 TASKS = {"train": _train, "train_tokenizer": _train, "train_tokenadapt": _train, "pretrain_mtm": _train,
          "tokenize": _tokenize, "embed": _embed, "curate": _curate,
          "convert": _convert, "continual": _continual, "verify": _verify}
-_FIT = (validate.check_data, validate.check_build, validate.check_trainer, validate.check_optim)
+_FIT = (validate.check_task_inputs, validate.check_data, validate.check_build, validate.check_trainer,
+        validate.check_optim)
 # The config checks of each task: the parts of the config it reads.
 CHECKS = {"train": (*_FIT, validate.check_classification), "continual": (*_FIT, validate.check_classification),
           "train_tokenizer": _FIT, "train_tokenadapt": _FIT, "pretrain_mtm": _FIT,
-          "tokenize": (validate.check_build,), "embed": (validate.check_build,)}
+          "tokenize": (validate.check_task_inputs, validate.check_build),
+          "embed": (validate.check_task_inputs, validate.check_build),
+          "curate": (validate.check_task_inputs,), "convert": (validate.check_task_inputs,)}
 
 
 def run_task(cfg: DictConfig):

@@ -63,13 +63,12 @@ def run_cli(main: Callable[[], object]) -> None:
 
 
 def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` and of the exceptions it was raised from, on one line."""
-    parts: list[str] = []
-    while exc is not None and len(parts) < 3:
-        text = _text(exc)
-        if text and not any(text in p for p in parts):
-            parts.append(text)
+    """The message of ``exc`` on one line; a Hydra error adds the error it was raised from (its reason)."""
+    parts = [_text(exc)]
+    while _is_hydra(exc) and exc.__cause__ is not None:
         exc = exc.__cause__
+        if (text := _text(exc)) not in parts[-1]:
+            parts.append(text)
     return ": ".join(parts)
 
 

@@ -10,11 +10,17 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
     pass
+
+
+# The data a task learns from, and a config that gives it.
+DATA_KIND = {"train_tokenizer": ("images", "data=images_mnist5k or another data=images_*"),
+             "train_tokenadapt": ("images", "data=images_mnist5k or another data=images_*"),
+             "pretrain_mtm": ("tokens", "a token data config such as data=mnist5k")}
 
 
 def _get(cfg: DictConfig, key: str):
@@ -107,3 +113,30 @@ def check_classification(cfg: DictConfig) -> None:
     """The classifier's own settings (task=train and task=continual)."""
     _real(cfg, "task.label_smoothing", low=0, high=1, high_open=True, optional=True)
     _real(cfg, "task.ema_decay", low=0, high=1, high_open=True, optional=True)
+
+
+def check_task_inputs(cfg: DictConfig) -> None:
+    """What a task needs before it starts: its mandatory (???) values, its kind of data, its tokenizer."""
+    name = cfg.task.name
+    scopes = [("task", True), ("data", False)]  # data.build's values matter only when the data is missing
+    if name == "curate" and cfg.get("curate") is not None:
+        scopes.append(("curate", True))
+    for prefix, deep in scopes:
+        for key in _missing(OmegaConf.to_container(cfg[prefix], resolve=False), prefix, deep):
+            raise ConfigError(f"task={name} needs {key}=<value> (it is ??? in the config)")
+    if name in DATA_KIND and cfg.data.kind != DATA_KIND[name][0]:
+        kind, hint = DATA_KIND[name]
+        raise ConfigError(f"task={name} learns from {kind}, not data.kind={cfg.data.kind!r}: use {hint}")
+    if name == "train_tokenizer" and "model" not in cfg.tokenizer:
+        raise ConfigError(f"task=train_tokenizer trains a VQ tokenizer: add tokenizer=vq (or tokenizer=vq_patch); "
+                          f"tokenizer={cfg.tokenizer.get('kind')} is fitted by task=tokenize")
+
+
+def _missing(node: dict, prefix: str, deep: bool) -> list[str]:
+    found = []
+    for key, value in node.items():
+        if value == "???":
+            found.append(f"{prefix}.{key}")
+        elif deep and isinstance(value, dict):
+            found += _missing(value, f"{prefix}.{key}", deep)
+    return found

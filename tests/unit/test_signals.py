@@ -1,0 +1,68 @@
+"""A run stuck between batches still ends on SIGTERM: after grace_s, or at once on a second SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+
+STUCK = """
+import sys, time, torch, pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
+from seit.utils.signals import StopOnSigterm
+
+class Stuck(Dataset):  # the 3rd batch never comes, like a loader waiting for a dead worker
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        if i == 8:
+            print("stuck", flush=True)
+            time.sleep(3600)
+        return torch.zeros(2)
+
+class Model(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(2, 1)
+    def training_step(self, batch, i):
+        return self.w(batch).sum()
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), 0.1)
+
+pl.Trainer(callbacks=[StopOnSigterm(grace_s=float(sys.argv[1]))], logger=False, enable_checkpointing=False,
+           enable_progress_bar=False, enable_model_summary=False, max_epochs=1).fit(Model(), DataLoader(Stuck(), batch_size=4))
+"""
+
+
+def stuck_run(grace_s: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", STUCK, str(grace_s)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while (line := proc.stdout.readline()) and line.strip() != "stuck":
+        pass
+    assert proc.poll() is None, proc.stderr.read()
+    return proc
+
+
+def test_a_stuck_run_exits_grace_s_after_sigterm():
+    proc = stuck_run(grace_s=2)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    assert rc == 143 and 2 <= time.monotonic() - t0 < 15
+    assert proc.stderr.read().strip().splitlines()[-1].startswith(
+        "error: stopped by SIGTERM (no batch boundary reached within 2s of SIGTERM)")
+
+
+def test_a_second_sigterm_exits_at_once():
+    proc = stuck_run(grace_s=600)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    assert rc == 143 and time.monotonic() - t0 < 5
+    assert "error: stopped by SIGTERM (a second SIGTERM)" in proc.stderr.read()
