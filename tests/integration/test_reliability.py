@@ -83,7 +83,7 @@ def train_steps(run_dir: Path) -> list[int]:
 
 
 def test_kill9_then_resume_keeps_the_metric_history(tmp_path, long_run):
-    common = [*long_run, "trainer.max_epochs=4"]  # 36 steps
+    common = [*long_run, "trainer.max_epochs=3"]  # 27 steps
     run(*common, f"hydra.run.dir={tmp_path}/ref")
 
     proc, _, _ = start(tmp_path, *common)
@@ -92,16 +92,16 @@ def test_kill9_then_resume_keeps_the_metric_history(tmp_path, long_run):
     proc.kill()  # SIGKILL: no clean-up of any kind
     proc.wait()
     killed_at = ckpt_step(last)
-    assert killed_at < 36, "the run was not interrupted mid-way"
+    assert killed_at < 27, "the run was not interrupted mid-way"
     before = train_steps(tmp_path / "run")
     assert before[:killed_at] == list(range(killed_at))  # every row up to the checkpoint was on disk
 
     run(*common)
     steps = train_steps(tmp_path / "run")
-    assert steps == train_steps(tmp_path / "ref") == list(range(36))  # each step once, none lost
+    assert steps == train_steps(tmp_path / "ref") == list(range(27))  # each step once, none lost
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
         epochs_validated = [r["epoch"] for r in csv.DictReader(f) if r.get("val/acc1")]
-    assert epochs_validated == ["0", "1", "2", "3"]
+    assert epochs_validated == ["0", "1", "2"]
 
 
 def test_unnamed_runs_started_together_get_their_own_dirs(tmp_path):
