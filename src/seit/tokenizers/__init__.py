@@ -7,6 +7,7 @@ import os
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from seit.utils.checkpoint_io import unreadable
 from seit.tokenizers.base import Tokenizer
 from seit.tokenizers.patch_kmeans import PatchKMeansTokenizer
 from seit.tokenizers.taming_vqgan import TamingVQGANTokenizer
@@ -22,9 +23,10 @@ TOKENIZERS = {
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer checkpoint {path} not found")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    tensors = load_file(str(path))
+    with unreadable(path, "tokenizer checkpoint"):  # a truncated file is named, not a bare SafetensorError
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
     kind = metadata.get("kind")
     if kind not in TOKENIZERS:
         raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; known kinds: {sorted(TOKENIZERS)}")
