@@ -53,6 +53,21 @@ def write_token_dataset(root: Path, *, counts: dict[str, list[int]], grid=(8, 8)
                               classes=[f"c{i}" for i in range(num_classes)], source_bytes=0)
 
 
+def tokenize_config(images: Path, root: Path, **build):
+    """A task=tokenize config for tiny 16 px images: k-means patch tokenizer (K=16), shards of 10, chunks of 4."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "paths": {"cache_dir": str(root.parent / "cache")},
+        "tokenizer": {"kind": "patch_kmeans", "checkpoint": None, "image_size": 16, "patch_size": 4,
+                      "codebook_size": 16, "embed_dim": 8, "fit_images": 20, "fit_patches": 2000, "fit_iters": 5,
+                      "seed": 0, "compact": False},
+        "data": {"root": str(root), "build": {
+            "source": str(images), "shard_size": 10, "chunk_size": 4, "codec": "ctx-rans", "codec_fit_samples": 12,
+            "shuffle_seed": 0, "workers": 0, "skip_bad_images": False, "synonyms_k": 3, "storage_report": True,
+            "storage_report_samples": 20, **build}}})
+
+
 def label_of(key: str, num_classes: int) -> int:
     return sum(map(ord, key)) % num_classes
 

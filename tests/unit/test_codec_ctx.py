@@ -2,9 +2,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from conftest import tokenize_config
 from seit.data.codec import CodecError, get_codec
 from seit.data.codec_ctx import MODEL_FILE, CtxModel, decode_ctx, encode_ctx, load_model
 from seit.data.dataset_info import TokenDatasetInfo
@@ -151,23 +151,11 @@ def test_missing_or_bad_model_file(tmp_path):
         get_codec("ctx-rans", model_dir=tmp_path)
 
 
-def tokenize_config(source, root, codec="ctx-rans"):
-    return OmegaConf.create({
-        "paths": {"cache_dir": str(root.parent / "cache")},
-        "tokenizer": {"kind": "patch_kmeans", "checkpoint": None, "image_size": 16, "patch_size": 4,
-                      "codebook_size": 16, "embed_dim": 8, "fit_images": 20, "fit_patches": 2000, "fit_iters": 5,
-                      "seed": 0, "compact": False},
-        "data": {"root": str(root), "build": {
-            "source": str(source), "shard_size": 10, "chunk_size": 4, "codec": codec, "codec_fit_samples": 12,
-            "shuffle_seed": 0, "workers": 0, "skip_bad_images": False, "synonyms_k": 0, "storage_report": True,
-            "storage_report_samples": 20}}})
-
-
 def test_tokenize_then_stream_round_trip(tmp_path, image_folder):
     from seit.pipelines.tokenize import tokenize
 
-    ref = tokenize(tokenize_config(image_folder, tmp_path / "ref", codec="zstd-planes"))
-    meta = tokenize(tokenize_config(image_folder, tmp_path / "ctx"))
+    ref = tokenize(tokenize_config(image_folder, tmp_path / "ref", codec="zstd-planes", synonyms_k=0))
+    meta = tokenize(tokenize_config(image_folder, tmp_path / "ctx", synonyms_k=0))
     assert meta["codec"] == "ctx-rans" and meta["codec_model"] == MODEL_FILE
     assert meta["storage"]["codec_model_bytes"] == (tmp_path / "ctx" / MODEL_FILE).stat().st_size
 
@@ -185,9 +173,9 @@ def test_tokenize_then_stream_round_trip(tmp_path, image_folder):
 def test_resume_reuses_the_model_and_gives_identical_shards(tmp_path, image_folder, monkeypatch):
     from seit.pipelines import tokenize as tok
 
-    first = tok.tokenize(tokenize_config(image_folder, tmp_path / "a"))
+    first = tok.tokenize(tokenize_config(image_folder, tmp_path / "a", synonyms_k=0))
     root = tmp_path / "b"
-    cfg = tokenize_config(image_folder, root)
+    cfg = tokenize_config(image_folder, root, synonyms_k=0)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt

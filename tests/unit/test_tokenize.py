@@ -10,26 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import make_image_folder
+from conftest import make_image_folder, tokenize_config
 from seit.data.codec_ctx import MODEL_FILE
 from seit.data.dataset_info import DatasetError, dir_bytes
 from seit.data.image_source import ImageReadError
 from seit.pipelines import tokenize as tok
-
-
-def config(images: Path, root: Path, **build):
-    return OmegaConf.create({
-        "paths": {"cache_dir": str(root.parent / "cache")},
-        "tokenizer": {"kind": "patch_kmeans", "checkpoint": None, "image_size": 16, "patch_size": 4,
-                      "codebook_size": 16, "embed_dim": 8, "fit_images": 20, "fit_patches": 2000, "fit_iters": 5,
-                      "seed": 0, "compact": False},
-        "data": {"root": str(root), "build": {
-            "source": str(images), "shard_size": 10, "chunk_size": 4, "codec": "ctx-rans", "codec_fit_samples": 12,
-            "shuffle_seed": 0, "workers": 0, "skip_bad_images": False, "synonyms_k": 3, "storage_report": True,
-            "storage_report_samples": 20, **build}}})
 
 
 def shas(root: Path) -> dict[str, str]:
@@ -50,36 +37,36 @@ def interrupted(cfg, monkeypatch) -> None:
 
 def test_a_directory_tokenize_did_not_plan_is_never_written_into(tmp_path, image_folder):
     root = tmp_path / "ds"
-    tok.tokenize(config(image_folder, root))
+    tok.tokenize(tokenize_config(image_folder, root))
     (root / "dataset.json").unlink()  # a finished dataset that lost its dataset.json
     before = shas(root)
     with pytest.raises(DatasetError, match=f"{root} holds .* neither dataset.json nor a tokenize plan"):
-        tok.tokenize(config(image_folder, root, shard_size=7))
+        tok.tokenize(tokenize_config(image_folder, root, shard_size=7))
     assert shas(root) == before
     other = tmp_path / "model_only"
     other.mkdir()
     (other / MODEL_FILE).write_bytes(b"someone's file")
     with pytest.raises(DatasetError, match="codec_model.safetensors"):
-        tok.tokenize(config(image_folder, other))
+        tok.tokenize(tokenize_config(image_folder, other))
     assert [p.name for p in other.iterdir()] == [MODEL_FILE]
 
 
 def test_a_finished_dataset_refuses_other_settings_by_name(tmp_path, image_folder, caplog):
     root = tmp_path / "ds"
-    meta = tok.tokenize(config(image_folder, root))
+    meta = tok.tokenize(tokenize_config(image_folder, root))
     assert meta["build"]["shard_size"] == 10 and meta["build"]["tokenizer"]["seed"] == 0
     with pytest.raises(DatasetError, match=r"data.build.shard_size=7 \(built with 10\); data.build.chunk_size=2"):
-        tok.tokenize(config(image_folder, root, shard_size=7, chunk_size=2))
-    cfg = config(image_folder, root, codec="zstd-planes", source=str(tmp_path))
+        tok.tokenize(tokenize_config(image_folder, root, shard_size=7, chunk_size=2))
+    cfg = tokenize_config(image_folder, root, codec="zstd-planes", source=str(tmp_path))
     with pytest.raises(DatasetError, match=f"data.build.source={tmp_path} .*data.build.codec=zstd-planes"):
         tok.tokenize(cfg)
-    cfg = config(image_folder, root)
+    cfg = tokenize_config(image_folder, root)
     cfg.tokenizer.seed = 1
     with pytest.raises(DatasetError, match=r"tokenizer.seed=1 \(built with 0\)"):
         tok.tokenize(cfg)
     with caplog.at_level(logging.INFO):
-        assert tok.tokenize(config(image_folder, root))["num_samples"] == meta["num_samples"]
-        cfg = config(image_folder, root)  # its own tokenizer, named: the same codebook, so the same dataset
+        assert tok.tokenize(tokenize_config(image_folder, root))["num_samples"] == meta["num_samples"]
+        cfg = tokenize_config(image_folder, root)  # its own tokenizer, named: the same codebook, so the same dataset
         cfg.tokenizer.checkpoint = str(tmp_path / "ds.tokenizer.safetensors")
         assert tok.tokenize(cfg)["num_samples"] == meta["num_samples"]
     assert caplog.text.count("nothing to do") == 2
@@ -87,21 +74,21 @@ def test_a_finished_dataset_refuses_other_settings_by_name(tmp_path, image_folde
 
 def test_an_interrupted_run_resumes_only_under_its_own_plan(tmp_path, image_folder, monkeypatch):
     root = tmp_path / "ds"
-    interrupted(config(image_folder, root), monkeypatch)
+    interrupted(tokenize_config(image_folder, root), monkeypatch)
     with pytest.raises(DatasetError, match=r"interrupted tokenize run with other settings: data.build.shuffle_seed=1"):
-        tok.tokenize(config(image_folder, root, shuffle_seed=1))
+        tok.tokenize(tokenize_config(image_folder, root, shuffle_seed=1))
 
 
 def test_a_resume_rebuilds_the_finished_shards_that_went_bad(tmp_path, image_folder, monkeypatch, caplog):
-    clean = tok.tokenize(config(image_folder, tmp_path / "clean"))
+    clean = tok.tokenize(tokenize_config(image_folder, tmp_path / "clean"))
     root = tmp_path / "ds"
-    interrupted(config(image_folder, root), monkeypatch)
+    interrupted(tokenize_config(image_folder, root), monkeypatch)
     shard = root / "shards" / "train-000001.tar"
     data = bytearray(shard.read_bytes())
     data[700] ^= 0xFF  # same size, other bytes
     shard.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        meta = tok.tokenize(config(image_folder, root))
+        meta = tok.tokenize(tokenize_config(image_folder, root))
     assert "shard train-000001.tar does not match its progress record" in caplog.text
     assert [s["sha256"] for s in meta["shards"]] == [s["sha256"] for s in clean["shards"]]
     assert hashlib.sha256(shard.read_bytes()).hexdigest() == meta["shards"][1]["sha256"]
@@ -109,7 +96,7 @@ def test_a_resume_rebuilds_the_finished_shards_that_went_bad(tmp_path, image_fol
 
 def test_rebuild_shards_restores_a_corrupt_shard_byte_for_byte(tmp_path, image_folder):
     root = tmp_path / "ds"
-    meta = tok.tokenize(config(image_folder, root))
+    meta = tok.tokenize(tokenize_config(image_folder, root))
     name = meta["shards"][2]["name"]
     shard = root / "shards" / name
     good = shard.read_bytes()
@@ -142,7 +129,7 @@ def test_dataset_json_is_written_once_with_its_storage_report(tmp_path, image_fo
     monkeypatch.setattr(dataset_info, "atomic_write_bytes", lambda path, data: (written.append(Path(path).name),
                                                                                 write(path, data)))
     root = tmp_path / "ds"
-    meta = tok.tokenize(config(image_folder, root))
+    meta = tok.tokenize(tokenize_config(image_folder, root))
     assert written == ["dataset.json"]
     on_disk = json.loads((root / "dataset.json").read_text())
     assert on_disk == meta and set(meta["storage"]["rows"]) == {"raw", "seit", "zstd", "ours"}
@@ -153,7 +140,7 @@ def test_dataset_json_is_written_once_with_its_storage_report(tmp_path, image_fo
 
     monkeypatch.setattr(tok, "storage_report", crash)
     with pytest.raises(RuntimeError):
-        tok.tokenize(config(image_folder, tmp_path / "other"))
+        tok.tokenize(tokenize_config(image_folder, tmp_path / "other"))
     assert not (tmp_path / "other" / "dataset.json").exists()
 
 
@@ -169,7 +156,7 @@ def test_dataset_json_is_written_once_with_its_storage_report(tmp_path, image_fo
 ])
 def test_settings_are_checked_before_anything_is_written(tmp_path, image_folder, key, value, message):
     with pytest.raises(ValueError, match=message):
-        tok.tokenize(config(image_folder, tmp_path / "ds", **{key: value}))
+        tok.tokenize(tokenize_config(image_folder, tmp_path / "ds", **{key: value}))
     assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.tokenizer.safetensors").exists()
 
 
@@ -179,7 +166,7 @@ def test_settings_are_checked_before_anything_is_written(tmp_path, image_folder,
     ("kind", "vq", "a 'vq' tokenizer is not fitted by tokenize"),
 ])
 def test_tokenizer_settings_are_checked_before_anything_is_written(tmp_path, image_folder, key, value, message):
-    cfg = config(image_folder, tmp_path / "ds", synonyms_k=0)
+    cfg = tokenize_config(image_folder, tmp_path / "ds", synonyms_k=0)
     cfg.tokenizer[key] = value
     with pytest.raises(ValueError, match=message):
         tok.tokenize(cfg)
@@ -189,7 +176,7 @@ def test_tokenizer_settings_are_checked_before_anything_is_written(tmp_path, ima
 def test_files_are_written_with_the_usual_permissions(tmp_path, image_folder):
     old = os.umask(0o022)
     try:
-        tok.tokenize(config(image_folder, tmp_path / "ds"))
+        tok.tokenize(tokenize_config(image_folder, tmp_path / "ds"))
     finally:
         os.umask(old)
     files = [p for p in (tmp_path / "ds").rglob("*") if p.is_file()] + [tmp_path / "ds.tokenizer.safetensors"]
@@ -198,8 +185,8 @@ def test_files_are_written_with_the_usual_permissions(tmp_path, image_folder):
 
 
 def test_the_same_settings_give_the_same_bytes(tmp_path, image_folder):
-    a = tok.tokenize(config(image_folder, tmp_path / "a"))
-    b = tok.tokenize(config(image_folder, tmp_path / "b"))
+    a = tok.tokenize(tokenize_config(image_folder, tmp_path / "a"))
+    b = tok.tokenize(tokenize_config(image_folder, tmp_path / "b"))
     files = shas(tmp_path / "a")
     assert files.pop("dataset.json") and len(files) == 9  # 6 shards, codebook, synonyms, codec model
     assert files == {k: v for k, v in shas(tmp_path / "b").items() if k != "dataset.json"}
@@ -213,7 +200,7 @@ def test_files_not_tokenized_are_counted_and_listed(tmp_path, caplog):
     (images / "train" / "notes.txt").write_text("beside the class folders")
     (images / "val" / "class1" / "x.tiff").write_bytes(b"not a tokenized extension")
     with caplog.at_level(logging.WARNING):
-        meta = tok.tokenize(config(images, tmp_path / "ds"))
+        meta = tok.tokenize(tokenize_config(images, tmp_path / "ds"))
     assert meta["ignored_files"]["count"] == 2
     assert sorted(Path(p).name for p in meta["ignored_files"]["files"]) == ["notes.txt", "x.tiff"]
     assert "2 file(s) in" in caplog.text and "are not tokenized" in caplog.text
@@ -224,8 +211,8 @@ def test_a_broken_symlink_is_named_and_skipped_on_request(tmp_path):
     link = images / "train" / "class0" / "gone.png"
     link.symlink_to(tmp_path / "nowhere.png")
     with pytest.raises(ImageReadError, match="gone.png"):
-        tok.tokenize(config(images, tmp_path / "strict"))
-    meta = tok.tokenize(config(images, tmp_path / "ds", skip_bad_images=True))
+        tok.tokenize(tokenize_config(images, tmp_path / "strict"))
+    meta = tok.tokenize(tokenize_config(images, tmp_path / "ds", skip_bad_images=True))
     assert meta["skipped"] == {"count": 1, "samples": [str(link)]} and meta["splits"]["train"] == 12
 
 
@@ -239,7 +226,7 @@ def _flat_images(root: Path, colours) -> Path:
 
 @pytest.mark.parametrize("compact", [False, True])
 def test_a_codebook_of_flat_images_is_refused_before_anything_is_written(tmp_path, compact):
-    cfg = config(_flat_images(tmp_path / "flat", [100] * 12), tmp_path / "ds")
+    cfg = tokenize_config(_flat_images(tmp_path / "flat", [100] * 12), tmp_path / "ds")
     cfg.tokenizer.compact = compact
     with pytest.raises(ValueError, match="1 distinct code: the images are flat"):
         tok.tokenize(cfg)
@@ -247,7 +234,7 @@ def test_a_codebook_of_flat_images_is_refused_before_anything_is_written(tmp_pat
 
 
 def test_a_compacted_codebook_smaller_than_synonyms_k_clamps_it(tmp_path, caplog):
-    cfg = config(_flat_images(tmp_path / "two", [0, 255] * 6), tmp_path / "ds", synonyms_k=5)
+    cfg = tokenize_config(_flat_images(tmp_path / "two", [0, 255] * 6), tmp_path / "ds", synonyms_k=5)
     cfg.tokenizer.compact = True
     with caplog.at_level(logging.WARNING):
         meta = tok.tokenize(cfg)

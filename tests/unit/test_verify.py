@@ -108,21 +108,12 @@ def test_damage_beyond_parity_and_without_source_is_still_a_fault(tmp_path):
 
 
 def _tokenized(tmp_path: Path, **build) -> tuple[Path, dict]:
-    from conftest import make_image_folder
+    from conftest import make_image_folder, tokenize_config
     from seit.pipelines.tokenize import tokenize
 
     images = make_image_folder(tmp_path / "images", classes=2, train=10, val=3, size=16)
     root = tmp_path / "ds"
-    cfg = OmegaConf.create({
-        "paths": {"cache_dir": str(tmp_path / "cache")},
-        "tokenizer": {"kind": "patch_kmeans", "checkpoint": None, "image_size": 16, "patch_size": 4,
-                      "codebook_size": 16, "embed_dim": 8, "fit_images": 20, "fit_patches": 2000, "fit_iters": 5,
-                      "seed": 0, "compact": False},
-        "data": {"root": str(root), "build": {
-            "source": str(images), "shard_size": 10, "chunk_size": 4, "codec": "ctx-rans", "codec_fit_samples": 12,
-            "shuffle_seed": 0, "workers": 0, "skip_bad_images": False, "synonyms_k": 3, "storage_report": False,
-            "storage_report_samples": 20, **build}}})
-    return root, tokenize(cfg)
+    return root, tokenize(tokenize_config(images, root, storage_report=False, **build))
 
 
 def test_tokenize_writes_parity_that_verify_repairs_from(tmp_path):
