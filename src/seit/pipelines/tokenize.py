@@ -90,7 +90,7 @@ def fit_tokenizer(cfg, records: list[ImageRecord]) -> Tokenizer:
 def obtain_tokenizer(cfg, train_records: list[ImageRecord]) -> tuple[Tokenizer, Path]:
     path = tokenizer_path(cfg)
     if path.is_file():
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, what="tokenizer.checkpoint" if cfg.tokenizer.checkpoint else "tokenizer")
         log.info("tokenizer: %s (%s, codebook %s…)", path, tokenizer.kind, tokenizer.fingerprint[:12])
     elif cfg.tokenizer.kind == "taming_vqgan":
         from seit.tokenizers.taming_vqgan import from_taming_checkpoint

@@ -38,8 +38,7 @@ class TokenAdaptTask(pl.LightningModule):
                  seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        with unreadable(tokenizer, "task.tokenizer"):
-            self.tokenizer = load_tokenizer(tokenizer)  # frozen, and kept out of the checkpoint
+        self.tokenizer = load_tokenizer(tokenizer, what="task.tokenizer")  # frozen, and kept out of the checkpoint
         self.geo = GeoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in geo.items()})
         self.adapt = TokenAdapt(self.tokenizer.codebook, width, heads)
         self.patch = self.tokenizer.downsample

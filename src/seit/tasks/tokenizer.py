@@ -100,10 +100,8 @@ class TokenizerTask(pl.LightningModule):
     def load_start(path: str) -> VQModel:
         """The model of a saved VQ tokenizer, to fine-tune (e.g. on the images it will tokenize)."""
         from seit.tokenizers import load_tokenizer
-        from seit.utils.checkpoint_io import unreadable
 
-        with unreadable(path, "task.init_from"):
-            tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, what="task.init_from")
         if not isinstance(tokenizer, VQTokenizer):
             raise ValueError(f"task.init_from={path} is a {tokenizer.kind!r} tokenizer; only a 'vq' one can be fine-tuned")
         return tokenizer.model

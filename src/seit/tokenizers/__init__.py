@@ -20,10 +20,11 @@ TOKENIZERS = {
 }
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+def load_tokenizer(path: str | os.PathLike, what: str = "tokenizer checkpoint") -> Tokenizer:
+    """A saved tokenizer of any kind; ``what`` (the config key that named the file) prefixes any error."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer checkpoint {path} not found")
-    with unreadable(path, "tokenizer checkpoint"):  # a truncated file is named, not a bare SafetensorError
+        raise FileNotFoundError(f"{what}: {path} not found")
+    with unreadable(path, what):  # a truncated file is named, not a bare SafetensorError
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
