@@ -64,5 +64,5 @@ def test_synonym_table_round_trip_and_checks(tmp_path):
     info.meta["synonyms_file"] = SYNONYMS_FILE
     assert torch.equal(info.load_synonyms(), table)
     save_synonyms(tmp_path / SYNONYMS_FILE, table[:10])
-    with pytest.raises(DatasetError, match="does not fit"):
+    with pytest.raises(DatasetError, match=r"a \(10, 5\) table, not \[300, k\]"):
         info.load_synonyms()

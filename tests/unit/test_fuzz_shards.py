@@ -12,7 +12,7 @@ import pytest
 
 from conftest import write_token_dataset
 from seit.data import shard_reader
-from seit.data.dataset_info import INFO_FILE, DatasetError, TokenDatasetInfo
+from seit.data.dataset_info import INFO_FILE, DatasetError, TokenDatasetInfo, seal
 from seit.data.shard_reader import read_split
 from seit.data.token_stream import TokenStream
 
@@ -44,6 +44,7 @@ def test_every_bit_flip_is_caught_or_harmless(tmp_path, checksums):
         meta = json.loads((tmp_path / INFO_FILE).read_text())
         for s in meta["shards"]:
             s.pop("sha256"), s.pop("bytes")
+        meta["meta_sha256"] = seal(meta)
         (tmp_path / INFO_FILE).write_text(json.dumps(meta))
     info = TokenDatasetInfo.open(tmp_path)
     readers = _readers(info)

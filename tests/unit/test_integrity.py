@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from conftest import write_token_dataset
 from seit.data import shard_reader
-from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError, TokenDatasetInfo
+from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError, TokenDatasetInfo, seal
 from seit.data.shard_reader import ShardReadError, read_shard, read_split
 from seit.data.shard_writer import shard_bytes, write_shard
 from seit.data.token_stream import TokenStream
@@ -41,9 +42,12 @@ def _val_keys(info, *, rank=0, world=1, workers=0):
     return _keys(DataLoader(stream, batch_size=None, num_workers=workers))
 
 
-def _edit_meta(root: Path, fn) -> None:
+def _edit_meta(root: Path, fn, reseal: bool = True) -> None:
+    """Edit dataset.json; resealed, as a deliberate edit would be, so that the check under test is the one reached."""
     meta = json.loads((root / INFO_FILE).read_text())
     fn(meta)
+    if reseal:
+        meta["meta_sha256"] = seal(meta)
     (root / INFO_FILE).write_text(json.dumps(meta))
 
 
@@ -81,6 +85,31 @@ def test_dropping_a_shard_entry_from_dataset_json_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="shard entries were removed") as err:
         TokenDatasetInfo.open(tmp_path)
     assert "not listed in dataset.json: ['val-000001.tar']" in str(err.value)
+
+
+def test_a_hand_edited_dataset_json_is_refused(tmp_path):
+    """A shard entry copied in from another dataset, or edited counts: dataset.json no longer matches its seal."""
+    _dataset(tmp_path)
+    _edit_meta(tmp_path, lambda m: m["shards"][0].update(sha256="0" * 64), reseal=False)
+    with pytest.raises(DatasetError, match="does not match its own checksum"):
+        TokenDatasetInfo.open(tmp_path)
+
+
+def test_damaged_codebook_and_synonym_files_are_named(tmp_path):
+    info = _dataset(tmp_path)
+    codebook = tmp_path / "codebook.safetensors"
+    data = bytearray(codebook.read_bytes())
+    data[12] ^= 0x20  # inside the JSON header
+    codebook.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="codebook.safetensors cannot be read .*the file is damaged"):
+        info.load_codebook()
+    from seit.data.dataset_info import save_synonyms
+
+    save_synonyms(tmp_path / "synonyms.safetensors", torch.zeros(300, 3, dtype=torch.long))
+    info.meta["synonyms_file"] = "synonyms.safetensors"
+    info.meta["file_sha256"]["synonyms.safetensors"] = "0" * 64  # as if built with another table
+    with pytest.raises(DatasetError, match="synonyms.safetensors has another sha256 than dataset.json records"):
+        info.load_synonyms()
 
 
 def test_an_unlisted_shard_file_is_reported(tmp_path):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from conftest import write_token_dataset
 from seit.data import shard_reader
-from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError
+from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError, seal
 from seit.data.parity import parity_path_for, write_parity
 from seit.pipelines.verify import verify
 
@@ -26,6 +26,7 @@ def _dataset(root: Path, parity: float = 0.0) -> dict:
     if parity:
         for shard in meta["shards"]:
             shard["parity"] = write_parity(root / SHARD_DIR / shard["name"], parity_path_for(root, shard["name"]), parity)
+        meta["meta_sha256"] = seal(meta)
         (root / INFO_FILE).write_text(json.dumps(meta))
     return meta
 
@@ -136,3 +137,47 @@ def test_repair_without_parity_rebuilds_from_the_source_images(tmp_path):
         verify(_cfg(root, tmp_path / "scrub"))
     summary = verify(_cfg(root, tmp_path / "repair", repair=True))
     assert shard.read_bytes() == clean and summary["repaired"] == {shard.name: "source"}
+
+
+def test_swapped_shards_are_named_and_renamed_back(tmp_path):
+    root = tmp_path / "ds"
+    _dataset(root)
+    a, b = root / SHARD_DIR / "train-000000.tar", root / SHARD_DIR / "train-000001.tar"
+    clean_a, clean_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(clean_b), b.write_bytes(clean_a)
+    shard_reader._VERIFIED.clear()
+    with pytest.raises(DatasetError, match="train-000000.tar, train-000001.tar"):
+        verify(_cfg(root, tmp_path / "scrub"))
+    row = next(line for line in (tmp_path / "scrub" / "verify.md").read_text().splitlines() if "train-000000" in line)
+    assert "holds exactly what dataset.json records for train-000001.tar" in row
+    summary = verify(_cfg(root, tmp_path / "repair", repair=True))  # no parity, no source: a rename is enough
+    assert a.read_bytes() == clean_a and b.read_bytes() == clean_b
+    assert summary["repaired"] == {"train-000000.tar": "a rename", "train-000001.tar": "a rename"}
+
+
+def test_a_damaged_codebook_and_synonym_table_are_rewritten(tmp_path):
+    root, meta = _tokenized(tmp_path)
+    codebook, table = root / "codebook.safetensors", root / "synonyms.safetensors"
+    clean_codebook, clean_table = codebook.read_bytes(), table.read_bytes()
+    damaged = bytearray(clean_table)
+    damaged[-8] ^= 1  # a synonym id that stays < K: only the recorded sha256 tells
+    table.write_bytes(bytes(damaged))
+    codebook.write_bytes(clean_codebook[:100])
+    with pytest.raises(DatasetError, match="tries to rebuild codebook.safetensors, synonyms.safetensors"):
+        verify(_cfg(root, tmp_path / "scrub"))
+    summary = verify(_cfg(root, tmp_path / "repair", repair=True))
+    assert codebook.read_bytes() == clean_codebook and table.read_bytes() == clean_table
+    assert summary["repaired"] == {"codebook.safetensors": "rewritten", "synonyms.safetensors": "rewritten"}
+
+
+def test_what_repair_cannot_rebuild_gets_no_false_advice(tmp_path):
+    root, meta = _tokenized(tmp_path)
+    (root / "codec_model.safetensors").unlink()
+    with pytest.raises(DatasetError, match="codec_model.safetensors is missing .*restore it from a backup") as err:
+        verify(_cfg(root, tmp_path / "scrub"))
+    assert "repair=true" not in str(err.value)
+    info = json.loads((root / INFO_FILE).read_text())
+    info["shards"][0]["count"] += 1
+    (root / INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match="dataset.json does not match its own checksum"):
+        verify(_cfg(root, tmp_path / "scrub2"))

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from seit.data.codec import Codec, get_codec
-from seit.utils.io import atomic_save_tensors, atomic_write_bytes, json_bytes
+from seit.utils.io import atomic_save_tensors, atomic_write_bytes, json_bytes, sha256_file
 
 FORMAT_NAME = "seit-tokens"
 FORMAT_VERSION = 1
@@ -97,6 +97,26 @@ def dir_bytes(root: str | os.PathLike) -> int:
     return total
 
 
+# What a reader relies on: sealed by ``meta_sha256``, so that a hand-edited or damaged dataset.json
+# (a shard entry swapped in from another dataset, edited counts or checksums) is refused.
+SEALED_FIELDS = ("num_samples", "splits", "grid", "codebook_size", "codec", "chunk_size", "codebook_sha256", "classes",
+                 "shards", "file_sha256")
+
+
+def seal(meta: dict) -> str:
+    """sha256 of the sealed fields of a dataset.json (``meta_sha256``)."""
+    body = {k: meta.get(k) for k in SEALED_FIELDS}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_checksums(root: Path) -> dict[str, str]:
+    """sha256 of every file of the dataset dir beside dataset.json (codebook, codec model, synonyms):
+    the codebook has its fingerprint and the codec model its own check, but a damaged synonym table
+    would otherwise feed Token-EDA wrong synonyms without a word."""
+    return {p.name: sha256_file(p) for p in sorted(root.iterdir())
+            if p.is_file() and p.name != INFO_FILE and not p.name.startswith(".")}
+
+
 def write_dataset_info(root: str | os.PathLike, *, shards: list[dict], grid: tuple[int, int], codebook_size: int,
                        embed_dim: int, codec: str, chunk_size: int, codebook_sha256: str, classes: list[str],
                        source_bytes: int, **extra) -> dict:
@@ -112,7 +132,9 @@ def write_dataset_info(root: str | os.PathLike, *, shards: list[dict], grid: tup
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "num_samples": sum(splits.values()), "splits": splits,
             "grid": list(grid), "codebook_size": codebook_size, "embed_dim": embed_dim, "codec": codec,
             "chunk_size": chunk_size, "codebook_sha256": codebook_sha256, "codebook_file": CODEBOOK_FILE,
-            "classes": list(classes), **extra, "shards": shards, "source_bytes": source_bytes, "bytes_on_disk": 0}
+            "classes": list(classes), **extra, "shards": shards, "file_sha256": file_checksums(root),
+            "source_bytes": source_bytes, "bytes_on_disk": 0}
+    meta["meta_sha256"] = seal(meta)
     old = root / INFO_FILE
     others = dir_bytes(root) - (old.stat().st_size if old.is_file() else 0)
     while True:
@@ -134,7 +156,7 @@ class TokenDatasetInfo:
 
     @classmethod
     def open(cls, root: str | os.PathLike, check: bool = True) -> "TokenDatasetInfo":
-        """Read and check dataset.json; ``check=False`` skips ``check_listing`` (a scrub reports it instead)."""
+        """Read and check dataset.json; ``check=False`` skips its seal and ``check_listing`` (a scrub reports them)."""
         root = Path(root)
         info_path = root / INFO_FILE
         if not info_path.is_file():
@@ -155,6 +177,10 @@ class TokenDatasetInfo:
         if meta["format"] != FORMAT_NAME or meta["version"] > FORMAT_VERSION:
             raise DatasetError(f"{info_path}: format {meta['format']!r} v{meta['version']} is not readable "
                                f"by this version (reads {FORMAT_NAME!r} up to v{FORMAT_VERSION})")
+        if check and "meta_sha256" in meta and seal(meta) != meta["meta_sha256"]:
+            raise DatasetError(f"{info_path} does not match its own checksum (meta_sha256): it was edited or damaged "
+                               "after it was written; restore it from a backup (shards, counts and checksums listed "
+                               "in it can no longer be trusted)")
         if check:
             check_listing(root, meta)
         return cls(root=root, meta=meta)
@@ -210,7 +236,7 @@ class TokenDatasetInfo:
         path = self.root / CODEBOOK_FILE
         if not path.is_file():
             raise DatasetError(f"{path} not found")
-        codebook = load_file(str(path))["codebook"].to(torch.float32)
+        codebook = self._tensor(path, "codebook").to(torch.float32)
         actual = codebook_fingerprint(codebook)
         if actual != self.fingerprint:
             raise DatasetError(f"{path} has fingerprint {actual[:12]}…, but {INFO_FILE} says "
@@ -224,10 +250,30 @@ class TokenDatasetInfo:
         name = self.meta.get("synonyms_file")
         if not name or not (self.root / name).is_file():
             raise DatasetError(f"{self.root} has no synonym table; rebuild it with data.build.synonyms_k > 0")
-        table = load_file(str(self.root / name))["synonyms"].to(torch.int32).long()
-        if table.shape[0] != self.codebook_size or (table.numel() and int(table.max()) >= self.codebook_size):
-            raise DatasetError(f"{self.root / name}: a {tuple(table.shape)} table does not fit codebook size {self.codebook_size}")
+        path = self.root / name
+        self.check_file(name)
+        table = self._tensor(path, "synonyms").to(torch.int32).long()
+        if table.ndim != 2 or table.shape[0] != self.codebook_size:
+            raise DatasetError(f"{path}: a {tuple(table.shape)} table, not [{self.codebook_size}, k] for the codebook")
+        if table.numel() and int(table.max()) >= self.codebook_size:
+            raise DatasetError(f"{path}: code {int(table.max(1).values.argmax())} has synonym {int(table.max())} >= "
+                               f"codebook size {self.codebook_size} (corrupt)")
         return table
+
+    def check_file(self, name: str) -> None:
+        """A file beside dataset.json against the sha256 recorded at build time (when recorded)."""
+        recorded = self.meta.get("file_sha256", {}).get(name)
+        if recorded and sha256_file(self.root / name) != recorded:
+            raise DatasetError(f"{self.root / name} has another sha256 than dataset.json records: the file is damaged "
+                               "or was replaced")
+
+    def _tensor(self, path: Path, key: str) -> torch.Tensor:
+        """One tensor of a safetensors file of the dataset; a damaged file is named (not a bare SafetensorError)."""
+        try:
+            return load_file(str(path))[key]
+        except Exception as exc:  # safetensors raises its own error type on a bad header
+            raise DatasetError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}): the file is "
+                               "damaged") from None
 
     def check_fingerprint(self, expected: str, what: str) -> None:
         """Refuse to mix tokens from one codebook with a model built on another."""

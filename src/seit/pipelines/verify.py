@@ -21,11 +21,16 @@ from tqdm.auto import tqdm
 
 from seit.data.chunk import decode_chunk
 from seit.data.codec import CodecError
-from seit.data.dataset_info import DatasetError, ShardSpec, TokenDatasetInfo, listing_problems
+from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, DatasetError, ShardSpec, TokenDatasetInfo, listing_problems,
+                                    SYNONYMS_FILE, save_codebook, save_synonyms, seal)
 from seit.data.shard_reader import ShardReadError, check_values, read_chunks, tar_members
-from seit.utils.io import atomic_write_bytes, atomic_write_json
+from seit.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
+# Files repair can rewrite ("" = no advice needed), and what to say of the others.
+REPAIRABLE_FILES = {CODEBOOK_FILE: "", SYNONYMS_FILE: ""}
+UNREPAIRABLE = (" (repair cannot rebuild it: restore it from a backup, or tokenize the source images again "
+                "under another data.root)")
 
 
 @dataclass
@@ -35,7 +40,8 @@ class ShardReport:
     samples: int
     chunks: int
     faults: list[str] = field(default_factory=list)
-    repaired: str | None = None  # "parity" or "source" once rebuilt
+    repaired: str | None = None  # how it was rebuilt: "parity", "source", "a rename", "a new parity file"
+    swapped_with: str | None = None  # the listed shard whose recorded sha256 this file has
 
     @property
     def ok(self) -> bool:
@@ -78,25 +84,50 @@ def _short(message: str, spec: ShardSpec) -> str:
     return message.split("; scrub the dataset")[0].replace(f"shard {spec.path}", "the shard").replace(spec.path, "the shard")
 
 
+def file_faults(info: TokenDatasetInfo) -> dict[str, str]:
+    """{file name: fault} for the files beside dataset.json: their recorded sha256, the codebook's
+    fingerprint, the synonym table's shape and values."""
+    faults = {}
+    for name, recorded in info.meta.get("file_sha256", {}).items():
+        path = info.root / name
+        if not path.is_file():
+            faults[name] = f"{name} is missing"
+        elif sha256_file(path) != recorded:
+            faults[name] = f"{name} has another sha256 than dataset.json records (damaged or replaced)"
+    checks = [(CODEBOOK_FILE, info.load_codebook)]
+    if info.meta.get("synonyms_file"):
+        checks.append((info.meta["synonyms_file"], info.load_synonyms))
+    for name, load in checks:
+        if name not in faults:
+            try:
+                load()
+            except DatasetError as exc:
+                faults[name] = str(exc)
+    return faults
+
+
 def scrub(info: TokenDatasetInfo) -> tuple[list[str], list[ShardReport]]:
     """(dataset-level faults, one report per listed shard)."""
     faults = list(listing_problems(info.root, info.meta))
-    try:
-        info.load_codebook()
-    except DatasetError as exc:
-        faults.append(str(exc))
-    if info.meta.get("synonyms_file"):
-        try:
-            info.load_synonyms()
-        except (DatasetError, OSError, ValueError) as exc:
-            faults.append(f"synonym table: {exc}")
+    if "meta_sha256" in info.meta and seal(info.meta) != info.meta["meta_sha256"]:
+        faults.insert(0, f"{INFO_FILE} does not match its own checksum: it was edited or damaged after it was "
+                         "written (restore it from a backup)")
+    files = file_faults(info)
+    faults += [f"{fault}{REPAIRABLE_FILES.get(name, UNREPAIRABLE)}" for name, fault in files.items()]
     try:
         codec = info.load_codec()
     except (OSError, ValueError) as exc:  # a missing or damaged codec model: no shard can be decoded
-        return [*faults, f"codec {info.codec!r} cannot be loaded: {exc}"], []
+        return [*faults, f"codec {info.codec!r} cannot be loaded, so no shard can be decoded: {exc}"], []
+    recorded = {s["sha256"]: s["name"] for s in info.meta["shards"] if s.get("sha256")}
     reports = []
     for shard in tqdm(info.meta["shards"], desc="verify", unit="shard", disable=None):
-        report = scrub_shard(info.spec(shard), codec)
+        spec = info.spec(shard)
+        report = scrub_shard(spec, codec)
+        if not report.ok and Path(spec.path).is_file():
+            other = recorded.get(sha256_file(spec.path))
+            if other and other != shard["name"]:
+                report.faults.insert(0, f"holds exactly what dataset.json records for {other}: renamed or swapped")
+                report.swapped_with = other
         if shard.get("parity") and report.ok:
             report.faults += parity_faults(info, shard)
         reports.append(report)
@@ -114,15 +145,24 @@ def parity_faults(info: TokenDatasetInfo, shard: dict) -> list[str]:
 
 
 def repair(info: TokenDatasetInfo, bad: list[ShardReport]) -> None:
-    """Rebuild bad shards from parity, else from the source images; each must match its recorded sha256.
+    """Rebuild bad shards: renamed or swapped files are put back under their names, then each
+    other one comes from parity, else from the source images, and must match its recorded sha256.
     A parity file that is missing or damaged is written again from its (intact or repaired) shard."""
     from seit.data.parity import ParityError, parity_path_for, repair_shard, write_parity
 
     shards = {s["name"]: s for s in info.meta["shards"]}
+    renames = {r.swapped_with: r for r in bad if r.swapped_with}
+    if renames:  # through temp names, so that a swap of two files loses neither
+        tmp = {name: Path(info.spec(shards[r.name]).path).with_name(f".{r.name}.swap") for name, r in renames.items()}
+        for name, r in renames.items():
+            Path(info.spec(shards[r.name]).path).rename(tmp[name])
+        for name, r in renames.items():
+            tmp[name].rename(info.spec(shards[name]).path)
+            r.repaired = r.repaired or "a rename"
     need_source = []
     for report in bad:
         shard = shards[report.name]
-        if report.faults[0].startswith("parity file"):  # the shard itself scrubbed clean
+        if report.faults[0].startswith("parity file") or report.swapped_with or report.name in renames:
             continue
         if shard.get("parity"):
             try:
@@ -146,6 +186,36 @@ def repair(info: TokenDatasetInfo, bad: list[ShardReport]) -> None:
             report.repaired = report.repaired or "a new parity file"
 
 
+def built_tokenizer(info: TokenDatasetInfo):
+    """The tokenizer that built the dataset: at its recorded path, else beside the (moved) dataset dir;
+    accepted only with the dataset's codebook fingerprint."""
+    from seit.tokenizers import load_tokenizer
+
+    recorded = info.meta.get("tokenizer", {}).get("checkpoint")
+    candidates = [Path(p) for p in (recorded, info.root.parent / f"{info.root.name}.tokenizer.safetensors") if p]
+    for path in candidates:
+        if path.is_file() and load_tokenizer(path).fingerprint == info.fingerprint:
+            return load_tokenizer(path)
+    raise DatasetError(f"cannot rewrite {info.root / CODEBOOK_FILE}: no tokenizer with the dataset's codebook at "
+                       f"{' or '.join(map(str, candidates))}")
+
+
+def repair_files(info: TokenDatasetInfo, names: list[str]) -> list[str]:
+    """Rewrite a damaged codebook from the tokenizer that built the dataset (its fingerprint must be the
+    recorded one), and a damaged synonym table from the codebook; returns the files rewritten."""
+    from seit.tokenizers.codebook_tools import synonyms
+
+    done = []
+    if CODEBOOK_FILE in names:
+        save_codebook(info.root / CODEBOOK_FILE, built_tokenizer(info).codebook)
+        done.append(CODEBOOK_FILE)
+    name = info.meta.get("synonyms_file")
+    if name in names:
+        save_synonyms(info.root / name, synonyms(info.load_codebook(), int(info.meta["synonyms_k"])))
+        done.append(name)
+    return done
+
+
 def table(faults: list[str], reports: list[ShardReport]) -> str:
     """A Markdown table: one row per shard, then the dataset-level faults."""
     rows = ["| split | shard | samples | chunks | status |", "|---|---|---:|---:|---|"]
@@ -162,28 +232,37 @@ def verify(cfg) -> dict:
     """Scrub data.root (and repair it with ``repair=true``); raises DatasetError on any fault left."""
     info = TokenDatasetInfo.open(cfg.data.root, check=False)
     faults, reports = scrub(info)
-    repaired = []
-    if cfg.get("repair") and (bad := [r for r in reports if not r.ok]):
-        repair(info, bad)
-        repaired = [(r.name, r.repaired) for r in bad]
-        faults, reports = scrub(TokenDatasetInfo.open(cfg.data.root, check=False))
-        for r in reports:
-            r.repaired = dict(repaired).get(r.name)
+    repaired: dict[str, str] = {}
+    if cfg.get("repair"):
+        bad = [r for r in reports if not r.ok]
+        fixable = [name for name, fault in file_faults(info).items() if name in REPAIRABLE_FILES]
+        for name in repair_files(info, fixable):
+            repaired[name] = "rewritten"
+        if bad:
+            repair(info, bad)
+            repaired.update({r.name: r.repaired for r in bad if r.repaired})
+        if repaired:
+            faults, reports = scrub(TokenDatasetInfo.open(cfg.data.root, check=False))
+            for r in reports:
+                r.repaired = repaired.get(r.name)
     bad = [r for r in reports if not r.ok]
     text = table(faults, reports)
     print(text, flush=True)
     out = Path(cfg.paths.output_dir)
     summary = {"task": "verify", "dataset": str(info.root), "shards": len(reports), "bad_shards": [r.name for r in bad],
-               "faults": faults + [f"{r.name}: {f}" for r in bad for f in r.faults], "repaired": dict(repaired),
+               "faults": faults + [f"{r.name}: {f}" for r in bad for f in r.faults], "repaired": repaired,
                "samples": sum(r.samples for r in reports), "output_dir": str(out)}
     atomic_write_json(out / "summary.json", summary)
     atomic_write_bytes(out / "verify.md", (text + "\n").encode())
     n = len(faults) + sum(len(r.faults) for r in bad)
     if n:
         names = ", ".join(r.name for r in bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        targets = [r.name for r in bad] + [name for name in file_faults(info) if name in REPAIRABLE_FILES]
+        advice = (f"; `repair=true` tries to rebuild {', '.join(targets[:3])}{' and more' if len(targets) > 3 else ''} "
+                  "(from parity, the source images or the tokenizer)") if targets and not cfg.get("repair") else ""
         raise DatasetError(f"{info.root}: {n} fault(s) in {len(bad)} of {len(reports)} shards"
                            f"{': ' + names if bad else ''}{'; ' + faults[0] if faults else ''} (table: {out / 'verify.md'})"
-                           + ("" if cfg.get("repair") else "; `repair=true` rebuilds damaged shards"))
+                           + advice)
     print(f"verified {info.root}: {len(reports)} shards, {summary['samples']} samples, no fault"
-          + (f"; repaired {len(repaired)}" if repaired else ""), flush=True)
+          + (f"; repaired {len(repaired)}: {', '.join(sorted(repaired))}" if repaired else ""), flush=True)
     return summary
