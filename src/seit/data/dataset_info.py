@@ -160,10 +160,12 @@ class TokenDatasetInfo:
         root = Path(root)
         info_path = root / INFO_FILE
         if not info_path.is_file():
+            if (root / ".progress" / "plan.json").is_file():
+                raise DatasetError(f"{info_path} not found: {root} holds an interrupted tokenize; re-run it with the "
+                                   "same settings to finish it")
             if (root / SHARD_DIR).is_dir() and any((root / SHARD_DIR).iterdir()):
-                raise DatasetError(f"{info_path} not found, but {root / SHARD_DIR} holds shards: an interrupted "
-                                   "tokenize (re-run it with the same settings to finish) or a dataset that lost its "
-                                   "dataset.json (restore it from a backup; its shards cannot be trusted without it)")
+                raise DatasetError(f"{info_path} not found, but {root / SHARD_DIR} holds shards: the dataset lost its "
+                                   "dataset.json; restore it from a backup (its shards cannot be trusted without it)")
             hint = " (the directory does not exist)" if not root.exists() else ""
             raise DatasetError(f"{info_path} not found{hint}: not a token dataset; build one with "
                                f"`python run.py task=tokenize data.build.source=IMAGES data.root={root}`")
