@@ -1,4 +1,5 @@
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -168,3 +169,84 @@ def test_files_that_are_not_tokenized_are_listed(tmp_path):
     listing = list_source(tmp_path)
     assert sorted(Path(p).name for p in listing.ignored) == ["README", "meta.json", "notes.txt"]
     assert len(listing.splits["train"]) == 4
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _jpeg(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_a_key_twice_in_a_source_tar_is_refused_by_name(tmp_path):
+    # s000.jpeg would replace s000.jpg: half the images lost without a word (#57)
+    _tar(tmp_path / "train" / "000.tar", [("s000.jpg", _jpeg(0)), ("s000.cls", b"0"), ("s000.jpeg", _jpeg(1)),
+                                          ("s000.cls", b"1"), ("s002.jpg", _jpeg(2)), ("s002.cls", b"1")])
+    with pytest.raises(ImageReadError, match=r"000\.tar: key s000 appears twice \(s000\.jpg and s000\.jpeg\)"):
+        list_source(tmp_path)
+
+
+def test_a_tar_sample_without_a_label_beside_labelled_ones_is_refused(tmp_path):
+    # it would get label -1 and break classification later (#58)
+    _tar(tmp_path / "train" / "000.tar", [("s0.jpg", _jpeg(0)), ("s0.cls", b"0"), ("s1.jpg", _jpeg(1)),
+                                          ("s2.jpg", _jpeg(2)), ("s2.cls", b"1")])
+    with pytest.raises(ValueError, match=r"000\.tar: sample s1 has no member s1\.cls, while 2 of the 3 samples"):
+        list_source(tmp_path)
+
+
+def test_a_tar_label_that_is_not_a_class_index_is_named(tmp_path):
+    _tar(tmp_path / "train" / "000.tar", [("s0.jpg", _jpeg(0)), ("s0.cls", b"cat")])
+    with pytest.raises(ImageReadError, match=r"000\.tar: member s0\.cls holds b'cat', not a class index"):
+        list_source(tmp_path)
+
+
+def test_a_tar_label_without_its_image_is_listed_as_not_tokenized(tmp_path):
+    tar = _tar(tmp_path / "train" / "000.tar", [("s0.jpg", _jpeg(0)), ("s0.cls", b"0"), ("s1.cls", b"1")])
+    listing = list_source(tmp_path)
+    assert [r.key for r in listing.splits["train"]] == ["s0"] and listing.ignored == [f"{tar}:s1.cls"]
+
+
+def test_an_image_beside_the_class_folders_is_refused_by_name(tmp_path):
+    make_image_folder(tmp_path, classes=2, train=2, val=1)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "stray.png")
+    with pytest.raises(ValueError, match=r"train/stray\.png \(and 0 more\) is an image beside the class folders"):
+        list_source(tmp_path)
+
+
+def test_an_unlabelled_split_and_empty_classes_are_counted(tmp_path):
+    # class folders in train, loose images in val (#59); an empty class folder (#53); a class only in val (#54)
+    make_image_folder(tmp_path, classes=2, train=2, val=0)
+    (tmp_path / "train" / "class2").mkdir()
+    for d in (tmp_path / "val").iterdir():
+        d.rmdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "val" / f"v{i}.png")
+    listing = list_source(tmp_path)
+    assert listing.classes == ["class0", "class1", "class2"]
+    assert listing.unlabelled() == {"train": 0, "val": 3}
+    assert listing.empty_classes() == {"train": ["class2"], "val": ["class0", "class1", "class2"]}
+
+
+def test_a_text_file_named_jpg_is_named_without_python_object_noise(tmp_path):
+    with pytest.raises(ImageReadError, match=r"cannot read image .*readme\.jpg: not an image file") as err:
+        decode_image(b"just some text", 8, str(tmp_path / "readme.jpg"))
+    assert "BytesIO" not in str(err.value)
+
+
+def test_a_tar_cut_after_a_member_says_so(tmp_path):
+    path = _tar(tmp_path / "train" / "000.tar", [("s0.jpg", _jpeg(0)), ("s0.cls", b"0"), ("s1.jpg", _jpeg(1)),
+                                                 ("s1.cls", b"1"), ("s2.jpg", _jpeg(2)), ("s2.cls", b"2")])
+    with tarfile.open(path) as tar:
+        cls = tar.getmember("s1.cls")
+    os.truncate(path, cls.offset_data + 300)  # inside s1.cls's padding: s2's header is gone
+    with pytest.raises(ImageReadError, match=r"000\.tar: the file ends after member s1\.cls \(cut short"):
+        list_source(tmp_path)

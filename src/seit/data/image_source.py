@@ -5,7 +5,9 @@ one split, ``train``. Inside a split the layout is detected: ``*.tar`` files (We
 ``KEY.jpg`` + optional ``KEY.cls``), class subfolders (ImageFolder), or loose images (unlabelled,
 label -1). Records only point at bytes, so worker processes can read them in any order.
 Everything else found there is not tokenized; ``list_source`` names it, so nothing is dropped
-without a word.
+without a word. What would lose or mislabel images is refused by name instead: a key twice in a
+tar (one image would hide the other), a split where some images have a label and others none (a
+tar sample without ``.cls``, an image beside the class folders).
 
 Decoding brings every mode Pillow opens to 8-bit RGB by its meaning, not its raw numbers:
 16-bit and 32-bit integer images are scaled from 0..65535 (the range PNG, TIFF and PGM store
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 SPLIT_NAMES = ("train", "val", "test")
@@ -72,6 +74,9 @@ def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img = to_rgb(img).resize((size, size), Image.Resampling.BICUBIC)
             return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except UnidentifiedImageError:  # its message names the BytesIO, not the file
+        raise ImageReadError(f"cannot read image {where}: not an image file Pillow can identify (another kind of "
+                             "file with an image extension, or its header is damaged)") from None
     except Exception as exc:  # PIL raises many types for bad files
         raise ImageReadError(f"cannot read image {where}: {exc}") from exc
 
@@ -105,21 +110,47 @@ def _scan_tar(path: Path, ignored: list[str]) -> list[ImageRecord]:
                     continue
                 key, _, ext = m.name.partition(".")
                 if _is_image(m.name):
-                    images[key] = (m.offset_data, m.size)
+                    _once(path, key, images, m.name, (m.offset_data, m.size))
                 elif ext == "cls":
-                    labels[key] = int(tar.extractfile(m).read().decode().strip())
+                    _once(path, key, labels, m.name, _label(path, m, tar.extractfile(m).read()))
                 else:
                     ignored.append(f"{path}:{m.name}")
             _check_tar_end(path, tar.offset)
-    except (tarfile.TarError, ValueError, OSError) as exc:
-        if last is None:
-            where = ""
-        elif last.offset_data + last.size > os.path.getsize(path):
-            where = f"; member {last.name} is truncated"
-        else:
-            where = f", after member {last.name}"
-        raise ImageReadError(f"cannot read tar shard {path}: {exc}{where}") from exc
-    return [ImageRecord(k, labels.get(k, -1), str(path), off, size) for k, (off, size) in images.items()]
+    except (tarfile.TarError, OSError) as exc:
+        raise ImageReadError(f"cannot read tar shard {path}: {_where_cut(path, last, exc)}") from exc
+    ignored += [f"{path}:{labels[k][0]}" for k in labels if k not in images]  # a label without an image
+    return [ImageRecord(k, labels[k][1] if k in labels else -1, str(path), off, size)
+            for k, (_, (off, size)) in images.items()]
+
+
+def _once(path: Path, key: str, seen: dict, name: str, value) -> None:
+    """WebDataset groups a sample's files by key: a second image (or label) of a key would replace the first."""
+    if key in seen:
+        raise ImageReadError(f"tar {path}: key {key} appears twice ({seen[key][0]} and {name}): one would hide the "
+                             "other; give every sample its own key")
+    seen[key] = (name, value)
+
+
+def _label(path: Path, member: tarfile.TarInfo, data: bytes) -> int:
+    try:
+        label = int(data.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        label = -1
+    if label < 0:
+        raise ImageReadError(f"tar {path}: member {member.name} holds {data[:20]!r}, not a class index (an integer >= 0)")
+    return label
+
+
+def _where_cut(path: Path, last: tarfile.TarInfo | None, exc: Exception) -> str:
+    """The error, with the member it is in (cut inside its data) or after (its padding or the next header)."""
+    if last is None:
+        return str(exc)
+    size = os.path.getsize(path)
+    if last.offset_data + last.size > size:
+        return f"{exc}; member {last.name} is truncated"
+    if last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE > size:
+        return f"the file ends after member {last.name} (cut short: the members after it are lost)"
+    return f"{exc}, after member {last.name}"
 
 
 def _check_tar_end(path: Path, end: int) -> None:
@@ -137,7 +168,13 @@ def scan_split(root: Path, class_index: dict[str, int], ignored: list[str] | Non
     tars = [e for e in entries if e.endswith(".tar")]
     if tars:
         ignored += [str(root / e) for e in entries if not e.endswith(".tar")]
-        return [r for t in tars for r in _scan_tar(root / t, ignored)]
+        records = [r for t in tars for r in _scan_tar(root / t, ignored)]
+        unlabelled = [r for r in records if r.label < 0]
+        if 0 < len(unlabelled) < len(records):
+            r = unlabelled[0]
+            raise ValueError(f"tar {r.path}: sample {r.key} has no member {r.key}.cls, while {len(records) - len(unlabelled)} "
+                             f"of the {len(records)} samples in {root} have one: label every sample of a split, or none")
+        return records
     records = []
     class_dirs = [e for e in entries if (root / e).is_dir()]
     for cls in class_dirs:
@@ -149,10 +186,14 @@ def scan_split(root: Path, class_index: dict[str, int], ignored: list[str] | Non
                     continue
                 key = str(path.relative_to(root).with_suffix(""))
                 records.append(ImageRecord(key, class_index[cls], str(path)))
+    loose = [e for e in entries if e not in class_dirs and _is_image(e)]
+    if class_dirs and loose:
+        raise ValueError(f"{root / loose[0]} (and {len(loose) - 1} more) is an image beside the class folders of "
+                         f"{root}: it has no class; move it into its class folder, or out of the source")
     if class_dirs:
         ignored += [str(root / e) for e in entries if e not in class_dirs]
     else:
-        records = [ImageRecord(os.path.splitext(e)[0], -1, str(root / e)) for e in entries if _is_image(e)]
+        records = [ImageRecord(os.path.splitext(e)[0], -1, str(root / e)) for e in loose]
         ignored += [str(root / e) for e in entries if not _is_image(e)]
     return records
 
@@ -164,6 +205,18 @@ class SourceListing:
     splits: dict[str, list[ImageRecord]]
     classes: list[str]
     ignored: list[str] = field(default_factory=list)
+
+    def unlabelled(self) -> dict[str, int]:
+        """How many images of each split have no label (-1)."""
+        return {name: sum(r.label < 0 for r in recs) for name, recs in self.splits.items()}
+
+    def empty_classes(self) -> dict[str, list[str]]:
+        """The classes without an image in each split (the class list keeps them, so labels stay stable)."""
+        out = {}
+        for name, recs in self.splits.items():
+            used = {r.label for r in recs}
+            out[name] = [c for i, c in enumerate(self.classes) if i not in used]
+        return out
 
 
 def list_source(source: str | os.PathLike) -> SourceListing:
