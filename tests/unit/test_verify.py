@@ -181,3 +181,18 @@ def test_what_repair_cannot_rebuild_gets_no_false_advice(tmp_path):
     (root / INFO_FILE).write_text(json.dumps(info))
     with pytest.raises(DatasetError, match="dataset.json does not match its own checksum"):
         verify(_cfg(root, tmp_path / "scrub2"))
+
+
+def test_parity_added_to_a_finished_dataset_repairs_it(tmp_path):
+    root = tmp_path / "ds"
+    _dataset(root)
+    cfg = _cfg(root, tmp_path / "add")
+    cfg.parity = 0.3
+    assert verify(cfg)["parity_written"] == 3
+    meta = json.loads((root / INFO_FILE).read_text())
+    assert all(s["parity"]["fraction"] == 0.3 for s in meta["shards"])
+    shard = root / SHARD_DIR / "val-000000.tar"
+    clean = shard.read_bytes()
+    shard.write_bytes(clean[: len(clean) - 2 * BLOCK])
+    assert verify(_cfg(root, tmp_path / "repair", repair=True))["repaired"] == {"val-000000.tar": "parity"}
+    assert shard.read_bytes() == clean

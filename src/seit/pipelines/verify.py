@@ -22,11 +22,14 @@ from tqdm.auto import tqdm
 from seit.data.chunk import decode_chunk
 from seit.data.codec import CodecError
 from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, DatasetError, ShardSpec, TokenDatasetInfo, listing_problems,
-                                    SYNONYMS_FILE, save_codebook, save_synonyms, seal)
+                                    SYNONYMS_FILE, save_codebook, save_synonyms, seal, write_dataset_info)
 from seit.data.shard_reader import ShardReadError, check_values, read_chunks, tar_members
 from seit.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
+# dataset.json fields that write_dataset_info derives itself
+DERIVED_FIELDS = ("format", "version", "num_samples", "splits", "shards", "embed_dim", "bytes_on_disk", "bytes_per_sample",
+                  "percent_of_source", "file_sha256", "meta_sha256")
 # Files repair can rewrite ("" = no advice needed), and what to say of the others.
 REPAIRABLE_FILES = {CODEBOOK_FILE: "", SYNONYMS_FILE: ""}
 UNREPAIRABLE = (" (repair cannot rebuild it: restore it from a backup, or tokenize the source images again "
@@ -228,6 +231,30 @@ def table(faults: list[str], reports: list[ShardReport]) -> str:
     return "\n".join(rows)
 
 
+def add_parity(info: TokenDatasetInfo, fraction: float) -> int:
+    """Write parity files for the shards of a clean dataset that lack them (or have another fraction),
+    and record them in dataset.json (written again, atomically); returns how many were written."""
+    from seit.data.parity import parity_path_for, write_parity
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"parity={fraction} must be a fraction in (0, 1]")
+    meta, shards, written = info.meta, [], 0
+    for shard in meta["shards"]:
+        shard = dict(shard)
+        if (shard.get("parity") or {}).get("fraction") != fraction:
+            shard["parity"] = write_parity(info.spec(shard).path, parity_path_for(info.root, shard["name"]), fraction)
+            written += 1
+        shards.append(shard)
+    if written:
+        fields = {k: meta[k] for k in ("grid", "codebook_size", "codec", "chunk_size", "codebook_sha256", "classes",
+                                       "source_bytes")}
+        extra = {k: v for k, v in meta.items() if k not in (*fields, *DERIVED_FIELDS)}
+        if "build" in extra:
+            extra["build"] = {**extra["build"], "parity": float(fraction)}
+        write_dataset_info(info.root, shards=shards, embed_dim=meta.get("embed_dim", 32), **fields, **extra)
+    return written
+
+
 def verify(cfg) -> dict:
     """Scrub data.root (and repair it with ``repair=true``); raises DatasetError on any fault left."""
     info = TokenDatasetInfo.open(cfg.data.root, check=False)
@@ -263,6 +290,10 @@ def verify(cfg) -> dict:
         raise DatasetError(f"{info.root}: {n} fault(s) in {len(bad)} of {len(reports)} shards"
                            f"{': ' + names if bad else ''}{'; ' + faults[0] if faults else ''} (table: {out / 'verify.md'})"
                            + advice)
+    if cfg.get("parity"):
+        summary["parity_written"] = add_parity(TokenDatasetInfo.open(cfg.data.root), float(cfg.parity))
+        atomic_write_json(out / "summary.json", summary)
     print(f"verified {info.root}: {len(reports)} shards, {summary['samples']} samples, no fault"
-          + (f"; repaired {len(repaired)}: {', '.join(sorted(repaired))}" if repaired else ""), flush=True)
+          + (f"; repaired {len(repaired)}: {', '.join(sorted(repaired))}" if repaired else "")
+          + (f"; parity written for {summary['parity_written']} shards" if cfg.get("parity") else ""), flush=True)
     return summary
