@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import make_image_folder, tokenize_config
 from seit.data.codec_ctx import MODEL_FILE
-from seit.data.dataset_info import DatasetError, dir_bytes
+from seit.data.dataset_info import DatasetError, TokenDatasetInfo, dir_bytes
 from seit.data.image_source import ImageReadError
 from seit.pipelines import tokenize as tok
 
@@ -108,12 +108,13 @@ def test_rebuild_shards_restores_a_corrupt_shard_byte_for_byte(tmp_path, image_f
     img = next((image_folder / "train").rglob("*.png"))
     original = img.read_bytes()
     Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(img)  # same listing, other pixels
-    with pytest.raises(DatasetError, match=r"rebuilding shard .* gave sha256 .*the old file is kept"):
+    with pytest.raises(DatasetError, match=r"rebuilding shard .* gave sha256 .*: the source images, the tokenizer or "
+                                           r"dataset.json changed since the build; the old file is kept"):
         tok.rebuild_shards(root, [s["name"] for s in meta["shards"]])
     assert shard.read_bytes() == b"damaged"
     img.write_bytes(original)
     (img.parent / "new.png").write_bytes(original)
-    with pytest.raises(DatasetError, match="the images in its source .* changed"):
+    with pytest.raises(DatasetError, match=f"cannot rebuild shard {name} .* no longer gives it the images"):
         tok.rebuild_shards(root, [name])
     os.rename(image_folder, tmp_path / "moved")
     with pytest.raises(DatasetError, match=f"its source {image_folder} is gone"):
@@ -240,3 +241,93 @@ def test_a_compacted_codebook_smaller_than_synonyms_k_clamps_it(tmp_path, caplog
         meta = tok.tokenize(cfg)
     assert meta["codebook_size"] == 2 and meta["synonyms_k"] == 1
     assert "1 synonyms per code, not data.build.synonyms_k=5" in caplog.text
+
+
+def test_a_rebuild_checks_only_the_images_of_its_own_shards(tmp_path, image_folder):
+    root = tmp_path / "ds"
+    meta = tok.tokenize(tokenize_config(image_folder, root))
+    assert all(len(s["records_sha256"]) == 64 for s in meta["shards"])
+    train, val = (next(s for s in meta["shards"] if s["split"] == split) for split in ("train", "val"))
+    for s in (train, val):
+        (root / "shards" / s["name"]).write_bytes(b"damaged")
+    next((image_folder / "val").rglob("*.png")).unlink()  # one val image gone: the train shards still rebuild (#39)
+    assert tok.rebuild_shards(root, [train["name"]]) == [train]
+    with pytest.raises(DatasetError, match=f"cannot rebuild shard {val['name']} .*images of split val were added, "
+                                           "removed or relabelled"):
+        tok.rebuild_shards(root, [val["name"]])
+    assert (root / "shards" / val["name"]).read_bytes() == b"damaged"
+
+    info = json.loads((root / "dataset.json").read_text())
+    info["shards"][0]["sha256"] = "0" * 64  # images unchanged, dataset.json edited (#25, #26)
+    (root / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match=r"gave sha256 .*, not the recorded 000000000000…: the source images, the "
+                                           r"tokenizer or dataset.json changed since the build"):
+        tok.rebuild_shards(root, [info["shards"][0]["name"]])
+    for s in info["shards"]:  # a dataset built before records_sha256: the whole listing must be as built
+        del s["records_sha256"]
+    (root / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match="the images in its source .* changed since it was built"):
+        tok.rebuild_shards(root, [train["name"]])
+
+
+def test_a_dataset_moved_with_its_tokenizer_is_rebuilt_with_the_tokenizer_beside_it(tmp_path, image_folder):
+    root, away = tmp_path / "ds", tmp_path / "away"
+    meta = tok.tokenize(tokenize_config(image_folder, root))
+    away.mkdir()
+    os.rename(root, away / "ds")  # the README's layout: DIR and DIR.tokenizer.safetensors side by side (#37)
+    os.rename(tmp_path / "ds.tokenizer.safetensors", away / "ds.tokenizer.safetensors")
+    name = meta["shards"][1]["name"]
+    shard = away / "ds" / "shards" / name
+    good = shard.read_bytes()
+    shard.write_bytes(b"damaged")
+    tok.rebuild_shards(away / "ds", [name])
+    assert shard.read_bytes() == good
+
+    other = tokenize_config(image_folder, tmp_path / "other")
+    other.tokenizer.seed = 1
+    tok.tokenize(other)
+    os.replace(tmp_path / "other.tokenizer.safetensors", away / "ds.tokenizer.safetensors")  # not its codebook
+    shard.write_bytes(b"damaged")
+    with pytest.raises(DatasetError, match=r"the tokenizer .*away/ds.tokenizer.safetensors does not have the codebook"):
+        tok.rebuild_shards(away / "ds", [name])
+    assert shard.read_bytes() == b"damaged"
+
+
+def test_codebook_size_is_named_before_the_settings_compared_with_it(tmp_path, image_folder):
+    cfg = tokenize_config(image_folder, tmp_path / "ds")  # synonyms_k=3 is checked against it (#48)
+    cfg.tokenizer.codebook_size = 0
+    with pytest.raises(ValueError, match=r"^tokenizer.codebook_size=0 must be an integer >= 2"):
+        tok.tokenize(cfg)
+
+
+def _loose(d: Path, n: int) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / f"v{i}.png")
+
+
+def test_unlabelled_splits_and_empty_classes_are_warned_and_recorded(tmp_path, caplog):
+    images = make_image_folder(tmp_path / "images", classes=2, train=6, val=0)
+    for d in (images / "val").iterdir():
+        d.rmdir()
+    _loose(images / "val", 4)  # loose images beside a labelled train: every val label -1 (#59)
+    (images / "train" / "class2").mkdir()  # an empty class folder (#53)
+    with caplog.at_level(logging.WARNING):
+        meta = tok.tokenize(tokenize_config(images, tmp_path / "ds"))
+    assert meta["classes"] == ["class0", "class1", "class2"]
+    assert meta["unlabelled"] == {"train": 0, "val": 4}
+    assert meta["empty_classes"] == {"train": ["class2"], "val": ["class0", "class1", "class2"]}
+    assert {s["split"]: s["unlabelled"] for s in meta["shards"]} == {"train": 0, "val": 4}
+    assert TokenDatasetInfo.open(tmp_path / "ds").meta["unlabelled"] == {"train": 0, "val": 4}
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("without labels while train has them: val (4 of 4 images)" in m for m in lines)
+    assert any("without images: train: class2; kept in the class list" in m for m in lines)
+
+    images = make_image_folder(tmp_path / "images2", classes=2, train=6, val=2)
+    (images / "val" / "class9").mkdir()  # a class only in val, and empty there (#54)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        meta = tok.tokenize(tokenize_config(images, tmp_path / "ds2"))
+    assert meta["unlabelled"] == {"train": 0, "val": 0}
+    assert meta["empty_classes"] == {"train": ["class9"], "val": ["class9"]}
+    assert "without images: train: class9; val: class9; kept" in caplog.text

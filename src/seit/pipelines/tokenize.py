@@ -6,8 +6,9 @@ result does not depend on how many processes run or how often the job was interr
 shard is written atomically with a progress record, a re-run re-checks and skips the shards
 already done, and ``dataset.json`` is written last, once. The plan (``tokenize_plan``) is the
 first file written into data.root; a re-run that would produce something different refuses to
-mix the two, and a directory without a plan is never written into. ``rebuild_shards`` re-makes
-named shards of a finished dataset byte for byte from its recorded source and settings.
+mix the two, and a directory without a plan is never written into. ``rebuild_shards``
+(``tokenize_rebuild``) re-makes named shards of a finished dataset byte for byte from its recorded
+source and settings.
 
 A codec with a per-dataset model (``ctx-rans``) gets it fitted before the first shard, from the
 ids of the first ``data.build.codec_fit_samples`` shuffled training images, and saved once in the
@@ -16,28 +17,26 @@ dataset dir; a resumed run reuses that file (its sha256 is part of the plan).
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seit.data.codec import MODEL_CODECS, get_codec
+from seit.data.codec import MODEL_CODECS
 from seit.data.codec_ctx import MODEL_FILE, CtxModel
-from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, SHARD_DIR, SYNONYMS_FILE, DatasetError, TokenDatasetInfo,
+from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, SYNONYMS_FILE, DatasetError, TokenDatasetInfo,
                                     save_codebook, save_synonyms, write_dataset_info)
 from seit.data.embedded import resolve_source
 from seit.data.image_source import IMAGE_EXTS, ImageReadError, ImageRecord, SourceListing, list_source, load_image
 from seit.data.storage_report import format_report, storage_report
-from seit.pipelines.tokenize_plan import (PLAN_FILE, PROGRESS_DIR, check_finished, check_planned, listing_hash,
-                                          plan_shards, settings, shuffle, start_plan, validate_settings)
-from seit.pipelines.tokenize_shards import encode_records, make_shard, run_shards
+from seit.pipelines.tokenize_plan import (PLAN_FILE, PROGRESS_DIR, check_finished, check_planned, exclusive,
+                                          listing_hash, plan_shards, settings, shuffle, start_plan, validate_settings)
+from seit.pipelines.tokenize_rebuild import rebuild_shards  # noqa: F401  (task=verify repair=true calls it from here)
+from seit.pipelines.tokenize_shards import encode_records, run_shards
 from seit.tokenizers import PatchKMeansTokenizer, Tokenizer, load_tokenizer
 from seit.tokenizers.codebook_tools import synonyms
 from seit.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
@@ -142,18 +141,6 @@ def codec_model(root: Path, tokenizer: Tokenizer, records: list[ImageRecord], to
     return sha
 
 
-@contextmanager
-def exclusive(root: Path):
-    """One builder per dataset dir: concurrent jobs (a multirun, several nodes) wait for the first."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def check_built_by(info: TokenDatasetInfo, checkpoint: str, copy_margin: float = 0.0) -> None:
     """A finished dataset must come from the tokenizer checkpoint (and copy margin) the config names.
 
@@ -193,7 +180,26 @@ def _listing(cfg) -> tuple[str, SourceListing]:
         log.warning("%d file(s) in %s are not tokenized (not %s images, or beside the class folders), e.g. %s; "
                     "listed in dataset.json", len(listing.ignored), source, "/".join(sorted(IMAGE_EXTS)),
                     ", ".join(listing.ignored[:3]))
+    _warn_labels(source, listing)
     return source, listing
+
+
+def _warn_labels(source: str, listing: SourceListing) -> None:
+    """Kept, but said and recorded (dataset.json ``unlabelled``, ``empty_classes``): an unlabelled split beside
+    labelled ones (classification cannot use it), and classes without images in a labelled split."""
+    unlabelled = listing.unlabelled()
+    labelled = [s for s, recs in listing.splits.items() if unlabelled[s] < len(recs)]
+    if not labelled:
+        return  # an unlabelled source (pretraining): nothing is missing
+    bare = [f"{s} ({n} of {len(listing.splits[s])} images)" for s, n in unlabelled.items() if n]
+    if bare:
+        log.warning("split(s) of %s without labels while %s has them: %s; classification cannot use them (recorded as "
+                    "unlabelled in dataset.json)", source, "/".join(labelled), ", ".join(bare))
+    empty = [f"{s}: {', '.join(names[:10])}{' …' if len(names) > 10 else ''}"
+             for s, names in listing.empty_classes().items() if s in labelled and names]
+    if empty:
+        log.warning("class(es) of %s without images: %s; kept in the class list so labels stay stable (recorded as "
+                    "empty_classes in dataset.json)", source, "; ".join(empty))
 
 
 def _tokenize(cfg) -> dict:
@@ -242,6 +248,8 @@ def _tokenize(cfg) -> dict:
         skipped={"count": len(skipped), "samples": skipped}, source=source,
         source_bytes=sum(_size(r) for recs in splits.values() for r in recs),
         ignored_files={"count": len(listing.ignored), "files": listing.ignored[:_IGNORED_LISTED]},
+        unlabelled={split: sum(r["unlabelled"] for r in done if r["split"] == split) for split in splits},
+        empty_classes=listing.empty_classes(),
         build=plan, **synonym_fields, **codec_fields)
     n = sum(r["count"] for r in done)
     if build.storage_report and n:  # measured on the shards, before dataset.json exists
@@ -252,62 +260,6 @@ def _tokenize(cfg) -> dict:
     shutil.rmtree(progress)
     print_summary(meta)
     return meta
-
-
-def rebuild_shards(root: Path, names: list[str]) -> list[dict]:
-    """Re-make the named shards of a finished dataset from the source and settings its dataset.json records.
-
-    Each new shard must hash to the sha256 dataset.json records before it replaces the file (then
-    atomically); otherwise a DatasetError names the shard and the old file stays. Returns the
-    shards' dataset.json entries.
-    """
-    root = Path(root)
-    with exclusive(root):
-        meta, plan, shards = _rebuild_plan(root, names)
-        tokenizer = load_tokenizer(meta["tokenizer"]["checkpoint"])
-        if tokenizer.fingerprint != meta["codebook_sha256"]:
-            raise DatasetError(f"cannot rebuild shards of {root}: the tokenizer {meta['tokenizer']['checkpoint']} no "
-                               "longer has the codebook the dataset was built with")
-        tokenizer.image_size = int(meta["image_size"])
-        if meta["tokenizer"].get("copy_margin"):
-            tokenizer.copy_margin = float(meta["tokenizer"]["copy_margin"])
-        codec = get_codec(meta["codec"], model_dir=root)
-        recorded = {s["name"]: s for s in meta["shards"]}
-        out = []
-        for name in names:
-            split, records = shards[name]
-            job = {"path": str(root / SHARD_DIR / name), "split": split, "records": records,
-                   "chunk_size": plan["chunk_size"], "skip_bad_images": recorded[name].get("skipped", 0) > 0}
-            data, record = make_shard(tokenizer, codec, job)
-            record.pop("skipped_samples")
-            if record["sha256"] != recorded[name]["sha256"]:
-                raise DatasetError(f"rebuilding shard {name} of {root} gave sha256 {record['sha256'][:12]}…, not the "
-                                   f"recorded {recorded[name]['sha256'][:12]}…: its source images changed; the old file is kept")
-            atomic_write_bytes(job["path"], data)
-            log.info("rebuilt shard %s of %s", name, root)
-            out.append(record)
-        return out
-
-
-def _rebuild_plan(root: Path, names: list[str]) -> tuple[dict, dict, dict]:
-    """dataset.json, its build plan, and the named shards' records, after checking the source is as recorded."""
-    meta = json.loads((root / INFO_FILE).read_text())
-    plan = meta.get("build")
-    if plan is None:
-        raise DatasetError(f"{root / INFO_FILE} records no build settings (it predates them): its shards cannot be "
-                           "rebuilt; tokenize its source again under another data.root")
-    unknown = sorted(set(names) - {s["name"] for s in meta["shards"]})
-    if unknown:
-        raise DatasetError(f"{root / INFO_FILE} lists no shard(s) {unknown[:5]}")
-    source = meta["source"]
-    if not Path(source).is_dir():
-        raise DatasetError(f"cannot rebuild shards of {root}: its source {source} is gone")
-    listing = list_source(source)
-    shuffle(listing, plan["shuffle_seed"])
-    if listing_hash(listing.splits) != plan["listing_sha256"]:
-        raise DatasetError(f"cannot rebuild shards of {root}: the images in its source {source} changed since it was "
-                           "built (added, removed or relabelled)")
-    return meta, plan, plan_shards(listing.splits, plan["shard_size"])
 
 
 def _size(record: ImageRecord) -> int:

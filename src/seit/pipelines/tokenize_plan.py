@@ -12,9 +12,11 @@ rebuilt later gets exactly the images it got the first time.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +47,13 @@ def _int(key: str, value, low: int, rule: str) -> None:
 
 
 def validate_settings(cfg) -> None:
-    """Every data.build and tokenizer value that tokenize uses, checked before it writes anything."""
+    """Every data.build and tokenizer value that tokenize uses, checked before it writes anything.
+
+    The tokenizer's own sizes come first: the build checks compare against them (synonyms_k <
+    codebook_size), and a bad codebook_size must be named as itself, not as synonyms_k.
+    """
     b, t = cfg.data.build, cfg.tokenizer
+    _validate_tokenizer(t)
     _int("data.build.shard_size", b.shard_size, 1, "an integer > 0")
     _int("data.build.chunk_size", b.chunk_size, 1, "an integer > 0")
     _int("data.build.workers", b.workers, 0, "an integer >= 0")
@@ -61,6 +68,9 @@ def validate_settings(cfg) -> None:
              f"< tokenizer.codebook_size={t.codebook_size} (each code's nearest other codes)")
     if b.storage_report:
         _int("data.build.storage_report_samples", b.storage_report_samples, 1, "an integer > 0")
+
+
+def _validate_tokenizer(t) -> None:
     _int("tokenizer.image_size", t.image_size, 1, "an integer > 0")
     margin = t.get("copy_margin") or 0.0
     _require("tokenizer.copy_margin", margin, isinstance(margin, (int, float)) and margin >= 0, "a number >= 0")
@@ -124,6 +134,11 @@ def listing_hash(splits: dict[str, list[ImageRecord]]) -> str:
     return h.hexdigest()
 
 
+def records_hash(records: list[ImageRecord]) -> str:
+    """sha256 of one shard's planned (key, label) list: a rebuild checks just its own shard's images."""
+    return hashlib.sha256("".join(f"{r.key}\t{r.label}\n" for r in records).encode()).hexdigest()
+
+
 def plan_shards(splits: dict[str, list[ImageRecord]], shard_size: int) -> dict[str, tuple[str, list[ImageRecord]]]:
     """shard name -> (split, its records), in dataset order."""
     return {f"{split}-{s:06d}.tar": (split, recs[start : start + shard_size])
@@ -167,3 +182,15 @@ def check_finished(root: Path, meta: dict, wanted: dict) -> None:
     if diff:
         raise DatasetError(f"{root} is a finished token dataset built with other settings: {'; '.join(diff)}; "
                            "build these under another data.root")
+
+
+@contextmanager
+def exclusive(root: Path):
+    """One builder per dataset dir: concurrent jobs (a multirun, several nodes) wait for the first."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

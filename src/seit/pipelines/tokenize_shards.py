@@ -26,7 +26,7 @@ from seit.data.dataset_info import SHARD_DIR
 from seit.data.image_source import ImageReadError, ImageRecord, load_image
 from seit.data.parity import parity_path_for, write_parity
 from seit.data.shard_writer import encode_shard
-from seit.pipelines.tokenize_plan import PROGRESS_DIR
+from seit.pipelines.tokenize_plan import PROGRESS_DIR, records_hash
 from seit.tokenizers import Tokenizer, load_tokenizer
 from seit.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
@@ -84,12 +84,18 @@ def encode_records(tokenizer: Tokenizer, records: list[ImageRecord], skip_bad_im
 
 
 def make_shard(tokenizer: Tokenizer, codec: Codec, job: dict) -> tuple[bytes, dict]:
-    """A shard's bytes and its progress record (its dataset.json entry plus where the skipped images are)."""
+    """A shard's bytes and its progress record (its dataset.json entry plus where the skipped images are).
+
+    The entry also holds ``records_sha256`` (of the planned keys and labels, so a later rebuild
+    can check that the source still assigns this shard the same images) and ``unlabelled`` (how
+    many of its samples have label -1).
+    """
     ids, labels, keys, skipped = encode_records(tokenizer, job["records"], job["skip_bad_images"])
     data, record = encode_shard(Path(job["path"]).name, ids, labels, keys, split=job["split"], codec=codec,
                                 codebook_size=tokenizer.codebook_size, chunk_size=job["chunk_size"],
                                 skipped=len(skipped))
-    return data, {**record.to_dict(), "skipped_samples": skipped}
+    return data, {**record.to_dict(), "unlabelled": int((labels < 0).sum()),
+                  "records_sha256": records_hash(job["records"]), "skipped_samples": skipped}
 
 
 def _encode_shard(job: dict) -> dict:
@@ -138,6 +144,8 @@ def finished_shard(path: Path, progress: Path) -> dict | None:
     if not (path.is_file() and progress.is_file()):
         return None
     record = json.loads(progress.read_text())
+    if "records_sha256" not in record:  # finished by a version that did not record its listing: encode it again
+        return None
     if path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
         log.warning("shard %s does not match its progress record (size or sha256): rebuilding it", path.name)
         return None
