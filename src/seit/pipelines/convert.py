@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -117,20 +119,44 @@ def synonym_table(seit: dict | None, codebook: torch.Tensor, k: int, path: Path 
 
 
 def export_seit(cfg) -> dict:
-    """The token dataset at data.root -> SeiT files in task.seit_dir (every split); returns a summary."""
+    """The token dataset at data.root -> SeiT files in task.seit_dir (every split); returns a summary.
+
+    The dataset may be the only copy of the data and task.seit_dir may hold another SeiT set, so
+    export never overwrites: it refuses a seit_dir holding any file it would write, and builds every
+    file in a hidden temp dir inside seit_dir, moved into place only once every split was read and
+    written. A damaged shard thus fails the export with nothing new left in seit_dir.
+    """
     info = TokenDatasetInfo.open(cfg.data.root)
     if info.codebook_size > MAX_FILE_ID + 1:
         raise DatasetError(f"{info.root}: a codebook of K={info.codebook_size} has ids beyond {MAX_FILE_ID}, which "
                            "SeiT's loader cannot read back (it takes one escape byte per id); export needs K <= "
                            f"{MAX_FILE_ID + 1}")
     out, prefix = Path(cfg.task.seit_dir), cfg.task.prefix
+    synonyms = synonyms_name(info)
+    names = [CODEBOOK_CKPT, *([synonyms] if synonyms else []),
+             *(p.name for split in info.meta["splits"] for p in seit_split_paths(out, prefix, split))]
+    taken = [name for name in names if os.path.lexists(out / name)]
+    if taken:
+        raise FileExistsError(f"task.seit_dir={out} already holds {', '.join(taken)}: export never overwrites "
+                              "files; pick another task.seit_dir or move them away")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    write_seit_codebook(out, info.load_codebook())
-    written = [out / CODEBOOK_CKPT, *export_synonyms(info, out)]
-    for split in info.meta["splits"]:
-        ids, labels = read_split(info, split)
-        write_seit_split(out, prefix, split, ids, labels)
-        written += seit_split_paths(out, prefix, split)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        write_seit_codebook(tmp, info.load_codebook())
+        if synonyms:
+            export_synonyms(info, tmp / synonyms)
+        for split in info.meta["splits"]:
+            write_seit_split(tmp, prefix, split, *read_split(info, split))
+        for name in names:
+            os.replace(tmp / name, out / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    tmp.rmdir()
+    written = [out / name for name in names]
     n = info.meta["num_samples"]
     total = sum(os.path.getsize(p) for p in written)
     print(f"exported {n} samples of {info.root} to {out}: {total:,} bytes of SeiT files = {total / max(n, 1):.1f} "
@@ -138,19 +164,24 @@ def export_seit(cfg) -> dict:
     return {"num_samples": n, "files": [str(p) for p in written], "bytes": total}
 
 
-def export_synonyms(info: TokenDatasetInfo, out: Path) -> list[Path]:
-    """An imported SeiT json goes back verbatim under its own name; else the dataset's table, if any."""
+def synonyms_name(info: TokenDatasetInfo) -> str | None:
+    """The synonyms file export writes: an imported SeiT json's own name, else SeiT's name for the
+    dataset's table, else none."""
     seit = (info.meta.get("imported_from") or {}).get("synonyms")
     if seit:
-        path = info.root / seit["file"]
-        load_synonyms_json(path, info.codebook_size)  # checked before it is passed on
-        atomic_write_bytes(out / seit["name"], path.read_bytes())
-        return [out / seit["name"]]
-    if info.meta.get("synonyms_file"):
-        name = SYNONYMS_FILES[0]
-        write_synonyms(out, {str(t): row for t, row in enumerate(info.load_synonyms().tolist())}, name)
-        return [out / name]
-    return []
+        return seit["name"]
+    return SYNONYMS_FILES[0] if info.meta.get("synonyms_file") else None
+
+
+def export_synonyms(info: TokenDatasetInfo, path: Path) -> None:
+    """An imported SeiT json goes back verbatim; else the dataset's table."""
+    seit = (info.meta.get("imported_from") or {}).get("synonyms")
+    if seit:
+        source = info.root / seit["file"]
+        load_synonyms_json(source, info.codebook_size)  # checked before it is passed on
+        atomic_write_bytes(path, source.read_bytes())
+    else:
+        write_synonyms(path.parent, {str(t): row for t, row in enumerate(info.load_synonyms().tolist())}, path.name)
 
 
 def read_split(info: TokenDatasetInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
