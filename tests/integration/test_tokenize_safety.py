@@ -1,17 +1,22 @@
-"""Through run.py: tokenize never rebuilds a directory it did not plan, and its workers die with it."""
+"""Through run.py: tokenize never rebuilds a directory it did not plan, its workers die with it, and a bad
+source is one error line."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import signal
+import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import make_image_folder
-from run_helpers import paths, run, start, synthetic
+from run_helpers import run, start, synthetic
 
 pytestmark = pytest.mark.integration
 
@@ -75,3 +80,21 @@ def test_killing_tokenize_kills_its_workers(tmp_path):
     written = sorted((root / "shards").glob("*.tar"))
     time.sleep(2)
     assert sorted((root / "shards").glob("*.tar")) == written and len(written) < 1600 // 8
+
+
+def test_a_source_tar_with_a_key_twice_is_one_error_line_and_nothing_is_written(tmp_path):
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    with tarfile.open(tmp_path / "images" / "train" / "000.tar", "w") as tar:
+        for i, name in enumerate(["s000.jpg", "s000.cls", "s000.jpeg", "s000.cls"]):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((16, 16, 3), i * 60, np.uint8)).save(buf, "JPEG")
+            data = buf.getvalue() if name.endswith(("jpg", "jpeg")) else b"0"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    root = tmp_path / "ds"
+    proc = run(*synthetic(tmp_path, tmp_path / "images"), "task=tokenize", f"data.root={root}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "000.tar: key s000 appears twice (s000.jpg and s000.jpeg)" in errors[0]
+    assert not root.exists() and not (tmp_path / "ds.tokenizer.safetensors").exists()
