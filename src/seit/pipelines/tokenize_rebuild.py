@@ -35,7 +35,7 @@ def rebuild_shards(root: Path, names: list[str]) -> list[dict]:
     root = Path(root)
     with exclusive(root):
         meta, plan, shards = _rebuild_plan(root, names)
-        tokenizer = _built_tokenizer(root, meta)
+        tokenizer = built_tokenizer(root, meta)
         tokenizer.image_size = int(meta["image_size"])
         if meta["tokenizer"].get("copy_margin"):
             tokenizer.copy_margin = float(meta["tokenizer"]["copy_margin"])
@@ -58,7 +58,7 @@ def rebuild_shards(root: Path, names: list[str]) -> list[dict]:
         return out
 
 
-def _built_tokenizer(root: Path, meta: dict) -> Tokenizer:
+def built_tokenizer(root: Path, meta: dict) -> Tokenizer:
     """The tokenizer the dataset was built with: at its recorded path, or beside the dataset (both moved together)."""
     path = Path(meta["tokenizer"]["checkpoint"])
     beside = Path(os.path.abspath(root)).parent / f"{Path(os.path.abspath(root)).name}.tokenizer.safetensors"
@@ -66,8 +66,8 @@ def _built_tokenizer(root: Path, meta: dict) -> Tokenizer:
         path = beside
     tokenizer = load_tokenizer(path, what=f"the tokenizer {INFO_FILE} of {root} records")
     if tokenizer.fingerprint != meta["codebook_sha256"]:
-        raise DatasetError(f"cannot rebuild shards of {root}: the tokenizer {path} does not have the codebook the "
-                           "dataset was built with")
+        raise DatasetError(f"cannot rebuild {root}: the tokenizer {path} does not have the codebook the dataset "
+                           "was built with")
     return tokenizer
 
 

@@ -176,7 +176,7 @@ def repair(info: TokenDatasetInfo, bad: list[ShardReport]) -> None:
                 log.warning("%s: parity cannot repair it (%s); trying the source images", report.name, exc)
         need_source.append(report)
     if need_source:
-        from seit.pipelines.tokenize import rebuild_shards
+        from seit.pipelines.tokenize_rebuild import rebuild_shards
 
         rebuild_shards(info.root, [r.name for r in need_source])
         for report in need_source:
@@ -189,28 +189,15 @@ def repair(info: TokenDatasetInfo, bad: list[ShardReport]) -> None:
             report.repaired = report.repaired or "a new parity file"
 
 
-def built_tokenizer(info: TokenDatasetInfo):
-    """The tokenizer that built the dataset: at its recorded path, else beside the (moved) dataset dir;
-    accepted only with the dataset's codebook fingerprint."""
-    from seit.tokenizers import load_tokenizer
-
-    recorded = info.meta.get("tokenizer", {}).get("checkpoint")
-    candidates = [Path(p) for p in (recorded, info.root.parent / f"{info.root.name}.tokenizer.safetensors") if p]
-    for path in candidates:
-        if path.is_file() and load_tokenizer(path).fingerprint == info.fingerprint:
-            return load_tokenizer(path)
-    raise DatasetError(f"cannot rewrite {info.root / CODEBOOK_FILE}: no tokenizer with the dataset's codebook at "
-                       f"{' or '.join(map(str, candidates))}")
-
-
 def repair_files(info: TokenDatasetInfo, names: list[str]) -> list[str]:
     """Rewrite a damaged codebook from the tokenizer that built the dataset (its fingerprint must be the
     recorded one), and a damaged synonym table from the codebook; returns the files rewritten."""
+    from seit.pipelines.tokenize_rebuild import built_tokenizer
     from seit.tokenizers.codebook_tools import synonyms
 
     done = []
     if CODEBOOK_FILE in names:
-        save_codebook(info.root / CODEBOOK_FILE, built_tokenizer(info).codebook)
+        save_codebook(info.root / CODEBOOK_FILE, built_tokenizer(info.root, info.meta).codebook)
         done.append(CODEBOOK_FILE)
     name = info.meta.get("synonyms_file")
     if name in names:
