@@ -35,7 +35,7 @@ from seit.data.image_source import IMAGE_EXTS, ImageReadError, ImageRecord, Sour
 from seit.data.storage_report import format_report, storage_report
 from seit.pipelines.tokenize_plan import (PLAN_FILE, PROGRESS_DIR, check_finished, check_planned, exclusive,
                                           listing_hash, plan_shards, settings, shuffle, start_plan, validate_settings)
-from seit.pipelines.tokenize_rebuild import rebuild_shards  # noqa: F401  (task=verify repair=true calls it from here)
+from seit.pipelines.tokenize_rebuild import rebuild_shards  # noqa: F401  (part of task=tokenize's API)
 from seit.pipelines.tokenize_shards import encode_records, run_shards
 from seit.tokenizers import PatchKMeansTokenizer, Tokenizer, load_tokenizer
 from seit.tokenizers.codebook_tools import synonyms
