@@ -11,6 +11,7 @@ imports this before any config is read.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -20,6 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 MODE_VAR = "SEIT_ERRORS"
 # Errors whose message is the whole story; anything else also gets its type and a pointer to the traceback.
 EXPECTED = (ValueError, OSError, LookupError, OmegaConfBaseException)
+# torch re-raises a DataLoader worker's exception with the worker's whole traceback as its message.
+_WORKER = re.compile(r"Caught (\w+) (in DataLoader worker process \d+)\.\nOriginal Traceback \(most recent call last\):\n")
 
 
 class TaskError(SystemExit):
@@ -73,10 +76,14 @@ def one_line(exc: BaseException) -> str:
 
 
 def _text(exc: BaseException) -> str:
-    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
-        text = exc.args[0]  # str(KeyError) is the repr of its argument
+    keyerror = isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str)
+    raw = exc.args[0] if keyerror else str(exc)  # str(KeyError) is the repr of its argument
+    if worker := _worker_error(raw):
+        return _worker_text(exc, *worker)
+    if keyerror:
+        text = raw
     else:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        lines = [line.strip() for line in raw.splitlines() if line.strip()]
         if isinstance(exc, OmegaConfBaseException):
             key = getattr(exc, "full_key", None)
             lines = lines[:1] + ([f"(key {key})"] if key and lines and key not in lines[0] else [])
@@ -84,6 +91,34 @@ def _text(exc: BaseException) -> str:
     if isinstance(exc, EXPECTED) or _is_hydra(exc):
         return text
     return f"{type(exc).__name__}: {text} (HYDRA_FULL_ERROR=1 shows the traceback)"
+
+
+def _worker_error(text: str) -> tuple[str, str, str] | None:
+    """(type name, where, message) of the original exception in torch's re-raised worker message, else None.
+
+    The message is the text after the traceback's final ``module.Type:``, its continuation lines
+    included. torch's traceback text ends with a newline; whatever follows the last one was added
+    by the exception's own constructor when torch rebuilt it (ShardReadError appends its advice),
+    so it is dropped: the original message holds it already.
+    """
+    match = _WORKER.match(text)
+    if match is None:
+        return None
+    name, where = match.groups()
+    lines = text[match.end():].rpartition("\n")[0].splitlines()
+    head = re.compile(rf"(?:[\w.]+\.)?{re.escape(name)}(?::|$)")
+    start = next((i for i in reversed(range(len(lines))) if head.match(lines[i])), None)
+    if start is None:
+        return None
+    first = lines[start].partition(":")[2]
+    message = " ".join(line.strip() for line in [first, *lines[start + 1:]] if line.strip())
+    return name, where, message
+
+
+def _worker_text(exc: BaseException, name: str, where: str, message: str) -> str:
+    if isinstance(exc, EXPECTED):
+        return f"{message} ({where})"
+    return f"{name}: {message} ({where}; HYDRA_FULL_ERROR=1 shows the traceback)"
 
 
 def _is_hydra(exc: BaseException) -> bool:
