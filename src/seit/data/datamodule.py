@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from seit.data.dataset_info import INFO_FILE, TokenDatasetInfo
+from seit.data.dataset_info import INFO_FILE, DatasetError, TokenDatasetInfo
 from seit.data.token_stream import SharedEpoch, TokenStream
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,26 @@ class TokenDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.load_info()
+
+    def check_labelled(self, *splits: str, read: bool = False) -> None:
+        """Refuse splits holding unlabelled samples (label -1): classification fails on them at the
+        first batch, or, restricted to some classes (continual), skips them without a word. The
+        counts are dataset.json's ``unlabelled`` (tokenize records it); a dataset without it is
+        checked by reading the labels when ``read`` (a caller that reads the split anyway)."""
+        info = self.load_info()
+        recorded = info.meta.get("unlabelled")
+        for split in splits:
+            if recorded is not None:
+                n = int(recorded.get(split, 0))
+            elif read:
+                n = int((self.split_arrays(split)[1] < 0).sum())
+            else:
+                continue
+            if n:
+                raise DatasetError(f"{info.root}: split {split!r} holds {n} unlabelled samples (label -1) of "
+                                   f"{info.num_samples(split)}; classification needs a label on every train and val "
+                                   "sample (tokenize class subfolders, or tar samples each with a .cls); unlabelled "
+                                   "data suits task=pretrain_mtm and task=embed")
 
     @property
     def num_classes(self) -> int:

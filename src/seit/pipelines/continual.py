@@ -91,6 +91,8 @@ def continual(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
+    if cfg.data.kind == "tokens":  # its labels are read next in any case
+        dm.check_labelled(cfg.data.train_split, cfg.data.val_split, read=True)
     order = class_order(dm.num_classes, int(t_cfg.order_seed), t_cfg.get("class_order"))
     tasks = split_tasks(order, int(t_cfg.num_tasks))
     store = sample_store(cfg, dm)

@@ -167,6 +167,8 @@ def train(cfg: DictConfig) -> dict:
     if cfg.task.name == "train" and dm.num_classes < 2:
         raise ValueError(f"{cfg.data.get('root') or cfg.data.source} has {dm.num_classes} classes; "
                          "classification needs labelled images (class subfolders)")
+    if cfg.task.name == "train" and cfg.data.kind == "tokens":
+        dm.check_labelled(cfg.data.train_split, cfg.data.val_split)
     task = build_task(cfg, dm)
     throughput = TrainThroughput()
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*instantiate_all(cfg.get("callbacks")), throughput],

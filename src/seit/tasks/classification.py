@@ -129,6 +129,19 @@ class ClassificationTask(pl.LightningModule):
             self.model.vit.compile()
             self._compiled = True
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Refuse unlabelled samples (label -1), which the loss and metrics fail on with an index error.
+
+        Checked here, on the host: on the device the check would wait for the GPU every step.
+        """
+        labels = batch.get("label") if isinstance(batch, dict) else None
+        if labels is not None and len(labels) and labels.min() < 0:
+            stage = "training" if self.trainer.training else "validation"
+            raise DatasetError(f"{int((labels < 0).sum())} of the {len(labels)} samples of a {stage} batch have "
+                               f"label -1: the {stage} split holds unlabelled samples, and classification needs a "
+                               "label on every sample (unlabelled data suits task=pretrain_mtm and task=embed)")
+        return batch
+
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
         if self.input_key == "ids" and dm is not None and hasattr(dm, "load_info"):
