@@ -37,7 +37,7 @@ def test_seit_augmentations_then_tokenadapt_then_seitpp(tmp_path):
 
     # SeiT++'s schedule: half the batch through the frozen TokenAdapt, noise / ColorAdapt, CutMix
     run(*synthetic(tmp_path, images), ds, "aug=seitpp", "aug.crop=6", f"aug.tokenadapt.checkpoint={checkpoint}",
-        f"hydra.run.dir={tmp_path}/run_pp")
+        "data.build.synonyms_k=3", f"hydra.run.dir={tmp_path}/run_pp")  # the dataset's build settings, or refused
     s = summary(tmp_path, "run_pp")
     state = torch.load(s["ckpt_path"], weights_only=True)["state_dict"]
     assert any(k.startswith("tokenadapt.") for k in state) and s["global_step"] == 3

@@ -42,7 +42,7 @@ class TokenDataModule(pl.LightningDataModule):
         """Build the dataset if it is missing: local rank 0 tokenizes, the other ranks wait for it."""
         info = Path(self.cfg.root) / INFO_FILE
         if info.is_file():
-            self._check_built_by_configured_tokenizer()
+            self._check_built_as_configured()
             return
         if self.build_cfg is None or not self.cfg.build.source:
             return
@@ -57,12 +57,23 @@ class TokenDataModule(pl.LightningDataModule):
                 raise TimeoutError(f"waited {self.BUILD_WAIT_S}s for local rank 0 to build {info}")
             time.sleep(5)
 
-    def _check_built_by_configured_tokenizer(self) -> None:
-        checkpoint = self.build_cfg is not None and self.build_cfg.get("tokenizer", {}).get("checkpoint")
+    def _check_built_as_configured(self) -> None:
+        """A finished dataset is trained on only if the config would build it: from the tokenizer checkpoint
+        it names, and, when data.build.source is set, with the build settings it gives (the comparison
+        task=tokenize makes). Else a changed source or setting would train on the old data without a word.
+        Read-only (no lock, no clean-up), so a dataset on a read-only disk still trains."""
+        cfg = self.build_cfg
+        if cfg is None:
+            return
+        checkpoint = cfg.get("tokenizer", {}).get("checkpoint")
         if checkpoint:
             from seit.pipelines.tokenize import check_built_by
 
-            check_built_by(self.load_info(), checkpoint, self.build_cfg.tokenizer.get("copy_margin"))
+            check_built_by(self.load_info(), checkpoint, cfg.tokenizer.get("copy_margin"))
+        if self.cfg.build.source:
+            from seit.pipelines.tokenize_plan import check_finished, settings
+
+            check_finished(Path(self.cfg.root), self.load_info().meta, settings(cfg))
 
     def load_info(self) -> TokenDatasetInfo:
         if self.info is None:
