@@ -22,7 +22,8 @@ MODE_VAR = "SEIT_ERRORS"
 # Errors whose message is the whole story; anything else also gets its type and a pointer to the traceback.
 EXPECTED = (ValueError, OSError, LookupError, OmegaConfBaseException)
 # torch re-raises a DataLoader worker's exception with the worker's whole traceback as its message.
-_WORKER = re.compile(r"Caught (\w+) (in DataLoader worker process \d+)\.\nOriginal Traceback \(most recent call last\):\n")
+_WORKER = re.compile(r"Caught (\w+) (in DataLoader worker process \d+)\.\n"
+                     r"Original Traceback \(most recent call last\):\n")
 
 
 class TaskError(SystemExit):
