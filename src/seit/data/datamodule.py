@@ -58,10 +58,11 @@ class TokenDataModule(pl.LightningDataModule):
             time.sleep(5)
 
     def _check_built_as_configured(self) -> None:
-        """A finished dataset is trained on only if the config would build it: from the tokenizer checkpoint
-        it names, and, when data.build.source is set, with the build settings it gives (the comparison
-        task=tokenize makes). Else a changed source or setting would train on the old data without a word.
-        Read-only (no lock, no clean-up), so a dataset on a read-only disk still trains."""
+        """A finished dataset is trained on only if it holds the data the config names: from the tokenizer
+        checkpoint it names, and, when data.build.source is set, from that source (else a changed source
+        would train on the old images without a word). Other build settings (shards, chunks, a quicker
+        tokenizer fit under debug=fast) do not change which images a run trains on, so they are not
+        compared here; task=tokenize compares them all. Read-only: a dataset on a read-only disk trains."""
         cfg = self.build_cfg
         if cfg is None:
             return
@@ -73,7 +74,7 @@ class TokenDataModule(pl.LightningDataModule):
         if self.cfg.build.source:
             from seit.pipelines.tokenize_plan import check_finished, settings
 
-            check_finished(Path(self.cfg.root), self.load_info().meta, settings(cfg))
+            check_finished(Path(self.cfg.root), self.load_info().meta, {"source": settings(cfg)["source"]})
 
     def load_info(self) -> TokenDatasetInfo:
         if self.info is None:
