@@ -72,9 +72,9 @@ class TokenDataModule(pl.LightningDataModule):
 
             check_built_by(self.load_info(), checkpoint, cfg.tokenizer.get("copy_margin"))
         if self.cfg.build.source:
-            from seit.pipelines.tokenize_plan import check_finished, settings
+            from seit.pipelines.tokenize_plan import check_finished, source_id
 
-            check_finished(Path(self.cfg.root), self.load_info().meta, {"source": settings(cfg)["source"]})
+            check_finished(Path(self.cfg.root), self.load_info().meta, {"source": source_id(str(self.cfg.build.source))})
 
     def load_info(self) -> TokenDatasetInfo:
         if self.info is None:
