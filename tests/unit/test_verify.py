@@ -179,8 +179,10 @@ def test_what_repair_cannot_rebuild_gets_no_false_advice(tmp_path):
     info = json.loads((root / INFO_FILE).read_text())
     info["shards"][0]["count"] += 1
     (root / INFO_FILE).write_text(json.dumps(info))
-    with pytest.raises(DatasetError, match="dataset.json does not match its own checksum"):
-        verify(_cfg(root, tmp_path / "scrub2"))
+    for repair in (False, True):  # nothing is rebuilt against values that cannot be trusted, and no advice says so
+        with pytest.raises(DatasetError, match="dataset.json does not match its own checksum") as err:
+            verify(_cfg(root, tmp_path / f"scrub{repair}", repair=repair))
+        assert "repair=true" not in str(err.value) and not json.loads((tmp_path / f"scrub{repair}" / "summary.json").read_text())["repaired"]
 
 
 def test_parity_added_to_a_finished_dataset_repairs_it(tmp_path):

@@ -180,8 +180,11 @@ def check_finished(root: Path, meta: dict, wanted: dict) -> None:
         return  # built before the settings were recorded: nothing to compare
     diff = differences(built, wanted)
     if diff:
+        parity = any(d.startswith("data.build.parity=") for d in diff)
         raise DatasetError(f"{root} is a finished token dataset built with other settings: {'; '.join(diff)}; "
-                           "build these under another data.root")
+                           "build these under another data.root"
+                           + (f" (parity alone: `python run.py task=verify data=tokens data.root={root} parity=F` adds it "
+                              "to the finished dataset)" if parity and len(diff) == 1 else ""))
 
 
 @contextmanager

@@ -64,7 +64,7 @@ def built_tokenizer(root: Path, meta: dict) -> Tokenizer:
     beside = Path(os.path.abspath(root)).parent / f"{Path(os.path.abspath(root)).name}.tokenizer.safetensors"
     if not path.is_file() and beside.is_file():
         path = beside
-    tokenizer = load_tokenizer(path, what=f"the tokenizer {INFO_FILE} of {root} records")
+    tokenizer = load_tokenizer(path, what=f"the tokenizer that {root / INFO_FILE} records")
     if tokenizer.fingerprint != meta["codebook_sha256"]:
         raise DatasetError(f"cannot rebuild {root}: the tokenizer {path} does not have the codebook the dataset "
                            "was built with")

@@ -247,7 +247,10 @@ def verify(cfg) -> dict:
     info = TokenDatasetInfo.open(cfg.data.root, check=False)
     faults, reports = scrub(info)
     repaired: dict[str, str] = {}
-    if cfg.get("repair"):
+    sealed = not any(f.startswith(f"{INFO_FILE} does not match its own checksum") for f in faults)
+    if cfg.get("repair") and not sealed:  # its recorded sizes and checksums are what a repair would be held to
+        log.warning("not repairing %s: its dataset.json does not match its own checksum", info.root)
+    elif cfg.get("repair"):
         bad = [r for r in reports if not r.ok]
         fixable = [name for name, fault in file_faults(info).items() if name in REPAIRABLE_FILES]
         for name in repair_files(info, fixable):
@@ -273,7 +276,7 @@ def verify(cfg) -> dict:
         names = ", ".join(r.name for r in bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
         targets = [r.name for r in bad] + [name for name in file_faults(info) if name in REPAIRABLE_FILES]
         advice = (f"; `repair=true` tries to rebuild {', '.join(targets[:3])}{' and more' if len(targets) > 3 else ''} "
-                  "(from parity, the source images or the tokenizer)") if targets and not cfg.get("repair") else ""
+                  "(from parity, the source images or the tokenizer)") if targets and sealed and not cfg.get("repair") else ""
         raise DatasetError(f"{info.root}: {n} fault(s) in {len(bad)} of {len(reports)} shards"
                            f"{': ' + names if bad else ''}{'; ' + faults[0] if faults else ''} (table: {out / 'verify.md'})"
                            + advice)
