@@ -72,9 +72,13 @@ class TokenDataModule(pl.LightningDataModule):
 
             check_built_by(self.load_info(), checkpoint, cfg.tokenizer.get("copy_margin"))
         if self.cfg.build.source:
-            from seit.pipelines.tokenize_plan import check_finished, source_id
+            from seit.data.embedded import source_id
 
-            check_finished(Path(self.cfg.root), self.load_info().meta, {"source": source_id(str(self.cfg.build.source))})
+            built = (self.load_info().meta.get("build") or {}).get("source")
+            wanted = source_id(str(self.cfg.build.source))
+            if built is not None and built != wanted:  # no build record (imported datasets): nothing to compare
+                raise DatasetError(f"{self.cfg.root} is a finished token dataset built with other settings: "
+                                   f"data.build.source={wanted} (built with {built}); build these under another data.root")
 
     def load_info(self) -> TokenDatasetInfo:
         if self.info is None:

@@ -53,3 +53,8 @@ def resolve_source(source: str, cache_dir: str | os.PathLike) -> str:
         for stale in root.parent.glob(f".{name}.*"):
             shutil.rmtree(stale, ignore_errors=True)
     return str(root)
+
+
+def source_id(source: str) -> str:
+    """How a build records its source: an embedded name as it is, a path made absolute."""
+    return source if source.startswith(EMBEDDED_PREFIX) else os.path.abspath(source)

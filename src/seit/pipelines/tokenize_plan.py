@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from seit.data.codec import CODECS, MODEL_CODECS
 from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError
-from seit.data.embedded import EMBEDDED_PREFIX
+from seit.data.embedded import source_id
 from seit.data.image_source import ImageRecord, SourceListing
 from seit.tokenizers import PatchKMeansTokenizer
 from seit.utils.io import atomic_write_json
@@ -86,10 +85,6 @@ def _validate_tokenizer(t) -> None:
              f"a multiple of tokenizer.patch_size={t.patch_size}")
     _require("tokenizer.fit_patches", t.fit_patches, t.fit_patches >= t.codebook_size,
              f">= tokenizer.codebook_size={t.codebook_size} (k-means needs a patch per code)")
-
-
-def source_id(source: str) -> str:
-    return source if source.startswith(EMBEDDED_PREFIX) else os.path.abspath(source)
 
 
 def settings(cfg) -> dict:
