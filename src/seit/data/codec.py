@@ -13,25 +13,24 @@ interleaved uint16 would hide that structure from zstd.
 rANS coder; its model lives in the dataset dir, so ``get_codec`` takes that dir.
 
 Callers resolve a codec once per process (``get_codec`` loads the model) and pass the ``Codec``
-object to every chunk; a bare name is accepted where the codec needs no model.
+object to every chunk; a bare name is accepted where the codec needs no model. ``Codec``,
+``CodecError`` and ``check_shape`` live in ``codec_base`` (so codecs need not import this
+registry) and are imported from here as before.
 """
 
 from __future__ import annotations
 
 import struct
 import os
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import zstandard
 
+from seit.data.codec_base import Codec, CodecError, check_shape
+
 _HEADER = struct.Struct("<4sBBHHI")  # magic, version, bytes per id, H, W, n
 _MAGIC = b"STOK"
-
-
-class CodecError(ValueError):
-    """A payload that cannot be decoded: corrupt, truncated or of the wrong shape."""
 
 
 def id_dtype(codebook_size: int) -> np.dtype:
@@ -52,12 +51,6 @@ def encode_zstd_planes(ids: np.ndarray, codebook_size: int, level: int = 19) -> 
         np.ascontiguousarray(planes).tobytes()
     )
     return _HEADER.pack(_MAGIC, 1, dtype.itemsize, h, w, n) + body
-
-
-def check_shape(found: tuple[int, int, int], shape: tuple[int, int, int] | None) -> None:
-    """Refuse a payload whose header claims another shape than the caller expects, before allocating."""
-    if shape is not None and tuple(found) != tuple(shape):
-        raise CodecError(f"header claims ids of shape {list(found)}, expected {list(shape)}")
 
 
 def zstd_frame_size(frame: bytes, expected: int, what: str) -> None:
@@ -94,27 +87,12 @@ def decode_zstd_planes(payload: bytes, shape: tuple[int, int, int] | None = None
     return ids.astype(np.uint16, copy=False)
 
 
-Encoder = Callable[[np.ndarray, int], bytes]
-Decoder = Callable[..., np.ndarray]  # (payload, shape=None) -> ids
-
-
-@dataclass(frozen=True)
-class Codec:
-    """A codec ready to use: ``encode(ids [n,H,W], codebook_size) -> bytes`` and
-    ``decode(bytes, shape=None) -> uint16 ids [n,H,W]``; a given ``shape`` is checked against the
-    payload's header before anything is allocated."""
-
-    name: str
-    encode: Encoder
-    decode: Decoder
-
-
 def _zstd_planes(model_dir: str | os.PathLike | None) -> Codec:
     return Codec("zstd-planes", encode_zstd_planes, decode_zstd_planes)
 
 
 def _ctx_rans(model_dir: str | os.PathLike | None) -> Codec:
-    from seit.data.codec_ctx import load_codec  # imported late: codec_ctx builds on this module
+    from seit.data.codec_ctx import load_codec  # imported late: only datasets coded with it load numba
 
     return load_codec(model_dir)
 

@@ -39,7 +39,7 @@ import numba
 import numpy as np
 from safetensors.numpy import load, save
 
-from seit.data.codec import Codec, CodecError, check_shape
+from seit.data.codec_base import Codec, CodecError, check_shape
 from seit.utils.io import atomic_write_bytes, canonical_safetensors
 
 NAME = "ctx-rans"
