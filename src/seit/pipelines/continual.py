@@ -25,11 +25,11 @@ from pytorch_lightning.loggers import WandbLogger
 
 from seit.continual.memory import JpegSamples, ReplayMemory, TokenSamples, parse_bytes
 from seit.continual.protocol import AccuracyMatrix, class_order, matrix_png, split_tasks
+from seit.pipelines.run_visuals import RunVisuals
 from seit.pipelines.train import build_classifier, build_datamodule, instantiate_all, resolve_ckpt_path
 from seit.tasks.continual import ContinualTask
 from seit.utils.io import atomic_open, atomic_write_json
 from seit.utils.summary import config_hash, write_summary
-from seit.utils.visuals import RunVisuals
 
 log = logging.getLogger(__name__)
 
