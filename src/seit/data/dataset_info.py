@@ -196,6 +196,11 @@ class TokenDatasetInfo:
         return int(self.meta["codebook_size"])
 
     @property
+    def codebook_dim(self) -> int:
+        """The codebook's width D (dataset.json keeps it as ``embed_dim``, its name when the format was set)."""
+        return int(self.meta.get("embed_dim", 32))
+
+    @property
     def codec(self) -> str:
         return self.meta["codec"]
 

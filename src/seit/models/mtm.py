@@ -68,12 +68,12 @@ def random_masks(batch: int, patches: int, ratio: float, drop_ratio: float, gene
 
 
 class MaskedTokenModel(nn.Module):
-    def __init__(self, *, codebook_size: int, grid: int, token_dim: int = 32, embed_dim: int = 768, depth: int = 12,
+    def __init__(self, *, codebook_size: int, grid: int, codebook_dim: int = 32, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, dropout: float = 0.1, decoder_dim: int = 512,
                  decoder_depth: int = 4, decoder_heads: int = 16, decoder_dropout: float = 0.1):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.patch_embed = IdPatchEmbed(img_size=grid, in_chans=token_dim, embed_dim=embed_dim,
+        self.patch_embed = IdPatchEmbed(img_size=grid, in_chans=codebook_dim, embed_dim=embed_dim,
                                         codebook_size=codebook_size, dropout=dropout)
         side = grid // 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -90,8 +90,8 @@ class MaskedTokenModel(nn.Module):
                   attn_drop=decoder_dropout, norm_layer=LayerNorm) for _ in range(decoder_depth)])
         self.decoder_norm = LayerNorm(decoder_dim)
         # MlmLayer: per patch 2x2 token vectors -> GELU -> LN -> dot with the id embedding (+ bias)
-        self.head = nn.Linear(decoder_dim, 4 * token_dim)
-        self.head_norm = nn.LayerNorm(token_dim)
+        self.head = nn.Linear(decoder_dim, 4 * codebook_dim)
+        self.head_norm = nn.LayerNorm(codebook_dim)
         self.head_bias = nn.Parameter(torch.zeros(codebook_size))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.decoder_pos, std=0.02)
@@ -100,6 +100,9 @@ class MaskedTokenModel(nn.Module):
     @property
     def grid(self) -> int:
         return self.config["grid"]
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "mask_token", "decoder_pos"}
 
     def encode(self, ids: torch.Tensor, masked: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoder output [B, 1 + kept, E], kept patch indices [B, kept])."""

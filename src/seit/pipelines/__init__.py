@@ -1,4 +1,5 @@
-"""What run.py dispatches to: one function per ``task.name``."""
+"""What run.py dispatches to: one function per ``task.name``, and training for any task config that
+names a LightningModule (``task._target_``): a new objective is a module plus a config, not an entry here."""
 
 from __future__ import annotations
 
@@ -53,14 +54,12 @@ def _convert(cfg):
     return convert(cfg)
 
 
-TASKS = {"train": _train, "train_tokenizer": _train, "train_tokenadapt": _train, "pretrain_mtm": _train,
-         "tokenize": _tokenize, "embed": _embed, "curate": _curate,
-         "convert": _convert, "continual": _continual, "verify": _verify}
-_FIT = (validate.check_task_inputs, validate.check_data, validate.check_build, validate.check_trainer,
-        validate.check_optim)
-# The config checks of each task: the parts of the config it reads.
-CHECKS = {"train": (*_FIT, validate.check_classification), "continual": (*_FIT, validate.check_classification),
-          "train_tokenizer": _FIT, "train_tokenadapt": _FIT, "pretrain_mtm": _FIT,
+TASKS = {"tokenize": _tokenize, "embed": _embed, "curate": _curate, "convert": _convert, "continual": _continual,
+         "verify": _verify}
+# The config checks of each task: the parts of the config it reads (FIT: every training task).
+FIT = (validate.check_task_inputs, validate.check_data, validate.check_build, validate.check_trainer,
+       validate.check_optim, validate.check_task_settings)
+CHECKS = {"continual": FIT,
           "tokenize": (validate.check_task_inputs, validate.check_build),
           "embed": (validate.check_task_inputs, validate.check_build),
           "curate": (validate.check_task_inputs,), "convert": (validate.check_task_inputs,)}
@@ -69,12 +68,14 @@ CHECKS = {"train": (*_FIT, validate.check_classification), "continual": (*_FIT, 
 def run_task(cfg: DictConfig):
     """Run the task, and always close the loggers (a multirun reuses the process)."""
     name = cfg.task.name
-    if name not in TASKS:
-        raise ValueError(f"unknown task.name {name!r}; known tasks: {sorted(TASKS)}")
-    for check in CHECKS.get(name, ()):
+    fit = name not in TASKS and "_target_" in cfg.task
+    if name not in TASKS and not fit:
+        raise ValueError(f"unknown task.name {name!r}; known tasks: {sorted(TASKS)}, or a task config with a "
+                         "_target_ LightningModule to train")
+    for check in FIT if fit else CHECKS.get(name, ()):
         check(cfg)
     try:
-        return TASKS[name](cfg)
+        return _train(cfg) if fit else TASKS[name](cfg)
     finally:
         _finish_wandb()
 

@@ -26,12 +26,13 @@ from pytorch_lightning.loggers import WandbLogger
 from seit.continual.memory import JpegSamples, ReplayMemory, TokenSamples, parse_bytes
 from seit.continual.protocol import AccuracyMatrix, class_order, matrix_png, split_tasks
 from seit.pipelines.run_visuals import RunVisuals
-from seit.pipelines.train import build_classifier, build_datamodule, instantiate_all, resolve_ckpt_path
+from seit.pipelines.train import build_datamodule, data_facts, instantiate_all, instantiate_task, resolve_ckpt_path
 from seit.tasks.continual import ContinualTask
 from seit.utils.io import atomic_open, atomic_write_json
 from seit.utils.summary import config_hash, write_summary
 
 log = logging.getLogger(__name__)
+PIPELINE_KEYS = ("num_tasks", "order_seed", "class_order", "memory")  # task.* read here, not by the module
 
 
 def sample_store(cfg: DictConfig, dm):
@@ -97,9 +98,8 @@ def continual(cfg: DictConfig) -> dict:
     tasks = split_tasks(order, int(t_cfg.num_tasks))
     store = sample_store(cfg, dm)
     allowed = trainable(cfg, dm, len(store.labels))
-    task = build_classifier(cfg, dm, ContinualTask, class_order=order, method=str(t_cfg.method),
-                            replay_batch=int(t_cfg.replay_batch), distill=OmegaConf.to_container(t_cfg.distill),
-                            derpp=OmegaConf.to_container(t_cfg.derpp))
+    task = instantiate_task(cfg.task, data_facts(cfg, dm), skip=PIPELINE_KEYS, class_order=order)
+    task.attach(dm)
     memory = ReplayMemory(store, parse_bytes(t_cfg.memory.budget), str(t_cfg.memory.selection), seed=int(cfg.seed),
                           keep_logits=t_cfg.method == "derpp")
     matrix = AccuracyMatrix(tasks)

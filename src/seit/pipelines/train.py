@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import hydra
@@ -14,114 +14,61 @@ from omegaconf import DictConfig, OmegaConf
 from seit.data.datamodule import TokenDataModule
 from seit.data.dataset_info import storage_summary
 from seit.data.image_datamodule import ImageFolderDataModule, input_grid
-from seit.tasks.classification import ClassificationTask
-from seit.tokenizers.codebook_tools import synonyms
+from seit.tasks.base import DataFacts, SeitTask
 from seit.utils.throughput import TrainThroughput
 from seit.utils.summary import config_hash, finished_run, to_float, write_summary
 
 log = logging.getLogger(__name__)
 DATA_KINDS = ("tokens", "images")
 REPORTED = ("val/acc1", "val/acc5", "val/loss", "val/mtm_acc", "val/psnr", "val/ssim")
+RUN_KEYS = ("name", "metric", "global_batch")  # task.* keys the pipeline reads; the rest go to the module
 
 
 def build_datamodule(cfg: DictConfig):
     kind = cfg.data.kind
     if kind == "tokens":
-        return TokenDataModule(cfg.data, build_cfg=cfg, seed=cfg.seed)
+        from seit.pipelines.tokenize import prepare_token_dataset
+
+        prepare_token_dataset(cfg)  # builds it when missing (data.build.source), else checks how it was built
+        return TokenDataModule(cfg.data, seed=cfg.seed)
     if kind == "images":
         return ImageFolderDataModule(cfg.data, cache_dir=cfg.paths.cache_dir)
     raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {kind!r}")
 
 
-def build_tokenizer_task(cfg: DictConfig, dm):
-    from seit.tasks.tokenizer import TokenizerTask
-
-    if cfg.data.kind != "images":
-        raise ValueError(f"task=train_tokenizer trains on pixels: use an images data config (data=images_*), "
-                         f"not data.kind={cfg.data.kind!r}")
-    # The tokenizer steps its optimizers by hand; checkpoints holding the post-step state are what we want.
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    t = cfg.task
-    return TokenizerTask(vq=OmegaConf.to_container(cfg.tokenizer.model, resolve=True),
-                         optim=OmegaConf.to_container(cfg.optim, resolve=True), image_size=int(cfg.tokenizer.image_size),
-                         crop=t.crop, l1_weight=t.l1_weight, l2_weight=t.l2_weight,
-                         perceptual_weight=t.perceptual_weight, perceptual_weights=t.perceptual_weights,
-                         adv_weight=t.adv_weight, adv_start_step=t.adv_start_step, hflip=t.hflip,
-                         compact=t.compact, init_from=t.get("init_from"))
-
-
-def build_tokenadapt_task(cfg: DictConfig, dm):
-    from seit.tasks.tokenadapt import TokenAdaptTask
-
-    if cfg.data.kind != "images":
-        raise ValueError("task=train_tokenadapt learns from pixels: use an images data config (data=images_*)")
-    t = cfg.task
-    task = TokenAdaptTask(tokenizer=str(t.tokenizer), out_grid=int(t.out_grid), geo=OmegaConf.to_container(t.geo),
-                          optim=OmegaConf.to_container(cfg.optim, resolve=True), width=int(t.width),
-                          heads=int(t.heads), seed=int(cfg.seed))
-    if task.tokenizer.image_size != int(cfg.data.image_size):
-        raise ValueError(f"data.image_size={cfg.data.image_size} must be the tokenizer's image size "
-                         f"{task.tokenizer.image_size} ({t.tokenizer})")
-    return task
-
-
-def build_mtm_task(cfg: DictConfig, dm):
-    """The encoder is ``model.*``, so a classifier from the same model group loads it."""
-    from seit.tasks.mtm import MTMTask
-
-    if cfg.data.kind != "tokens" or cfg.model.input != "tokens":
-        raise ValueError("task=pretrain_mtm pre-trains on tokens: use a token data config and model.input=tokens")
-    m, t = cfg.model, cfg.task
-    info = dm.load_info()
-    arch = {"embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio,
-            "dropout": m.token_dropout, **OmegaConf.to_container(t.decoder)}
-    task = MTMTask(model=arch, mask=OmegaConf.to_container(t.mask), optim=OmegaConf.to_container(cfg.optim, resolve=True),
-                   aug=OmegaConf.to_container(cfg.aug, resolve=True), input_grid=input_grid(dm),
-                   batch_size=int(cfg.data.batch_size), codebook_size=info.codebook_size,
-                   codebook_dim=int(info.meta.get("embed_dim", 32)), codebook_sha256=info.fingerprint,
-                   smoothing=float(t.smoothing), seed=int(cfg.seed), soft_tau=float(t.get("soft_tau") or 0.0))
-    task.load_codebook(info.load_codebook())
-    if cfg.aug.tokenadapt.checkpoint:
-        task.load_tokenadapt(cfg.aug.tokenadapt.checkpoint)
-    return task
-
-
-def build_task(cfg: DictConfig, dm):
-    builders = {"train_tokenizer": build_tokenizer_task, "train_tokenadapt": build_tokenadapt_task,
-                "pretrain_mtm": build_mtm_task}
-    return builders.get(cfg.task.name, build_classifier)(cfg, dm)
-
-
-def build_classifier(cfg: DictConfig, dm, cls: type = ClassificationTask, **extra) -> ClassificationTask:
-    """A ``cls`` (ClassificationTask or a subclass, given its ``extra`` arguments) for this data."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    tokens = cfg.data.kind == "tokens"
-    if tokens != (model["input"] == "tokens"):
-        raise ValueError(f"model.input={model['input']!r} does not fit data.kind={cfg.data.kind!r}")
-    if model.get("pretrained") and not tokens:
-        raise ValueError(f"model.pretrained={model['pretrained']} is an MTM encoder of token ids; it cannot start "
-                         "a pixel model (data.kind=images)")
-    fingerprint = None
-    if tokens:
+def data_facts(cfg: DictConfig, dm) -> dict:
+    """What the data decides about a model, read once from the (set-up) data module: the task's ``data``."""
+    facts = DataFacts(kind=cfg.data.kind, num_classes=int(dm.num_classes), input_grid=input_grid(dm),
+                      batch_size=int(cfg.data.batch_size))
+    if cfg.data.kind == "tokens":
         info = dm.load_info()
-        model["codebook_size"] = info.codebook_size
-        model["codebook_dim"] = int(info.meta.get("embed_dim", 32))
-        fingerprint = info.fingerprint
-    task = cls(
-        model=model, optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        aug=OmegaConf.to_container(cfg.aug, resolve=True), num_classes=dm.num_classes,
-        input_grid=input_grid(dm), batch_size=int(cfg.data.batch_size), codebook_sha256=fingerprint,
-        label_smoothing=cfg.task.label_smoothing, ema_decay=cfg.task.ema_decay, compile=cfg.task.compile,
-        seed=int(cfg.seed), linear_probe=bool(cfg.task.get("linear_probe")), **extra)
-    if tokens:
-        task.load_codebook(info.load_codebook())
-        if model.get("pretrained"):
-            task.load_pretrained(model["pretrained"])
-        if cfg.aug.tokenadapt.checkpoint:
-            task.load_tokenadapt(cfg.aug.tokenadapt.checkpoint)
-        if cfg.aug.eda.replace_prob > 0:  # Token-EDA: the dataset's table, else the same one from its codebook
-            task.load_synonyms(info.load_synonyms() if info.meta.get("synonyms_file")
-                               else synonyms(info.load_codebook(), int(cfg.data.build.get("synonyms_k") or 5)))
+        facts.codebook_size, facts.codebook_dim = info.codebook_size, info.codebook_dim
+        facts.codebook_sha256 = info.fingerprint
+    return facts.as_dict()
+
+
+def instantiate_task(task_cfg: DictConfig, data: dict, *, skip: tuple[str, ...] = (), **extra) -> SeitTask:
+    """The LightningModule that ``task._target_`` names, given every other ``task.*`` key (but the
+    pipeline's ``RUN_KEYS`` and ``skip``), the data's facts and ``extra``; its datamodule-held parts
+    (codebook, synonyms, pre-trained weights) are installed by ``attach`` before fit."""
+    args = OmegaConf.to_container(task_cfg, resolve=True)
+    target = args.pop("_target_", None)
+    if target is None:
+        raise ValueError(f"task={task_cfg.get('name')} names no LightningModule (task._target_)")
+    cls = hydra.utils.get_class(target)
+    args = {k: v for k, v in args.items() if k not in RUN_KEYS + skip}
+    accepted = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(args) - set(accepted))
+        if unknown:
+            raise ValueError(f"task.{unknown[0]} is not an argument of {target} (its arguments: "
+                             f"{', '.join(k for k in accepted if k != 'self')})")
+    return cls(**args, **extra, data=data)
+
+
+def build_task(cfg: DictConfig, dm) -> SeitTask:
+    task = instantiate_task(cfg.task, data_facts(cfg, dm))
+    task.attach(dm)
     return task
 
 
@@ -164,12 +111,11 @@ def train(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
-    if cfg.task.name == "train" and dm.num_classes < 2:
-        raise ValueError(f"{cfg.data.get('root') or cfg.data.source} has {dm.num_classes} classes; "
-                         "classification needs labelled images (class subfolders)")
-    if cfg.task.name == "train" and cfg.data.kind == "tokens":
-        dm.check_labelled(cfg.data.train_split, cfg.data.val_split)
     task = build_task(cfg, dm)
+    if getattr(task, "needs_labels", False) and cfg.data.kind == "tokens":
+        dm.check_labelled(cfg.data.train_split, cfg.data.val_split)
+    from seit.data.fixed_batches import fixed_batches  # data.fixed_batches=N (debug=overfit): N batches only
+    dm = fixed_batches(dm, cfg.data.get("fixed_batches"))
     throughput = TrainThroughput()
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*instantiate_all(cfg.get("callbacks")), throughput],
                                       logger=instantiate_all(cfg.get("logger")) or False)

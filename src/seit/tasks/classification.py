@@ -8,45 +8,59 @@ augments every step as the uninterrupted run did.
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torchmetrics
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
-from timm.utils import ModelEmaV3
 
-from seit.augment.pipeline import AugConfig, augment_pixels, augment_tokens, eval_view, step_seed
+from seit.augment.pipeline import AugConfig, augment_pixels, augment_tokens, eval_view
 from seit.data.dataset_info import DatasetError
-from seit.models.vit import TokenViT
-from seit.tasks.schedule import global_batch, scaled_lr, warmup_cosine_schedule
+from seit.models.export import load_encoder_into, load_tokenadapt
+from seit.tasks.base import SeitTask, build_model
+from seit.tokenizers.codebook_tools import synonyms
 
 INPUT_KEYS = {"tokens": "ids", "pixels": "images"}
+DEFAULT_SYNONYMS_K = 5  # data.build.synonyms_k's default, for datasets built without a table
 
 
-class ClassificationTask(pl.LightningModule):
-    def __init__(self, model: dict, optim: dict, aug: dict, num_classes: int, input_grid: int, batch_size: int,
-                 codebook_sha256: str | None = None, label_smoothing: float = 0.1, ema_decay: float = 0.0,
-                 compile: bool = False, seed: int = 0, linear_probe: bool = False):
-        super().__init__()
-        self.save_hyperparameters()
+class ClassificationTask(SeitTask):
+    """``model``: a ``conf/model`` config (``_target_``: a classifier such as ``TokenViT``), built here
+    with the sizes the data decides (classes, codebook, crop grid). ``model.pretrained``: an MTM
+    export whose encoder starts the body."""
+
+    needs_labels = True  # every sample of both splits (the pipeline checks dataset.json's record first)
+
+    def __init__(self, *, model: dict, aug: dict, data: dict, optim: dict, scheduler: dict | None = None,
+                 label_smoothing: float = 0.1, ema_decay: float = 0.0, compile: bool = False, seed: int = 0,
+                 linear_probe: bool = False):
+        super().__init__(data=data, optim=optim, scheduler=scheduler, seed=seed, ema_decay=ema_decay, compile=compile)
+        facts = self.data
+        if (model["input"] == "tokens") != (facts.kind == "tokens"):
+            raise ValueError(f"model.input={model['input']!r} does not fit data.kind={facts.kind!r}")
+        if model.get("pretrained") and facts.kind != "tokens":
+            raise ValueError(f"model.pretrained={model['pretrained']} is an MTM encoder of token ids; it cannot start "
+                             "a pixel model (data.kind=images)")
+        if facts.num_classes < 2:
+            raise ValueError(f"the dataset has {facts.num_classes} classes; classification needs labelled images "
+                             "(class subfolders)")
         self.input_key = INPUT_KEYS[model["input"]]
         self.aug = AugConfig.from_dict(aug)
-        self.crop = int(self.aug.crop) if self.aug.crop else input_grid
-        if self.crop > input_grid:
-            raise ValueError(f"aug.crop={self.crop} is larger than the {input_grid} input grid")
+        self.crop = int(self.aug.crop) if self.aug.crop else facts.input_grid
+        if self.crop > facts.input_grid:
+            raise ValueError(f"aug.crop={self.crop} is larger than the {facts.input_grid} input grid")
         self.aug.crop = self.crop
         if self.input_key == "images" and (self.aug.eda["replace_prob"] or self.aug.eda["swap_prob"]
                                            or self.aug.noise["prob"] or self.aug.color_adapt["prob"]):
             raise ValueError("Token-EDA, Emb-Noise and ColorAdapt work on tokens; the pixel baseline takes aug=deit")
-        model_args = {k: v for k, v in model.items() if k not in ("name", "pretrained")}
-        self.model = TokenViT(input_size=self.crop, num_classes=num_classes, **model_args)
+        sizes = {"codebook_size": facts.codebook_size, "codebook_dim": facts.codebook_dim} if facts.kind == "tokens" else {}
+        self.model = build_model(model, input_size=self.crop, num_classes=facts.num_classes, **sizes)
         if linear_probe:  # only the pooled features' LayerNorm and the linear head learn
             self.model.requires_grad_(False)
             for part in (self.model.vit.fc_norm, self.model.vit.head):
                 part.requires_grad_(True)
-        self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay > 0 else None
+        self.enable_ema(self.model)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)  # val loss, on labels
         self.soft_criterion = nn.CrossEntropyLoss()  # train loss, on soft targets that hold the smoothing
+        num_classes = facts.num_classes
         top5 = min(5, num_classes)
         self.val_metrics = nn.ModuleDict({
             prefix: torchmetrics.MetricCollection({
@@ -61,21 +75,42 @@ class ClassificationTask(pl.LightningModule):
         self.last_confusion = None  # numpy [C, C] of the latest validation, for plots
         self.register_buffer("synonyms", None, persistent=False)  # [K, k] from the dataset, for Token-EDA
         self.tokenadapt = None  # a frozen TokenAdapt for half the batch (aug.tokenadapt.checkpoint)
-        self._generator: torch.Generator | None = None
+
+    # -- what the base class asks -------------------------------------------------------------
+    def optimized_module(self) -> nn.Module:
+        return self.model.vit  # the embedding holds buffers only; timm's ViT gives layer-decay groups
+
+    def compiled_modules(self) -> list[nn.Module]:
+        return [self.model.vit]
+
+    def codebook_embeddings(self) -> list:
+        if self.input_key != "ids":
+            return []
+        return [self.model.embed] + ([self.ema.module.embed] if self.ema is not None else [])
+
+    def attach_data(self, datamodule) -> None:
+        """The dataset's codebook, then what the config asks to start from: a pre-trained encoder,
+        a TokenAdapt, and (Token-EDA) the dataset's synonym table."""
+        super().attach_data(datamodule)
+        if self.input_key != "ids":
+            return
+        model, aug = self.hparams.model, self.hparams.aug
+        if model.get("pretrained"):
+            self.load_pretrained(model["pretrained"])
+        if (aug.get("tokenadapt") or {}).get("checkpoint"):
+            self.load_tokenadapt(aug["tokenadapt"]["checkpoint"])
+        if self.aug.eda["replace_prob"] > 0 and datamodule is not None and hasattr(datamodule, "load_info"):
+            info = datamodule.load_info()  # Token-EDA: the dataset's table, else the same one from its codebook
+            k = int((info.meta.get("build") or {}).get("synonyms_k") or DEFAULT_SYNONYMS_K)
+            self.load_synonyms(info.load_synonyms() if info.meta.get("synonyms_file")
+                               else synonyms(info.load_codebook(), k))
 
     # -- data on the device -------------------------------------------------------------------
-    def step_generator(self) -> torch.Generator:
-        """The augmentation RNG of this step: a function of (seed, rank, global step) only."""
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(step_seed(self.hparams.seed, self.global_rank, self.global_step))
-        return self._generator
-
     def train_batch(self, batch: dict, num_classes: int | None = None, aug: AugConfig | None = None,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(augmented input map, soft targets over ``num_classes``, default all)."""
         h, labels = self.hparams, batch["label"]
-        classes, aug, g = num_classes or h.num_classes, aug or self.aug, generator or self.step_generator()
+        classes, aug, g = num_classes or self.data.num_classes, aug or self.aug, generator or self.step_generator()
         if self.input_key == "ids":
             return augment_tokens(batch["ids"], labels, self.model.embed, aug, classes,
                                   h.label_smoothing, self.synonyms, g, adapt=self.tokenadapt)
@@ -83,9 +118,7 @@ class ClassificationTask(pl.LightningModule):
 
     def load_tokenadapt(self, path: str) -> None:
         """Install a trained TokenAdapt, frozen; it must share the dataset's codebook."""
-        from seit.tasks.tokenadapt import load_tokenadapt
-
-        self.tokenadapt = load_tokenadapt(path, self.hparams.codebook_sha256)
+        self.tokenadapt = load_tokenadapt(path, self.data.codebook_sha256)
 
     def load_synonyms(self, synonyms: torch.Tensor | None) -> None:
         if synonyms is None and self.aug.eda["replace_prob"] > 0:
@@ -95,9 +128,7 @@ class ClassificationTask(pl.LightningModule):
 
     def load_pretrained(self, path: str) -> None:
         """Start from a pre-trained MTM encoder (``model.pretrained``; task=pretrain_mtm)."""
-        from seit.tasks.mtm import load_encoder_into
-
-        load_encoder_into(self.model, path, self.hparams.codebook_sha256)
+        load_encoder_into(self.model, path, self.data.codebook_sha256)
         if self.ema is not None:
             self.ema.module.load_state_dict(self.model.state_dict())
 
@@ -107,27 +138,6 @@ class ClassificationTask(pl.LightningModule):
         if self.hparams.linear_probe:
             self.model.eval()
         return self
-
-    def load_codebook(self, codebook: torch.Tensor) -> None:
-        """Install the dataset's frozen codebook (in the EMA copy too)."""
-        self.model.embed.load_codebook(codebook)
-        if self.ema is not None:
-            self.ema.module.embed.load_codebook(codebook)
-
-    def check_codebook(self, expected: str, where: str) -> None:
-        """Raise if the model's codebook is not the one the dataset was tokenized with."""
-        if self.input_key != "ids":
-            return
-        own = self.model.embed.fingerprint
-        if own != expected:
-            raise DatasetError(f"codebook mismatch: {where} was tokenized with codebook {expected[:12]}…, but the "
-                               f"model (or checkpoint) holds codebook {own[:12]}…; re-tokenize or pick a matching checkpoint")
-
-    def configure_model(self) -> None:
-        """Optionally torch.compile the ViT body in place (parameter names, hence checkpoints, unchanged)."""
-        if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.model.vit.compile()
-            self._compiled = True
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Refuse unlabelled samples (label -1), which the loss and metrics fail on with an index error.
@@ -142,27 +152,12 @@ class ClassificationTask(pl.LightningModule):
                                "label on every sample (unlabelled data suits task=pretrain_mtm and task=embed)")
         return batch
 
-    def on_fit_start(self) -> None:
-        dm = self.trainer.datamodule
-        if self.input_key == "ids" and dm is not None and hasattr(dm, "load_info"):
-            info = dm.load_info()
-            self.check_codebook(info.fingerprint, f"the dataset {info.root}")
-
     # -- steps --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x, targets = self.train_batch(batch)
         loss = self.soft_criterion(self.model(x), targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["label"].shape[0])
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.global_step)
-
-    def on_train_epoch_start(self) -> None:
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "set_epoch"):
-            dm.set_epoch(self.current_epoch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_val_metrics()
@@ -190,20 +185,3 @@ class ClassificationTask(pl.LightningModule):
             for name, value in metrics.compute().items():
                 self.log(f"{prefix}/{name}", value, prog_bar=name == "acc1" and prefix == "val", sync_dist=True)
             metrics.reset()
-
-    # -- optimisation -------------------------------------------------------------------------
-    def learning_rate(self) -> float:
-        return scaled_lr(self.hparams.optim, global_batch(self, self.hparams.batch_size))
-
-    def configure_optimizers(self):
-        o = self.hparams.optim
-        lr = self.learning_rate()
-        if o.get("layer_decay"):  # BEiT/MAE fine-tuning: block i of L gets lr * decay^(L - i)
-            vit = self.model.vit
-            groups = param_groups_layer_decay(vit, o["weight_decay"], vit.no_weight_decay(), layer_decay=o["layer_decay"])
-            for group in groups:
-                group["lr"] = lr * group.pop("lr_scale", 1.0)
-        else:
-            groups = param_groups_weight_decay(self.model, o["weight_decay"], self.model.no_weight_decay())
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o["betas"]), eps=o["eps"])
-        return {"optimizer": optimizer, "lr_scheduler": warmup_cosine_schedule(optimizer, self.trainer, o, lr)}

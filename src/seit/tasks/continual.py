@@ -34,9 +34,9 @@ METHODS = ("er", "distill", "derpp")
 
 
 class ContinualTask(ClassificationTask):
-    def __init__(self, *args, class_order: list[int], method: str = "er", replay_batch: int = 64,
+    def __init__(self, *, class_order: list[int], method: str = "er", replay_batch: int = 64,
                  distill: dict | None = None, derpp: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"task.method must be one of {METHODS}, got {method!r}")
         slots = torch.empty(len(class_order), dtype=torch.long)

@@ -13,74 +13,73 @@ fingerprint. ``model.pretrained=<that file>`` starts a classifier from the encod
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torchmetrics
-from safetensors import safe_open
-from safetensors.torch import save_file
-from timm.optim import param_groups_weight_decay
 
 from seit.augment.crop import center_crop
-from seit.augment.pipeline import AugConfig, augment_tokens, step_seed
+from seit.augment.pipeline import AugConfig, augment_tokens
+from seit.models.export import MTM_FILE, load_tokenadapt, save_mtm
 from seit.models.input_embed import CodebookEmbedding
 from seit.models.mtm import MaskedTokenModel, masked_token_loss, random_masks, soft_targets, truncated_normal
-from seit.models.tokenadapt import sincos_pos
-from seit.tasks.schedule import global_batch, scaled_lr, warmup_cosine_schedule
+from seit.tasks.base import SeitTask
 
-EXPORT_FILE = "mtm.safetensors"
-# what must agree between a pre-trained encoder and the classifier that loads it
-ARCH_KEYS = {"embed_dim": "embed_dim", "depth": "depth", "num_heads": "num_heads", "mlp_ratio": "mlp_ratio",
-             "codebook_size": "codebook_size", "token_dim": "codebook_dim"}
+# the encoder's settings in conf/model (what a classifier from the same model config shares)
+ENCODER_KEYS = {"embed_dim": "embed_dim", "depth": "depth", "num_heads": "num_heads", "mlp_ratio": "mlp_ratio",
+                "token_dropout": "dropout"}
 
 
-class MTMTask(pl.LightningModule):
-    def __init__(self, model: dict, mask: dict, optim: dict, aug: dict, input_grid: int, batch_size: int,
-                 codebook_size: int, codebook_dim: int, codebook_sha256: str | None = None, smoothing: float = 0.0,
-                 seed: int = 0, soft_tau: float = 0.0):
-        super().__init__()
-        self.save_hyperparameters()
+class MTMTask(SeitTask):
+    """``model``: the ``conf/model`` config whose encoder settings (embed_dim, depth, num_heads,
+    mlp_ratio, token_dropout) the MTM encoder takes, so a classifier from the same config loads it;
+    ``decoder``: the MAGE decoder's sizes."""
+
+    data_kind = "tokens"
+
+    def __init__(self, *, model: dict, decoder: dict, mask: dict, aug: dict, data: dict, optim: dict,
+                 scheduler: dict | None = None, smoothing: float = 0.0, soft_tau: float = 0.0, seed: int = 0,
+                 ema_decay: float = 0.0, compile: bool = False):
+        super().__init__(data=data, optim=optim, scheduler=scheduler, seed=seed, ema_decay=ema_decay, compile=compile)
+        if model.get("input", "tokens") != "tokens":
+            raise ValueError("task=pretrain_mtm pre-trains on tokens: use model.input=tokens")
         self.aug = AugConfig.from_dict(aug)
-        self.crop = int(self.aug.crop) if self.aug.crop else input_grid
-        if self.crop > input_grid or self.crop % 2:
-            raise ValueError(f"aug.crop={self.crop} must be even and at most the {input_grid} input grid")
+        grid = self.data.input_grid
+        self.crop = int(self.aug.crop) if self.aug.crop else grid
+        if self.crop > grid or self.crop % 2:
+            raise ValueError(f"aug.crop={self.crop} must be even and at most the {grid} input grid")
         self.aug.crop = self.crop
         if self.aug.mixes:
             raise ValueError("MTM pre-training reads no labels: turn CutMix/Mixup off (aug.mix.*_alpha=0)")
         if not 0 <= mask["drop_ratio"] <= mask["min"] <= mask["max"] <= 1:
             raise ValueError(f"need 0 <= mask.drop_ratio <= mask.min <= mask.max <= 1, got {mask}")
-        self.codebook = CodebookEmbedding(codebook_size, codebook_dim)  # frozen: what augmentations work on
-        self.model = MaskedTokenModel(codebook_size=codebook_size, grid=self.crop, token_dim=codebook_dim, **model)
+        size, dim = self.data.codebook_size, self.data.codebook_dim
+        self.codebook = CodebookEmbedding(size, dim)  # frozen: what augmentations work on
+        encoder = {mine: model[key] for key, mine in ENCODER_KEYS.items() if key in model}
+        self.model = MaskedTokenModel(codebook_size=size, grid=self.crop, codebook_dim=dim, **encoder, **decoder)
+        self.enable_ema(self.model)
         self.tokenadapt = None
         self.register_buffer("target_ids", None, persistent=False)  # soft targets (soft_tau > 0)
         self.register_buffer("target_weights", None, persistent=False)
         self.val_loss, self.val_acc = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
-        self._generator: torch.Generator | None = None
+
+    def codebook_embeddings(self) -> list:
+        return [self.codebook]
+
+    def compiled_modules(self) -> list:
+        return [self.model.blocks, self.model.decoder_blocks]
+
+    def attach_data(self, datamodule) -> None:
+        super().attach_data(datamodule)
+        checkpoint = (self.hparams.aug.get("tokenadapt") or {}).get("checkpoint")
+        if checkpoint:
+            self.tokenadapt = load_tokenadapt(checkpoint, self.data.codebook_sha256)
 
     def load_codebook(self, codebook: torch.Tensor) -> None:
-        self.codebook.load_codebook(codebook)
+        super().load_codebook(codebook)
         if self.hparams.soft_tau > 0:
             idx, weight = soft_targets(codebook, self.hparams.soft_tau)
             self.target_ids, self.target_weights = idx.to(self.device), weight.to(self.device)
-
-    def load_tokenadapt(self, path: str) -> None:
-        from seit.tasks.tokenadapt import load_tokenadapt
-
-        self.tokenadapt = load_tokenadapt(path, self.hparams.codebook_sha256)
-
-    def generator(self, seed: int) -> torch.Generator:
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(seed)
-        return self._generator
-
-    def on_train_epoch_start(self) -> None:
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "set_epoch"):
-            dm.set_epoch(self.current_epoch)
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.target_ids, self.target_weights) if self.target_ids is not None else None
@@ -97,7 +96,7 @@ class MTMTask(pl.LightningModule):
         return loss, acc, logits, masked
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        g = self.generator(step_seed(self.hparams.seed, self.global_rank, self.global_step))
+        g = self.step_generator()
         ids = batch["ids"]
         x, _ = augment_tokens(ids, torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device), self.codebook,
                               self.aug, 1, 0.0, None, g, adapt=self.tokenadapt)
@@ -113,7 +112,7 @@ class MTMTask(pl.LightningModule):
         return center_crop(ids[:, None], self.crop)[:, 0] if self.crop < ids.shape[-1] else ids
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        g = self.generator(step_seed(self.hparams.seed, self.global_rank, -1 - batch_idx))
+        g = self.step_generator(-1 - batch_idx)  # the same masks every validation
         ids = self.eval_ids(batch["ids"]).long()
         loss, acc, _, _ = self.masked_step(ids, self.hparams.mask["val_ratio"], g)
         self.val_loss.update(loss, weight=ids.shape[0])
@@ -131,72 +130,15 @@ class MTMTask(pl.LightningModule):
         was_training = self.training
         self.eval()
         ids = self.eval_ids(ids.to(self.device)).long()
-        _, _, logits, masked = self.masked_step(ids, self.hparams.mask["val_ratio"], self.generator(seed))
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        _, _, logits, masked = self.masked_step(ids, self.hparams.mask["val_ratio"], generator)
         self.train(was_training)
         side = ids.shape[-1] // 2
         token_mask = masked.view(-1, side, side).repeat_interleave(2, 1).repeat_interleave(2, 2)
         return ids, token_mask, torch.where(token_mask, logits.argmax(-1), ids)
 
-    def configure_optimizers(self):
-        o = self.hparams.optim
-        lr = scaled_lr(o, global_batch(self, self.hparams.batch_size))
-        groups = param_groups_weight_decay(self.model, o["weight_decay"], {"cls_token", "mask_token", "decoder_pos"})
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o["betas"]), eps=o["eps"])
-        return {"optimizer": optimizer, "lr_scheduler": warmup_cosine_schedule(optimizer, self.trainer, o, lr)}
-
     def export(self, output_dir: str | Path) -> dict:
-        path = Path(output_dir) / EXPORT_FILE
-        save_mtm(self.model, path, self.hparams.codebook_sha256 or "")
+        path = Path(output_dir) / MTM_FILE
+        save_mtm(self.model, path, self.data.codebook_sha256 or "")
         return {"mtm_checkpoint": str(path)}
-
-
-def save_mtm(model: MaskedTokenModel, path: str | Path, fingerprint: str) -> None:
-    tmp = f"{path}.tmp"
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp, metadata={"kind": "mtm", "config": json.dumps(model.config), "codebook_sha256": fingerprint})
-    os.replace(tmp, path)
-
-
-def read_mtm(path: str | Path) -> tuple[dict, dict, str]:
-    """(state, config, codebook fingerprint) of an exported MTM model."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model.pretrained: {path} not found (task=pretrain_mtm writes <run>/{EXPORT_FILE})")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # a .ckpt, a truncated file, anything not safetensors
-        raise ValueError(f"model.pretrained: {path} is not an {EXPORT_FILE} file ({e})") from e
-    if meta.get("kind") != "mtm" or "config" not in meta:
-        raise ValueError(f"model.pretrained: {path} is not an MTM export (task=pretrain_mtm writes <run>/{EXPORT_FILE})")
-    return state, json.loads(meta["config"]), meta.get("codebook_sha256", "")
-
-
-def load_encoder_into(classifier, path: str | Path, codebook_sha256: str | None) -> None:
-    """Copy a pre-trained MTM encoder (id embedding, stem, blocks) into a ``TokenViT`` with
-    ``embedding=learned``; positions become the fixed sin-cos grid the encoder was trained with,
-    at the classifier's grid. The head starts near zero (MAE/SeiT++: std 2e-5)."""
-    state, config, fingerprint = read_mtm(path)
-    if not getattr(classifier, "requantize", False):
-        raise ValueError("model.pretrained needs model.embedding=learned (the MTM encoder reads ids, not codebook vectors)")
-    if codebook_sha256 and fingerprint and fingerprint != codebook_sha256:
-        raise ValueError(f"model.pretrained: {path} was pre-trained on codebook {fingerprint[:12]}…, but this dataset's "
-                         f"codebook is {codebook_sha256[:12]}…; pre-train on tokens from the same tokenizer")
-    vit = classifier.vit
-    own = {"embed_dim": vit.embed_dim, "depth": len(vit.blocks), "num_heads": vit.blocks[0].attn.num_heads,
-           "mlp_ratio": vit.blocks[0].mlp.fc1.out_features / vit.embed_dim,
-           "codebook_size": vit.patch_embed.tokens.num_embeddings, "codebook_dim": vit.patch_embed.tokens.embedding_dim}
-    bad = [f"{mine}: checkpoint {config[theirs]} vs model {own[mine]}" for theirs, mine in ARCH_KEYS.items()
-           if float(config[theirs]) != float(own[mine])]
-    if bad:
-        raise ValueError(f"model.pretrained: {path} does not fit model.*: " + "; ".join(bad))
-    encoder = {k: v for k, v in state.items() if k.startswith(("patch_embed.", "blocks."))}
-    missing, unexpected = vit.load_state_dict(encoder, strict=False)
-    left = [k for k in missing if not k.startswith(("head.", "fc_norm.", "norm.", "pos_embed"))]
-    if left or unexpected:
-        raise ValueError(f"model.pretrained: {path} does not fit the classifier (missing {left[:5]}, unexpected {unexpected[:5]})")
-    side = vit.patch_embed.grid_size
-    with torch.no_grad():
-        vit.pos_embed.copy_(sincos_pos(side[0], side[1], vit.embed_dim))
-        torch.nn.init.trunc_normal_(vit.head.weight, std=2e-5)
-        torch.nn.init.zeros_(vit.head.bias)

@@ -9,9 +9,9 @@ below) into the run dir, also logged to wandb when it is a logger.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from PIL import Image
 from pytorch_lightning.loggers import WandbLogger
 
 from seit.augment.crop import center_crop, random_crop, random_hflip
-from seit.tasks.schedule import short_warmup_cosine
+from seit.tasks.base import SeitTask
 from seit.tokenizers.vq import VQTokenizer
 from seit.tokenizers.vq_model import VQModel
 from seit.utils.visuals import image_grid
@@ -69,13 +69,18 @@ class VGGPerceptual(nn.Module):
         return F.mse_loss(fa, fb)
 
 
-class TokenizerTask(pl.LightningModule):
-    def __init__(self, vq: dict, optim: dict, image_size: int, crop: int | None = None, l1_weight: float = 1.0,
-                 l2_weight: float = 1.0, perceptual_weight: float = 0.0, perceptual_weights: str | None = None,
-                 adv_weight: float = 0.0, adv_start_step: int = 0, hflip: float = 0.5, compact: bool = True,
-                 init_from: str | None = None):
-        super().__init__()
-        self.save_hyperparameters()
+class TokenizerTask(SeitTask):
+    """``vq``: the ``tokenizer.model`` config (``VQModel``'s arguments); ``image_size``: the tokenizer's."""
+
+    data_kind = "images"
+
+    def __init__(self, *, vq: dict, image_size: int, data: dict, optim: dict, scheduler: dict | None = None,
+                 crop: int | None = None, l1_weight: float = 1.0, l2_weight: float = 1.0, perceptual_weight: float = 0.0,
+                 perceptual_weights: str | None = None, adv_weight: float = 0.0, adv_start_step: int = 0,
+                 hflip: float = 0.5, compact: bool = True, init_from: str | None = None, seed: int = 0):
+        super().__init__(data=data, optim=optim, scheduler=scheduler, seed=seed)
+        # The tokenizer steps its optimizers by hand; checkpoints holding the post-step state are what we want.
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         self.automatic_optimization = False
         start = self.load_start(init_from) if init_from else None
         if start is not None:  # fine-tuning: the saved architecture wins over tokenizer.model
@@ -175,14 +180,13 @@ class TokenizerTask(pl.LightningModule):
                     logger.log_image(key="val/reconstructions", images=[str(path)], caption=["top: input, bottom: reconstruction"])
 
     def configure_optimizers(self):
-        o = self.hparams.optim
-        opt_g = torch.optim.Adam(list(self.model.encoder.parameters()) + list(self.model.decoder.parameters()),
-                                 lr=o["lr"], betas=tuple(o["betas"]))
-        sched = short_warmup_cosine(opt_g, int(self.trainer.estimated_stepping_batches), o)
+        """The generator's optimizer and schedule (encoder, decoder; the codebook follows its EMA), and
+        the discriminator's optimizer when there is one."""
+        opt_g = self.create_optimizer(list(self.model.encoder.parameters()) + list(self.model.decoder.parameters()))
+        scheduler = self.create_scheduler(opt_g)["scheduler"]
         if self.discriminator is None:
-            return [opt_g], [sched]
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=o["lr"], betas=tuple(o["betas"]))
-        return [opt_g, opt_d], [sched]
+            return [opt_g], [scheduler]
+        return [opt_g, self.create_optimizer(self.discriminator.parameters())], [scheduler]
 
     def export(self, output_dir: Path) -> dict:
         """Save the trained tokenizer where task=tokenize can use it, without codes unused on val."""

@@ -17,10 +17,8 @@ class ConfigError(ValueError):
     pass
 
 
-# The data a task learns from, and a config that gives it.
-DATA_KIND = {"train_tokenizer": ("images", "data=images_mnist5k or another data=images_*"),
-             "train_tokenadapt": ("images", "data=images_mnist5k or another data=images_*"),
-             "pretrain_mtm": ("tokens", "a token data config such as data=mnist5k")}
+DATA_HINT = {"tokens": "a token data config such as data=mnist5k", "images": "data=images_mnist5k or another data=images_*"}
+
 
 
 def _get(cfg: DictConfig, key: str):
@@ -97,8 +95,10 @@ def check_optim(cfg: DictConfig) -> None:
     _real(cfg, "optim.blr", low=0, low_open=True, optional=True)
     _int(cfg, "optim.base_batch", minimum=1, optional=True)
     _real(cfg, "optim.weight_decay", low=0, optional=True)
-    _real(cfg, "optim.warmup_epochs", low=0, optional=True)
-    _real(cfg, "optim.min_lr", low=0, optional=True)
+    _real(cfg, "scheduler.warmup_epochs", low=0, optional=True)
+    _real(cfg, "scheduler.warmup_fraction", low=0, high=1, optional=True)
+    _int(cfg, "scheduler.max_warmup_steps", minimum=0, optional=True)
+    _real(cfg, "scheduler.min_lr", low=0, optional=True)
     _real(cfg, "optim.eps", low=0, low_open=True, optional=True)
     _real(cfg, "optim.layer_decay", low=0, high=1, low_open=True, optional=True)
     betas = _get(cfg, "optim.betas")
@@ -109,8 +109,8 @@ def check_optim(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr_scaling={scaling!r}: must be linear or sqrt")
 
 
-def check_classification(cfg: DictConfig) -> None:
-    """The classifier's own settings (task=train and task=continual)."""
+def check_task_settings(cfg: DictConfig) -> None:
+    """Settings several objectives share, where a task has them."""
     _real(cfg, "task.label_smoothing", low=0, high=1, high_open=True, optional=True)
     _real(cfg, "task.ema_decay", low=0, high=1, high_open=True, optional=True)
 
@@ -124,12 +124,21 @@ def check_task_inputs(cfg: DictConfig) -> None:
     for prefix, deep in scopes:
         for key in _missing(OmegaConf.to_container(cfg[prefix], resolve=False), prefix, deep):
             raise ConfigError(f"task={name} needs {key}=<value> (it is ??? in the config)")
-    if name in DATA_KIND and cfg.data.kind != DATA_KIND[name][0]:
-        kind, hint = DATA_KIND[name]
-        raise ConfigError(f"task={name} learns from {kind}, not data.kind={cfg.data.kind!r}: use {hint}")
+    kind = _data_kind(cfg.task.get("_target_"))
+    if kind is not None and cfg.data.kind != kind:
+        raise ConfigError(f"task={name} learns from {kind}, not data.kind={cfg.data.kind!r}: use {DATA_HINT[kind]}")
     if name == "train_tokenizer" and "model" not in cfg.tokenizer:
         raise ConfigError(f"task=train_tokenizer trains a VQ tokenizer: add tokenizer=vq (or tokenizer=vq_patch); "
                           f"tokenizer={cfg.tokenizer.get('kind')} is fitted by task=tokenize")
+
+
+def _data_kind(target: str | None) -> str | None:
+    """The representation the task's LightningModule learns from (its ``data_kind``), if it says."""
+    if not target:
+        return None
+    from hydra.utils import get_class
+
+    return getattr(get_class(target), "data_kind", None)
 
 
 def _missing(node: dict, prefix: str, deep: bool) -> list[str]:
