@@ -92,8 +92,8 @@ def test_an_existing_dataset_from_another_tokenizer_is_refused(tmp_path):
     from omegaconf import OmegaConf
 
     from conftest import write_token_dataset
-    from seit.data.datamodule import TokenDataModule
     from seit.data.dataset_info import DatasetError, TokenDatasetInfo
+    from seit.pipelines.tokenize import prepare_token_dataset
 
     root = tmp_path / "ds"
     write_token_dataset(root, counts={"train": [4]}, grid=(8, 8), codebook_size=16)
@@ -105,12 +105,11 @@ def test_an_existing_dataset_from_another_tokenizer_is_refused(tmp_path):
         cfg = OmegaConf.create({"data": {"root": str(root), "build": {"source": "unused"}},
                                 "tokenizer": {"checkpoint": str(tmp_path / f"{name}.safetensors"),
                                               "copy_margin": margin}})
-        dm = TokenDataModule(cfg.data, build_cfg=cfg)
         if ok:
-            dm.prepare_data()
+            prepare_token_dataset(cfg)
         else:
             with pytest.raises(DatasetError, match="another data.root"):  # other ids: another dataset
-                dm.prepare_data()
+                prepare_token_dataset(cfg)
 
 
 def test_copy_margin_trades_exactness_for_repeats():

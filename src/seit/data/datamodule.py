@@ -3,82 +3,38 @@
 World size and rank are read in ``setup()`` (never in ``__init__``, where torch.distributed is
 not initialised yet). Loaders are plain ``torch.utils.data.DataLoader`` objects with
 ``batch_size=None`` over a ``TokenStream``, so Lightning still injects its seeded
-``worker_init_fn``. When the dataset is missing and ``build.source`` is set, ``prepare_data``
-builds it with the tokenize pipeline (once per node).
+``worker_init_fn``. It only reads: building a missing dataset, and checking that a finished one
+was built as configured, is the pipelines' job (``pipelines.tokenize.prepare_token_dataset``),
+done before this is made.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
-from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from seit.data.dataset_info import INFO_FILE, DatasetError, TokenDatasetInfo
+from seit.data.dataset_info import DatasetError, TokenDatasetInfo
+from seit.data.shard_reader import read_split
+from seit.data.subset import read_subset
 from seit.data.token_stream import SharedEpoch, TokenStream
 
 log = logging.getLogger(__name__)
 
 
 class TokenDataModule(pl.LightningDataModule):
-    BUILD_WAIT_S = 24 * 3600
-    def __init__(self, cfg: DictConfig, *, build_cfg: DictConfig | None = None, seed: int = 0):
-        """`cfg` is the ``data`` config group; `build_cfg` is the whole config, for building."""
+    def __init__(self, cfg: DictConfig, *, seed: int = 0):
+        """`cfg` is the ``data`` config group."""
         super().__init__()
         self.cfg = cfg
-        self.build_cfg = build_cfg
         self.seed = seed
         self.epoch = SharedEpoch()
         self.info: TokenDatasetInfo | None = None
         self.restricted: frozenset[int] | None = None  # restrict_classes(): only these labels are loaded
         self._arrays: dict[str, tuple] = {}
-
-    def prepare_data(self) -> None:
-        """Build the dataset if it is missing: local rank 0 tokenizes, the other ranks wait for it."""
-        info = Path(self.cfg.root) / INFO_FILE
-        if info.is_file():
-            self._check_built_as_configured()
-            return
-        if self.build_cfg is None or not self.cfg.build.source:
-            return
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            from seit.pipelines.tokenize import tokenize
-
-            tokenize(self.build_cfg)
-            return
-        deadline = time.monotonic() + self.BUILD_WAIT_S
-        while not info.is_file():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {self.BUILD_WAIT_S}s for local rank 0 to build {info}")
-            time.sleep(5)
-
-    def _check_built_as_configured(self) -> None:
-        """A finished dataset is trained on only if it holds the data the config names: from the tokenizer
-        checkpoint it names, and, when data.build.source is set, from that source (else a changed source
-        would train on the old images without a word). Other build settings (shards, chunks, a quicker
-        tokenizer fit under debug=fast) do not change which images a run trains on, so they are not
-        compared here; task=tokenize compares them all. Read-only: a dataset on a read-only disk trains."""
-        cfg = self.build_cfg
-        if cfg is None:
-            return
-        checkpoint = cfg.get("tokenizer", {}).get("checkpoint")
-        if checkpoint:
-            from seit.pipelines.tokenize import check_built_by
-
-            check_built_by(self.load_info(), checkpoint, cfg.tokenizer.get("copy_margin"))
-        if self.cfg.build.source:
-            from seit.data.embedded import source_id
-
-            built = (self.load_info().meta.get("build") or {}).get("source")
-            wanted = source_id(str(self.cfg.build.source))
-            if built is not None and built != wanted:  # no build record (imported datasets): nothing to compare
-                raise DatasetError(f"{self.cfg.root} is a finished token dataset built with other settings: "
-                                   f"data.build.source={wanted} (built with {built}); build these under another data.root")
 
     def load_info(self) -> TokenDatasetInfo:
         if self.info is None:
@@ -131,8 +87,6 @@ class TokenDataModule(pl.LightningDataModule):
     def split_arrays(self, split: str) -> tuple:
         """(ids, labels, samples per shard) of a whole split, read once and kept."""
         if split not in self._arrays:
-            from seit.data.shard_reader import read_split
-
             self._arrays[split] = read_split(self.load_info(), split)
         return self._arrays[split]
 
@@ -156,8 +110,6 @@ class TokenDataModule(pl.LightningDataModule):
         """Row masks of the ``data.subset`` manifest, for the split it was made for (else None)."""
         if not self.cfg.get("subset"):
             return None
-        from seit.curation.manifest import read_subset
-
         subset = read_subset(self.cfg.subset)
         if subset.split != split:
             return None

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from seit.curation.embed import embed_split
 from seit.data.datamodule import TokenDataModule
+from seit.pipelines.tokenize import prepare_token_dataset
 from seit.utils.ranks import rank_world
 from seit.utils.summary import config_hash, write_summary
 
@@ -16,8 +17,8 @@ from seit.utils.summary import config_hash, write_summary
 def embed(cfg: DictConfig) -> dict:
     if cfg.data.kind != "tokens":
         raise ValueError(f"task=embed reads a token dataset; data.kind={cfg.data.kind!r}")
-    dm = TokenDataModule(cfg.data, build_cfg=cfg, seed=cfg.seed)
-    dm.prepare_data()  # builds the dataset first when it is missing and data.build.source is set
+    prepare_token_dataset(cfg)  # builds the dataset first when it is missing and data.build.source is set
+    dm = TokenDataModule(cfg.data, seed=cfg.seed)
     info = dm.load_info()
     t = cfg.task
     start = time.perf_counter()

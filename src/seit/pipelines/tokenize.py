@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from seit.data.codec import MODEL_CODECS
 from seit.data.codec_ctx import MODEL_FILE, CtxModel
 from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, SYNONYMS_FILE, DatasetError, TokenDatasetInfo,
                                     save_codebook, save_synonyms, write_dataset_info)
-from seit.data.embedded import resolve_source
+from seit.data.embedded import resolve_source, source_id
 from seit.data.image_source import IMAGE_EXTS, ImageReadError, ImageRecord, SourceListing, list_source, load_image
 from seit.data.storage_report import format_report, storage_report
 from seit.pipelines.tokenize_plan import (PLAN_FILE, PROGRESS_DIR, check_finished, check_planned, exclusive,
@@ -43,6 +44,7 @@ from seit.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 _IGNORED_LISTED = 20
+BUILD_WAIT_S = 24 * 3600  # how long the other ranks of a node wait for local rank 0 to build the dataset
 
 
 def tokenizer_path(cfg) -> Path:
@@ -153,6 +155,49 @@ def check_built_by(info: TokenDatasetInfo, checkpoint: str, copy_margin: float =
     if built != float(copy_margin or 0.0):
         raise DatasetError(f"{info.root} was tokenized with tokenizer.copy_margin={built}, not {copy_margin}: "
                            "build these tokens under another data.root")
+
+
+def prepare_token_dataset(cfg) -> None:
+    """Before a run reads the token dataset at cfg.data.root: build it if it is missing and
+    data.build.source is set (local rank 0 tokenizes, the other ranks of the node wait for its
+    dataset.json), else check that the finished one holds the data the config names.
+
+    Every pipeline that reads a token dataset calls this first, so the data module only reads.
+    """
+    info = Path(cfg.data.root) / INFO_FILE
+    if info.is_file():
+        check_built_as_configured(cfg)
+        return
+    if not cfg.data.build.source:
+        return
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        tokenize(cfg)
+        return
+    deadline = time.monotonic() + BUILD_WAIT_S
+    while not info.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {BUILD_WAIT_S}s for local rank 0 to build {info}")
+        time.sleep(5)
+
+
+def check_built_as_configured(cfg) -> None:
+    """A finished dataset is trained on only if it holds the data the config names: from the tokenizer
+    checkpoint it names, and, when data.build.source is set, from that source (else a changed source
+    would train on the old images without a word). Other build settings (shards, chunks, a quicker
+    tokenizer fit under debug=fast) do not change which images a run trains on, so they are not
+    compared here; task=tokenize compares them all. Read-only: a dataset on a read-only disk trains."""
+    checkpoint, source = cfg.get("tokenizer", {}).get("checkpoint"), cfg.data.build.source
+    if not (checkpoint or source):
+        return
+    info = TokenDatasetInfo.open(cfg.data.root)
+    if checkpoint:
+        check_built_by(info, checkpoint, cfg.tokenizer.get("copy_margin"))
+    if source:
+        built = (info.meta.get("build") or {}).get("source")
+        wanted = source_id(str(source))
+        if built is not None and built != wanted:  # no build record (imported datasets): nothing to compare
+            raise DatasetError(f"{cfg.data.root} is a finished token dataset built with other settings: "
+                               f"data.build.source={wanted} (built with {built}); build these under another data.root")
 
 
 def tokenize(cfg) -> dict:
