@@ -59,7 +59,7 @@ def _final_lr(run_dir: Path) -> tuple[int, float]:
 def test_kill_then_resume_continues_step_and_schedule(tmp_path):
     images = make_image_folder(tmp_path / "images", classes=3, train=12, val=4)
     common = [*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "trainer.max_epochs=30",
-              "trainer.limit_train_batches=null", "data.batch_size=4", "optim.warmup_epochs=2",
+              "trainer.limit_train_batches=null", "data.batch_size=4", "scheduler.warmup_epochs=2",
               "callbacks.last_checkpoint.every_n_train_steps=3"]
     total = 30 * 9
     run(*common, f"hydra.run.dir={tmp_path}/ref")

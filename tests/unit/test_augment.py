@@ -155,7 +155,7 @@ def test_config_rejects_unknown_keys():
 
 def test_tokenadapt_half_batch_and_frozen_loading(tmp_path):
     from seit.models.tokenadapt import TokenAdapt
-    from seit.tasks.tokenadapt import load_tokenadapt, save_tokenadapt
+    from seit.models.export import load_tokenadapt, save_tokenadapt
 
     codebook = torch.randn(K, D)
     adapt = TokenAdapt(codebook, width=32, heads=2)

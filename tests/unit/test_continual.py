@@ -219,11 +219,13 @@ def test_jpeg_quality_reencodes_smaller(tmp_path):
 def continual_task(method: str, num_classes: int = 6):
     from seit.tasks.continual import ContinualTask
 
-    model = {"name": "t", "input": "tokens", "embed_dim": 32, "depth": 1, "num_heads": 2, "codebook_size": 64,
-             "codebook_dim": 4}
-    optim = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8, "warmup_epochs": 0, "min_lr": 0.0}
-    task = ContinualTask(model=model, optim=optim, aug={"crop": 6}, num_classes=num_classes, input_grid=8,
-                         batch_size=8, class_order=[5, 4, 3, 2, 1, 0], method=method, replay_batch=4,
+    model = {"_target_": "seit.models.vit.TokenViT", "name": "t", "input": "tokens", "embed_dim": 32, "depth": 1,
+             "num_heads": 2}
+    optim = {"_target_": "seit.tasks.optim.create_optimizer", "_partial_": True, "lr": 1e-3, "weight_decay": 0.0}
+    data = {"kind": "tokens", "num_classes": num_classes, "input_grid": 8, "batch_size": 8, "codebook_size": 64,
+            "codebook_dim": 4}
+    task = ContinualTask(model=model, optim=optim, aug={"crop": 6}, data=data,
+                         class_order=[5, 4, 3, 2, 1, 0], method=method, replay_batch=4,
                          distill={"temperature": 2.0, "weight": 1.0}, derpp={"alpha": 0.3, "beta": 0.5})
     task.load_codebook(torch.randn(64, 4))
     return task

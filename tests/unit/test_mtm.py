@@ -9,9 +9,9 @@ import torch
 
 from seit.models.mtm import MaskedTokenModel, masked_token_loss, random_masks, truncated_normal
 from seit.models.vit import TokenViT
+from seit.models.export import load_encoder_into, save_mtm
 from seit.tasks.classification import ClassificationTask
-from seit.tasks.schedule import scaled_lr
-from seit.tasks.mtm import load_encoder_into, save_mtm
+from seit.tasks.optim import scaled_lr
 
 K, D, GRID = 64, 8, 8
 
@@ -22,7 +22,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 def mtm(**kw) -> MaskedTokenModel:
     torch.manual_seed(0)
-    args = dict(codebook_size=K, grid=GRID, token_dim=D, embed_dim=32, depth=2, num_heads=2, decoder_dim=16,
+    args = dict(codebook_size=K, grid=GRID, codebook_dim=D, embed_dim=32, depth=2, num_heads=2, decoder_dim=16,
                 decoder_depth=1, decoder_heads=2, dropout=0.0, decoder_dropout=0.0)
     return MaskedTokenModel(**{**args, **kw}).eval()
 
@@ -106,19 +106,20 @@ def test_pretrained_encoder_hands_over_and_mismatches_are_refused(tmp_path):
     with pytest.raises(ValueError, match="embedding=learned"):
         load_encoder_into(classifier(embedding="codebook"), path, "abc")
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="is not an mtm.safetensors"):
+    with pytest.raises(ValueError, match="model.pretrained: .*bad.safetensors.*cannot be read"):
         load_encoder_into(classifier(), tmp_path / "bad.safetensors", "abc")
     with pytest.raises(FileNotFoundError):
         load_encoder_into(classifier(), tmp_path / "missing.safetensors", "abc")
 
 
 def task(**kw) -> ClassificationTask:
-    model = dict(name="t", input="tokens", embed_dim=32, depth=3, num_heads=2, codebook_size=K, codebook_dim=D,
+    model = dict(_target_="seit.models.vit.TokenViT", name="t", input="tokens", embed_dim=32, depth=3, num_heads=2,
                  embedding="learned", pretrained=None)
-    optim = dict(blr=1e-3, base_batch=64, lr_scaling="sqrt", layer_decay=0.5, weight_decay=0.1, betas=[0.9, 0.999],
-                 eps=1e-8, warmup_epochs=0, min_lr=0.0)
-    return ClassificationTask(model=model, optim=optim, aug={"crop": GRID}, num_classes=5, input_grid=GRID,
-                              batch_size=256, **kw)
+    optim = dict(_target_="seit.tasks.optim.create_optimizer", _partial_=True, blr=1e-3, base_batch=64,
+                 lr_scaling="sqrt", layer_decay=0.5, weight_decay=0.1, betas=[0.9, 0.999], eps=1e-8)
+    scheduler = dict(_target_="seit.tasks.schedule.warmup_cosine", _partial_=True, warmup_epochs=0, min_lr=0.0)
+    data = dict(kind="tokens", num_classes=5, input_grid=GRID, batch_size=256, codebook_size=K, codebook_dim=D)
+    return ClassificationTask(model=model, optim=optim, scheduler=scheduler, aug={"crop": GRID}, data=data, **kw)
 
 
 def test_linear_probe_trains_only_the_head_and_keeps_the_body_in_eval_mode():
@@ -129,20 +130,26 @@ def test_linear_probe_trains_only_the_head_and_keeps_the_body_in_eval_mode():
 
 
 def test_lr_scaling_and_layer_decay():
-    assert scaled_lr({"blr": 1e-3, "base_batch": 64, "lr_scaling": "sqrt"}, 1024) == pytest.approx(4e-3)  # SeiT++
-    assert scaled_lr({"blr": 1.5e-4, "base_batch": 256}, 4096) == pytest.approx(2.4e-3)  # MTM, linear
+    rule = dict(lr=None, lr_scaling=None)
+    assert scaled_lr(**{**rule, "lr_scaling": "sqrt"}, blr=1e-3, base_batch=64, global_batch=1024) == pytest.approx(4e-3)
+    assert scaled_lr(**rule, blr=1.5e-4, base_batch=256, global_batch=4096) == pytest.approx(2.4e-3)  # MTM, linear
     with pytest.raises(ValueError, match="lr_scaling"):
-        scaled_lr({"blr": 1e-3, "lr_scaling": "cubic"}, 64)
+        scaled_lr(lr=None, blr=1e-3, base_batch=None, lr_scaling="cubic", global_batch=64)
     t = task()
 
     class Trainer:  # what configure_optimizers reads
         estimated_stepping_batches, max_epochs, world_size, accumulate_grad_batches = 10, 1, 1, 1
 
     t._trainer = Trainer()
-    groups = t.configure_optimizers()["optimizer"].param_groups
+    config = t.configure_optimizers()
+    groups = config["optimizer"].param_groups
     lrs = sorted({round(g["lr"], 12) for g in groups})
     assert max(lrs) == pytest.approx(2e-3)  # 1e-3 * sqrt(256 / 64): the head
     assert min(lrs) == pytest.approx(2e-3 * 0.5 ** 4)  # the stem: 3 blocks + 1 below the head
+    schedule = config["lr_scheduler"]["scheduler"]
+    assert schedule.get_last_lr() == [g["lr"] for g in groups]  # no warmup: the schedule starts at the layer lrs
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(t.model.vit.pos_embed) in no_decay and id(t.model.vit.blocks[0].attn.qkv.weight) not in no_decay
 
 
 def test_soft_targets_share_credit_with_near_codes_and_reduce_to_the_id():

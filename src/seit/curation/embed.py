@@ -77,13 +77,10 @@ def load_embedder(path: str | Path, fingerprint: str | None = None) -> Embedder:
 
 
 def _from_mtm_export(path: Path) -> Embedder:
-    from seit.models.mtm import MaskedTokenModel
-    from seit.tasks.mtm import read_mtm
+    from seit.models.export import load_mtm
 
-    state, config, fingerprint = read_mtm(path)
-    model = MaskedTokenModel(**config)
-    model.load_state_dict(state)
-    return Embedder(model.features, model.grid, config["embed_dim"], "mtm", fingerprint or None, model)
+    model, fingerprint = load_mtm(path)
+    return Embedder(model.features, model.grid, model.config["embed_dim"], "mtm", fingerprint or None, model)
 
 
 def _from_lightning(path: Path) -> Embedder:
@@ -96,23 +93,23 @@ def _from_lightning(path: Path) -> Embedder:
     if "mask" in hp:
         from seit.tasks.mtm import MTMTask
 
-        task = MTMTask(**hp)
+        task = MTMTask.from_hparams(hp)
         task.load_state_dict(state)
         m = task.model
-        return Embedder(m.features, m.grid, m.config["embed_dim"], "mtm", hp.get("codebook_sha256"), m)
-    if "num_classes" in hp:
+        return Embedder(m.features, m.grid, m.config["embed_dim"], "mtm", task.data.codebook_sha256, m)
+    if "label_smoothing" in hp:
         from seit.augment.pipeline import eval_view
         from seit.tasks.classification import ClassificationTask
 
         if hp["model"]["input"] != "tokens":
             raise ValueError(f"{path} is a pixel classifier; embedding a token dataset needs a token model")
-        task = ClassificationTask(**hp)
+        task = ClassificationTask.from_hparams(hp)
         # a frozen TokenAdapt rides along in augmenting checkpoints; features never use it
         task.load_state_dict({k: v for k, v in state.items() if not k.startswith("tokenadapt.")})
         m = task.ema.module if task.ema is not None else task.model
         features = lambda ids: m.features(eval_view(m.embed(ids), task.aug))  # noqa: E731
         # the classifier's own evaluation view (eval_view) crops the embedded map
-        return Embedder(features, None, m.vit.embed_dim, "classifier", hp.get("codebook_sha256"), m)
+        return Embedder(features, None, m.vit.embed_dim, "classifier", task.data.codebook_sha256, m)
     raise ValueError(f"{path}: a checkpoint of an unknown task (hyper-parameters {sorted(hp)}); "
                      "embed takes classifier or MTM checkpoints")
 

@@ -50,7 +50,7 @@ def read_mtm(path: str | Path) -> tuple[dict, dict, str]:
     """(state, config, codebook fingerprint) of an exported MTM model."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"model.pretrained: {path} not found (task=pretrain_mtm writes <run>/{MTM_FILE})")
-    state, meta = _read(path, f"model.pretrained (an {MTM_FILE})")
+    state, meta = _read(path, "model.pretrained")
     if meta.get("kind") != "mtm" or "config" not in meta:
         raise ValueError(f"model.pretrained: {path} is not an MTM export (task=pretrain_mtm writes <run>/{MTM_FILE})")
     config = {RENAMED.get(k, k): v for k, v in json.loads(meta["config"]).items()}

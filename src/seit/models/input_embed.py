@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seit.data.dataset_info import codebook_fingerprint
+from seit.utils.nearest import DEFAULT_CHUNK, nearest_code
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -20,9 +21,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class CodebookEmbedding(nn.Module):
     """ids [B,H,W] (any integer dtype, uint16 from the loader) -> [B,D,H,W]; the codebook is frozen."""
 
-    def __init__(self, codebook_size: int, embed_dim: int):
+    def __init__(self, codebook_size: int, codebook_dim: int):
         super().__init__()
-        self.register_buffer("codebook", torch.zeros(codebook_size, embed_dim))
+        self.register_buffer("codebook", torch.zeros(codebook_size, codebook_dim))
 
     @property
     def out_chans(self) -> int:
@@ -35,20 +36,20 @@ class CodebookEmbedding(nn.Module):
     def load_codebook(self, codebook: torch.Tensor) -> None:
         if codebook.shape != self.codebook.shape:
             raise ValueError(f"codebook shape {tuple(codebook.shape)} does not match the model's "
-                             f"{tuple(self.codebook.shape)} (model.codebook_size / embed_dim)")
+                             f"{tuple(self.codebook.shape)} (model.codebook_size / codebook_dim)")
         self.codebook.copy_(codebook)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids.long(), self.codebook).permute(0, 3, 1, 2)
 
-    def nearest(self, x: torch.Tensor, chunk: int = 1 << 26) -> torch.Tensor:
+    def nearest(self, x: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
         """[B,D,H,W] map -> ids [B,H,W] of the nearest codebook rows by cosine (SeiT++'s re-quantisation
-        of augmented maps; an identity on clean lookups). Chunked over the batch to bound B*H*W*K."""
+        of augmented maps; an identity on clean lookups). ``chunk`` bounds the score entries
+        (tokens x K) held at once (see ``nearest_code``)."""
+        b, d, h, w = x.shape
+        unit = F.normalize(x.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, d)
         code = F.normalize(self.codebook.float(), dim=1)
-        per_sample = max(1, x.shape[2] * x.shape[3] * code.shape[0])
-        step = max(1, chunk // per_sample)
-        return torch.cat([torch.einsum("bdhw,kd->bhwk", F.normalize(part.float(), dim=1), code).argmax(-1)
-                          for part in x.split(step)])
+        return nearest_code(unit, code, metric="ip", chunk=chunk).reshape(b, h, w)
 
 
 class PixelNormalize(nn.Module):

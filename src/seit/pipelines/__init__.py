@@ -65,14 +65,23 @@ CHECKS = {"continual": FIT,
           "curate": (validate.check_task_inputs,), "convert": (validate.check_task_inputs,)}
 
 
+def is_fit(cfg: DictConfig) -> bool:
+    """A training task: not a named pipeline, and its config names a LightningModule."""
+    return cfg.task.name not in TASKS and "_target_" in cfg.task
+
+
+def checks(cfg: DictConfig) -> tuple:
+    """The config checks the task runs before any work."""
+    return FIT if is_fit(cfg) else CHECKS.get(cfg.task.name, ())
+
+
 def run_task(cfg: DictConfig):
     """Run the task, and always close the loggers (a multirun reuses the process)."""
-    name = cfg.task.name
-    fit = name not in TASKS and "_target_" in cfg.task
+    name, fit = cfg.task.name, is_fit(cfg)
     if name not in TASKS and not fit:
         raise ValueError(f"unknown task.name {name!r}; known tasks: {sorted(TASKS)}, or a task config with a "
                          "_target_ LightningModule to train")
-    for check in FIT if fit else CHECKS.get(name, ()):
+    for check in checks(cfg):
         check(cfg)
     try:
         return _train(cfg) if fit else TASKS[name](cfg)

@@ -78,6 +78,19 @@ class SeitTask(pl.LightningModule):
         self._attached = False
         self._compiled = False
 
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> "SeitTask":
+        """The module a checkpoint's ``hyper_parameters`` describe (weights not loaded); checkpoints
+        written before tasks took ``data`` are upgraded by ``upgrade_hparams``."""
+        if "data" not in hparams:
+            hparams = cls.upgrade_hparams(dict(hparams))
+        return cls(**hparams)
+
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict) -> dict:
+        raise ValueError(f"a {cls.__name__} checkpoint written before the config-composed tasks (its hyper-parameters "
+                         "have no 'data'); this version cannot rebuild it: train it again")
+
     # -- what a subclass names ----------------------------------------------------------------
     def optimized_module(self) -> torch.nn.Module:
         """What the optimizer trains (its ``no_weight_decay()`` / ``group_matcher`` are honoured)."""
@@ -150,8 +163,8 @@ class SeitTask(pl.LightningModule):
         """One optimizer step, then one EMA update: with gradient accumulation the EMA decays per
         step as configured, not once per micro-batch."""
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            self.ema.update(self._ema_source, step=self.global_step)
+        if self.ema is not None:  # step: optimizer steps done, this one included (global_step counts it later)
+            self.ema.update(self._ema_source, step=self.global_step + 1)
 
     def configure_model(self) -> None:
         if self.hparams.compile and not self._compiled:

@@ -76,6 +76,19 @@ class ClassificationTask(SeitTask):
         self.register_buffer("synonyms", None, persistent=False)  # [K, k] from the dataset, for Token-EDA
         self.tokenadapt = None  # a frozen TokenAdapt for half the batch (aug.tokenadapt.checkpoint)
 
+    @classmethod
+    def upgrade_hparams(cls, hp: dict) -> dict:
+        """A checkpoint from before the config-composed tasks: sizes at the top level, no ``_target_``s."""
+        model = dict(hp.pop("model"))
+        data = {"kind": "tokens" if model["input"] == "tokens" else "images", "num_classes": hp.pop("num_classes"),
+                "input_grid": hp.pop("input_grid"), "batch_size": hp.pop("batch_size"),
+                "codebook_size": model.pop("codebook_size", 0), "codebook_dim": model.pop("codebook_dim", 0),
+                "codebook_sha256": hp.pop("codebook_sha256", None)}
+        optim = {"_target_": "seit.tasks.optim.create_optimizer", "_partial_": True,
+                 **{k: v for k, v in hp.pop("optim").items() if k not in ("warmup_epochs", "min_lr")}}
+        return {**hp, "model": {"_target_": "seit.models.vit.TokenViT", **model}, "data": data, "optim": optim,
+                "scheduler": None}
+
     # -- what the base class asks -------------------------------------------------------------
     def optimized_module(self) -> nn.Module:
         return self.model.vit  # the embedding holds buffers only; timm's ViT gives layer-decay groups

@@ -63,6 +63,19 @@ class MTMTask(SeitTask):
         self.register_buffer("target_weights", None, persistent=False)
         self.val_loss, self.val_acc = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
 
+    @classmethod
+    def upgrade_hparams(cls, hp: dict) -> dict:
+        """A checkpoint from before the config-composed tasks: encoder and decoder in one ``model``."""
+        arch = dict(hp.pop("model"))
+        decoder = {k: arch.pop(k) for k in list(arch) if k.startswith("decoder_")}
+        model = {"token_dropout" if k == "dropout" else k: v for k, v in arch.items()}
+        data = {"kind": "tokens", "num_classes": 0, "input_grid": hp.pop("input_grid"), "batch_size": hp.pop("batch_size"),
+                "codebook_size": hp.pop("codebook_size"), "codebook_dim": hp.pop("codebook_dim"),
+                "codebook_sha256": hp.pop("codebook_sha256", None)}
+        optim = {"_target_": "seit.tasks.optim.create_optimizer", "_partial_": True,
+                 **{k: v for k, v in hp.pop("optim").items() if k not in ("warmup_epochs", "min_lr")}}
+        return {**hp, "model": model, "decoder": decoder, "data": data, "optim": optim, "scheduler": None}
+
     def codebook_embeddings(self) -> list:
         return [self.codebook]
 
