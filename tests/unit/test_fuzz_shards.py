@@ -13,14 +13,11 @@ import pytest
 from conftest import write_token_dataset
 from seit.data import shard_reader
 from seit.data.dataset_info import INFO_FILE, DatasetError, TokenDatasetInfo, seal
-from seit.data.shard_reader import read_split
+from seit.data.shard_reader import read_rows, read_split
 from seit.data.token_stream import TokenStream
 
 
 def _readers(info):
-    from seit.curation.report import read_ids
-    from seit.pipelines.convert import read_split as export_read_split
-
     def val_stream():
         stream = TokenStream(info.shard_specs("val"), codec=info.codec, batch_size=7, train=False)
         batches = list(stream)
@@ -32,8 +29,8 @@ def _readers(info):
         batches = list(stream)
         return np.concatenate([b["ids"].numpy() for b in batches]), np.concatenate([b["label"].numpy() for b in batches])
 
-    return {"read_split": lambda: read_split(info, "val")[:2], "export": lambda: export_read_split(info, "val"),
-            "curation": lambda: read_ids(info, "val", np.arange(info.num_samples("val"))),
+    return {"read_split": lambda: read_split(info, "val")[:2], "by_key": lambda: read_split(info, "val", by_key=True)[:2],
+            "rows": lambda: read_rows(info, "val", np.arange(info.num_samples("val"))),
             "val_stream": val_stream, "train_stream": train_stream}
 
 

@@ -153,7 +153,7 @@ def test_a_damaged_tar_header_mid_archive_is_an_error_not_the_end(tmp_path):
 
 def test_ids_beyond_the_codebook_are_refused_on_every_codec_and_path(tmp_path):
     """An id of 200 in a K=64 dataset: zstd-planes stores it without complaint, the reader must not."""
-    from seit.pipelines.convert import read_split as export_read_split
+    from seit.data.shard_reader import read_rows
 
     info = _dataset(tmp_path, counts={"train": [16], "val": [8]}, codebook_size=64)
     ids = np.zeros((8, 8, 8), np.uint16)
@@ -162,7 +162,8 @@ def test_ids_beyond_the_codebook_are_refused_on_every_codec_and_path(tmp_path):
                          split="val", codec="zstd-planes", codebook_size=300, chunk_size=8)
     _edit_meta(tmp_path, lambda m: m["shards"][-1].update(sha256=record.sha256, bytes=record.bytes))
     info = TokenDatasetInfo.open(tmp_path)
-    for read in (lambda: read_split(info, "val"), lambda: export_read_split(info, "val"), lambda: _val_keys(info)):
+    for read in (lambda: read_split(info, "val"), lambda: read_split(info, "val", by_key=True),
+                 lambda: read_rows(info, "val", [5]), lambda: _val_keys(info)):
         with pytest.raises(ShardReadError, match="sample 'v5' has id 200 >= codebook size 64"):
             read()
 
@@ -244,6 +245,26 @@ def test_an_intact_dataset_reads_exactly(tmp_path):
     assert counts == [40, 24] and ids.shape == (64, 8, 8)
     assert sorted(_val_keys(info, world=1, workers=2)) == sorted([f"val/0/{i}" for i in range(20)]
                                                                 + [f"val/1/{i}" for i in range(12)])
+
+
+def test_the_split_readers_agree_and_read_rows_decodes_only_the_chunks_it_needs(tmp_path, monkeypatch):
+    from seit.data import shard_reader
+    from seit.data.shard_reader import read_rows, split_chunks
+
+    info = _dataset(tmp_path)
+    ids, labels, _ = read_split(info, "train")
+    keys = [k for _, _, c in split_chunks(info, "train") for k in c.keys]
+    by_key, by_key_labels, _ = read_split(info, "train", by_key=True)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    assert np.array_equal(by_key, ids[order]) and np.array_equal(by_key_labels, labels[order])
+    rows = [41, 3, 41, 63]  # a position may repeat
+    decoded = []
+    real = shard_reader.decode_chunk
+    monkeypatch.setattr(shard_reader, "decode_chunk", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    assert np.array_equal(read_rows(info, "train", rows), ids[rows])
+    assert len(decoded) == 3  # the chunks holding 3, 41 and 63, of 8
+    with pytest.raises(IndexError, match=r"rows must lie in \[0, 64\) for split 'train'"):
+        read_rows(info, "train", [64])
 
 
 def test_shard_bytes_round_trip_through_the_strict_parser():

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from seit.data.dataset_info import TokenDatasetInfo
-from seit.data.shard_reader import read_shard
+from seit.data.shard_reader import read_rows
 from seit.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -34,20 +34,6 @@ def _plt():
 def _summary(values: np.ndarray) -> dict:
     v = np.asarray(values, np.float64)
     return {"min": float(v.min()), "median": float(np.median(v)), "mean": float(v.mean()), "max": float(v.max())} if v.size else {}
-
-
-def read_ids(info: TokenDatasetInfo, split: str, index: np.ndarray) -> np.ndarray:
-    """ids [len(index), H, W] of the given split positions (one sequential pass over the shards)."""
-    want = {int(i): n for n, i in enumerate(index)}
-    out = np.zeros((len(index), *info.grid), np.uint16)
-    pos, codec = 0, info.load_codec()
-    for spec in info.shard_specs(split):
-        for chunk in read_shard(spec, codec):
-            for i in range(len(chunk)):
-                if pos + i in want:
-                    out[want[pos + i]] = chunk.ids[i]
-            pos += len(chunk)
-    return out
 
 
 def write_report(out: Path, info: TokenDatasetInfo, split: str, store, clusters, subset, result: dict,
@@ -115,7 +101,7 @@ def _duplicates(out: Path, info: TokenDatasetInfo, split: str, m: np.ndarray, pa
     pairs = np.stack([partner[show], show], 1).reshape(-1)  # survivor-side point, then the removed one
     tokenizer = load_tokenizer(info.meta["tokenizer"]["checkpoint"])
     with torch.no_grad():
-        images = tokenizer.decode(torch.from_numpy(read_ids(info, split, pairs).astype(np.int64)))
+        images = tokenizer.decode(torch.from_numpy(read_rows(info, split, pairs).astype(np.int64)))
     from PIL import Image
 
     path = out / "duplicates.png"

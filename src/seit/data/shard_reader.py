@@ -1,5 +1,9 @@
 """The one shard reader: every path that reads token shards goes through ``read_chunks``.
 
+Readers of a whole split use its split-level API, so that reading a split is written once:
+``split_chunks`` (chunks with their shard and index), ``read_split`` (everything in memory, in
+dataset or key order) and ``read_rows`` (some positions, decoding only their chunks).
+
 The training and validation streams, export (``task=convert``), embed, curation reports, subset
 writing, the continual memory and ``task=verify`` all read here, and all get the same checks of
 what dataset.json promises (a ``ShardSpec``):
@@ -26,7 +30,7 @@ import hashlib
 import os
 import tarfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -154,18 +158,70 @@ def read_shard(spec: ShardSpec, codec: Codec) -> Iterator[Chunk]:
         yield chunk
 
 
-def read_split(info, split: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """A whole split in dataset order: (ids uint16 [N,H,W], labels int64 [N], samples per shard).
+def split_chunks(info, split: str, select: Callable[[ShardSpec, int], bool] | None = None
+                 ) -> Iterator[tuple[ShardSpec, int, Chunk]]:
+    """(shard, chunk index, Chunk) of every chunk of a split in dataset order that ``select(shard,
+    index)`` keeps (all by default): for callers that show progress or name where a sample lives.
+    Every chunk is checked as ``read_chunks`` does; only the selected ones are decoded."""
+    codec = info.load_codec()
+    for spec in info.shard_specs(split):
+        keep = None if select is None else (lambda index, spec=spec: select(spec, index))
+        for index, chunk in read_chunks(spec, codec, keep):
+            yield spec, index, chunk
+
+
+def stack(chunks: Iterable[Chunk], grid) -> tuple[np.ndarray, np.ndarray]:
+    """(ids uint16 [N,H,W], labels int64 [N]) of chunks, in their order; empty arrays for none."""
+    chunks = list(chunks)
+    if not chunks:
+        return np.zeros((0, *grid), np.uint16), np.zeros(0, np.int64)
+    return np.concatenate([c.ids for c in chunks]), np.concatenate([c.labels for c in chunks])
+
+
+def read_split(info, split: str, *, by_key: bool = False) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """A whole split: (ids uint16 [N,H,W], labels int64 [N], samples per shard), in dataset order,
+    or, ``by_key``, ordered by sample key (the order ``task=convert`` exports in: imported keys are
+    ``{split}/{index:08d}``, so that is SeiT's own order).
 
     For jobs that need random access to every sample (a replay memory, herding): 1.28M ImageNet
     grids of 32x32 take 2.6 GB as uint16, which is the point of tokens.
     """
-    codec, ids, labels, counts = info.load_codec(), [], [], []
+    chunks = [chunk for _, _, chunk in split_chunks(info, split)]
+    ids, labels = stack(chunks, info.grid)
+    if by_key:
+        keys = [key for chunk in chunks for key in chunk.keys]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        ids, labels = ids[order], labels[order]
+    return ids, labels, [spec.count for spec in info.shard_specs(split)]
+
+
+def read_rows(info, split: str, rows) -> np.ndarray:
+    """ids [len(rows), H, W] of the given positions of a split (dataset order; a position may repeat),
+    decoding only the chunks that hold them."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    first, pos = {}, 0  # (shard path, chunk index) -> split position of the chunk's first sample
     for spec in info.shard_specs(split):
-        chunks = list(read_shard(spec, codec))
-        ids += [c.ids for c in chunks]
-        labels += [c.labels for c in chunks]
-        counts.append(sum(len(c) for c in chunks))
-    grid = tuple(info.grid)
-    return (np.concatenate(ids) if ids else np.zeros((0, *grid), np.uint16),
-            np.concatenate(labels) if labels else np.zeros(0, np.int64), counts)
+        for index in range(spec.num_chunks):
+            first[spec.path, index] = pos
+            pos += spec.chunk_count(index)
+    if wanted.size and (wanted[0] < 0 or wanted[-1] >= pos):
+        raise IndexError(f"rows must lie in [0, {pos}) for split {split!r} of {info.root}, got "
+                         f"{int(wanted[0])}..{int(wanted[-1])}")
+
+    def span(spec: ShardSpec, index: int) -> tuple[int, int, int]:
+        """(its first split position, and the range of ``wanted`` that falls into the chunk)"""
+        start = first[spec.path, index]
+        lo, hi = np.searchsorted(wanted, [start, start + spec.chunk_count(index)])
+        return start, int(lo), int(hi)
+
+    def holds(spec: ShardSpec, index: int) -> bool:
+        _, lo, hi = span(spec, index)
+        return lo < hi
+
+    out = np.zeros((len(rows), *info.grid), np.uint16)
+    for spec, index, chunk in split_chunks(info, split, holds):
+        start, lo, hi = span(spec, index)
+        out[order[lo:hi]] = chunk.ids[wanted[lo:hi] - start]
+    return out

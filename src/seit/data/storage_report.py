@@ -28,22 +28,20 @@ from seit.data.chunk import decode_chunk
 from seit.data.codec import Codec
 from seit.data.dataset_info import CODEBOOK_FILE, TokenDatasetInfo
 from seit.data.seit_format import escape_decode, escape_encode
-from seit.data.shard_reader import load_shard, read_shard, tar_members
+from seit.data.shard_reader import load_shard, read_shard, stack, tar_members
 
 
 def _read_shards(info: TokenDatasetInfo, codec: Codec, max_samples: int) -> tuple[list[bytes], np.ndarray, np.ndarray, int]:
     """Raw shard bytes of whole shards covering >= max_samples, and their decoded ids and labels."""
-    blobs, ids, labels, total = [], [], [], 0
+    specs, total = [], 0
     for shard in info.meta["shards"]:
         if total >= max_samples:
             break
-        spec = info.spec(shard)
-        for chunk in read_shard(spec, codec):  # the one reader: the shards are checked, not just timed
-            ids.append(chunk.ids)
-            labels.append(chunk.labels)
-        blobs.append(load_shard(spec))
+        specs.append(info.spec(shard))
         total += shard["count"]
-    return blobs, np.concatenate(ids), np.concatenate(labels), total
+    # the one reader: the shards are checked, not just timed
+    ids, labels = stack((chunk for spec in specs for chunk in read_shard(spec, codec)), info.grid)
+    return [load_shard(spec) for spec in specs], ids, labels, total
 
 
 def _timed(fn, repeats: int = 3) -> float:

@@ -28,7 +28,7 @@ from seit.data.dataset_info import (CODEBOOK_FILE, SHARD_DIR, SYNONYMS_FILE, Dat
 from seit.data.seit_format import (CODEBOOK_CKPT, MAX_FILE_ID, SYNONYMS_FILES, find_synonyms, load_synonyms_json,
                                    read_seit_codebook, read_seit_split, read_synonyms, seit_split_paths,
                                    write_seit_codebook, write_seit_split, write_synonyms)
-from seit.data.shard_reader import read_shard
+from seit.data.shard_reader import read_split
 from seit.data.shard_writer import write_shard
 from seit.tokenizers.codebook_tools import synonyms as nearest_codes
 from seit.utils.io import atomic_write_bytes
@@ -147,7 +147,7 @@ def export_seit(cfg) -> dict:
         if synonyms:
             export_synonyms(info, tmp / synonyms)
         for split in info.meta["splits"]:
-            write_seit_split(tmp, prefix, split, *read_split(info, split))
+            write_seit_split(tmp, prefix, split, *read_split(info, split, by_key=True)[:2])
         for name in names:
             os.replace(tmp / name, out / name)
     except BaseException:
@@ -183,14 +183,3 @@ def export_synonyms(info: TokenDatasetInfo, path: Path) -> None:
     else:
         write_synonyms(path.parent, {str(t): row for t, row in enumerate(info.load_synonyms().tolist())}, path.name)
 
-
-def read_split(info: TokenDatasetInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every sample of a split, ordered by key: shards in order, chunks in tar order, then sorted by key."""
-    ids, labels, keys, codec = [], [], [], info.load_codec()
-    for spec in info.shard_specs(split):
-        for chunk in read_shard(spec, codec):
-            ids.append(chunk.ids)
-            labels.append(chunk.labels)
-            keys += chunk.keys
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    return np.concatenate(ids)[order], np.concatenate(labels)[order]
