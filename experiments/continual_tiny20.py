@@ -111,7 +111,7 @@ def capacity() -> None:
     for name, store in stores.items():
         cells = []
         for budget in BUDGETS:
-            memory = ReplayMemory(store, parse_bytes(budget), "random", seed=0)
+            memory = ReplayMemory(store, parse_bytes(budget), "reservoir_sampling", seed=0)
             stats = memory.update(0, np.arange(len(store.labels)), logit_dim=20)
             cells.append(f"{stats['exemplars']:,} ({stats['bytes_per_exemplar']:,.0f} B)")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)

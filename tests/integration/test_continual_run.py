@@ -74,7 +74,7 @@ def test_continual_pixels_with_der_and_a_jpeg_memory(tmp_path, images):
     out = tmp_path / "pixels"
     run("experiment=continual_pixels", f"data.source={images}", "data.image_size=16", "model.patch_size=4",
         "aug.crop=12", "debug=fast", "model.depth=1", f"task.num_tasks={TASKS}", "task.method=derpp",
-        "task.memory.selection=reservoir", "task.memory.budget=6KB", f"paths.log_dir={tmp_path}/logs",
+        "task.memory.selection=class_balanced_reservoir", "task.memory.budget=6KB", f"paths.log_dir={tmp_path}/logs",
         f"hydra.run.dir={out}", "print_config=false")
     s = check_protocol(out, 6000)
     assert s["representation"] == "images" and s["method"] == "derpp"
@@ -83,9 +83,9 @@ def test_continual_pixels_with_der_and_a_jpeg_memory(tmp_path, images):
     assert s["memory"][-1]["bytes_per_exemplar"] > 300  # JPEG files, not token chunks
 
 
-def test_continual_distill_with_random_selection(tmp_path, images):
+def test_continual_distill_with_reservoir_sampling(tmp_path, images):
     out = tmp_path / "distill"
-    run(*token_overrides(tmp_path, images), "task.method=distill", "task.memory.selection=random",
+    run(*token_overrides(tmp_path, images), "task.method=distill", "task.memory.selection=reservoir_sampling",
         f"hydra.run.dir={out}")
     check_protocol(out, 1200)
 

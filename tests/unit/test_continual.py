@@ -108,7 +108,7 @@ def test_herding_prefixes_track_the_class_mean_better_than_random_prefixes():
 
 
 # -- the memory --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("selection", ["random", "herding", "reservoir"])
+@pytest.mark.parametrize("selection", ["reservoir_sampling", "herding", "class_balanced_reservoir"])
 @pytest.mark.parametrize("budget", [0, 150, 3_000, 8_000, 10**7])
 @pytest.mark.parametrize("keep_logits", [False, True])
 def test_memory_never_exceeds_its_budget(selection, budget, keep_logits, tmp_path):
@@ -136,7 +136,7 @@ def test_bytes_are_measured_by_encoding_not_estimated():
     assert with_logits.stats()["logit_bytes"] == 2 * 3 * len(with_logits)
 
 
-@pytest.mark.parametrize("selection", ["herding", "reservoir"])
+@pytest.mark.parametrize("selection", ["herding", "class_balanced_reservoir"])
 def test_class_balanced_selections_stay_balanced(selection):
     memory = ReplayMemory(token_samples(), 4_000, selection, seed=0)
     for stats in run_tasks(memory, [[0, 1], [2, 3], [4, 5]]):
@@ -144,12 +144,18 @@ def test_class_balanced_selections_stay_balanced(selection):
         assert max(counts) - min(counts) <= 1, stats["per_class"]
 
 
-def test_random_selection_is_a_reservoir_over_the_whole_stream():
-    memory = ReplayMemory(token_samples(), 3_000, "random", seed=5)
+def test_reservoir_sampling_is_a_reservoir_over_the_whole_stream():
+    memory = ReplayMemory(token_samples(), 3_000, "reservoir_sampling", seed=5)
     run_tasks(memory, [[0, 1], [2, 3], [4, 5]])
     held = np.concatenate(list(memory.members.values()))
     # the memory is exactly the lowest-priority samples of everything seen
     assert set(held) == set(np.argsort(memory.priority, kind="stable")[:len(held)])
+
+
+@pytest.mark.parametrize("old, new", [("random", "reservoir_sampling"), ("reservoir", "class_balanced_reservoir")])
+def test_an_old_selection_name_is_refused_with_its_new_name(old, new):
+    with pytest.raises(ValueError, match=f"^memory.selection={old} is now called {new}: set task.memory.selection={new}$"):
+        ReplayMemory(token_samples(), 3_000, old)
 
 
 def test_old_classes_only_shrink_and_new_classes_are_required():
@@ -167,10 +173,10 @@ def test_old_classes_only_shrink_and_new_classes_are_required():
 @pytest.mark.parametrize("keep_logits", [False, True])
 def test_save_load_round_trip_and_replay_decodes_the_stored_bytes(keep_logits, tmp_path):
     samples = token_samples()
-    memory = ReplayMemory(samples, 4_000, "reservoir", keep_logits=keep_logits)
+    memory = ReplayMemory(samples, 4_000, "class_balanced_reservoir", keep_logits=keep_logits)
     run_tasks(memory, [[0, 1], [2, 3]])
     memory.save(tmp_path)
-    again = ReplayMemory(samples, 4_000, "reservoir", keep_logits=keep_logits)
+    again = ReplayMemory(samples, 4_000, "class_balanced_reservoir", keep_logits=keep_logits)
     again.load(tmp_path)
     assert again.stats() == memory.stats() and again.seen == memory.seen
     for c in memory.members:
@@ -184,12 +190,12 @@ def test_save_load_round_trip_and_replay_decodes_the_stored_bytes(keep_logits, t
         assert set(replay["logit_dims"].tolist()) == {2, 4}  # each class's logits: the classes seen at its task
     (tmp_path / f"class_{min(memory.members)}.bin").write_bytes(b"SCHK" + b"\0" * 40)
     with pytest.raises(ValueError, match=f"class_{min(memory.members)}.bin is corrupt"):
-        ReplayMemory(samples, 4_000, "reservoir", keep_logits=keep_logits).load(tmp_path)
-    with pytest.raises(ValueError, match="herding memory|reservoir memory"):
+        ReplayMemory(samples, 4_000, "class_balanced_reservoir", keep_logits=keep_logits).load(tmp_path)
+    with pytest.raises(ValueError, match="holds a class_balanced_reservoir memory .* uses herding"):
         ReplayMemory(samples, 4_000, "herding", keep_logits=keep_logits).load(tmp_path)
     (tmp_path / "memory.json").unlink()
     with pytest.raises(FileNotFoundError, match="memory.json is missing"):
-        ReplayMemory(samples, 4_000, "reservoir", keep_logits=keep_logits).load(tmp_path)
+        ReplayMemory(samples, 4_000, "class_balanced_reservoir", keep_logits=keep_logits).load(tmp_path)
 
 
 def test_jpeg_memory_holds_the_files_bytes_and_decodes_like_the_loader(tmp_path):

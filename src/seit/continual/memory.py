@@ -11,14 +11,17 @@ selection rule turns a capacity of K exemplars into a member set; the largest K 
 fits the budget is found by bisection on real encodings, and the result is checked against the
 budget before it is kept.
 
-Selection rules (all class-incremental: a class's samples only arrive during its own task):
-- ``random``: reservoir sampling over everything seen, as bottom-K of a fixed random priority
-  per sample, so the memory is a uniform sample of the stream at every capacity;
+Selection rules (all class-incremental: a class's samples only arrive during its own task), named
+for what they are (``memory.selection``):
 - ``herding`` (iCaRL): per class, samples ranked by herding on the model's features when the class
   is learned; the memory keeps a balanced prefix of each ranking;
-- ``reservoir`` (class-balanced reservoir, Chrysakis & Moens 2020): the task's samples are
-  streamed in a seeded order; when full, a sample of a largest class makes room, or a sample of a
-  largest class replaces one of its own class with probability stored / seen.
+- ``reservoir_sampling``: reservoir sampling over everything seen, as bottom-K of a fixed random
+  priority per sample, so the memory is a uniform sample of the stream at every capacity;
+- ``class_balanced_reservoir`` (Chrysakis & Moens 2020): the task's samples are streamed in a
+  seeded order; when full, a sample of a largest class makes room, or a sample of a largest class
+  replaces one of its own class with probability stored / seen.
+The old names ``random`` and ``reservoir`` are refused (``RENAMED``): ``reservoir`` meant the
+class-balanced rule, so keeping it would read as the other one.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from seit.data.chunk import Chunk, decode_chunk, encode_chunk
 from seit.data.image_source import ImageRecord, decode_image
 from seit.utils.io import atomic_write_bytes, atomic_write_json
 
-SELECTIONS = ("random", "herding", "reservoir")
+SELECTIONS = ("herding", "reservoir_sampling", "class_balanced_reservoir")
+RENAMED = {"random": "reservoir_sampling", "reservoir": "class_balanced_reservoir"}  # old name -> its name now
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -164,6 +168,9 @@ class ReplayMemory:
     """Exemplars per class (in priority order), their payloads, and DER++ logits when kept."""
 
     def __init__(self, samples, budget: int, selection: str = "herding", seed: int = 0, keep_logits: bool = False):
+        if selection in RENAMED:
+            raise ValueError(f"memory.selection={selection} is now called {RENAMED[selection]}: "
+                             f"set task.memory.selection={RENAMED[selection]}")
         if selection not in SELECTIONS:
             raise ValueError(f"memory.selection must be one of {SELECTIONS}, got {selection!r}")
         if budget < 0:
@@ -172,8 +179,8 @@ class ReplayMemory:
         self.keep_logits = keep_logits
         self.members: dict[int, np.ndarray] = {}  # class -> sample indices, highest priority first
         self.logits: dict[int, np.ndarray] = {}   # class -> float16 [n, classes seen when it was learned]
-        self.seen: dict[int, int] = {}            # class -> samples streamed so far (reservoir)
-        self.priority = np.random.default_rng([seed, 7]).random(len(samples.labels))  # reservoir (random)
+        self.seen: dict[int, int] = {}            # class -> samples streamed so far (class_balanced_reservoir)
+        self.priority = np.random.default_rng([seed, 7]).random(len(samples.labels))  # reservoir_sampling
         self._payloads: dict[tuple[int, bytes], bytes] = {}
 
     # -- cost ---------------------------------------------------------------------------------
@@ -262,7 +269,7 @@ class ReplayMemory:
         return self.stats()
 
     def _selector(self, task: int, by_class: dict[int, np.ndarray], candidates: dict[int, np.ndarray]):
-        if self.selection == "random":
+        if self.selection == "reservoir_sampling":
             pool = np.concatenate(list(candidates.values()))
             pool = pool[np.argsort(self.priority[pool], kind="stable")]
             pool_labels = self.samples.labels[pool]
@@ -276,9 +283,9 @@ class ReplayMemory:
                 quota = balanced_quota(k, {c: len(v) for c, v in candidates.items()})
                 return {c: v[:quota[c]] for c, v in candidates.items()}
             return select
-        return self._reservoir(task, by_class)
+        return self._class_balanced_reservoir(task, by_class)
 
-    def _reservoir(self, task: int, by_class: dict[int, np.ndarray]):
+    def _class_balanced_reservoir(self, task: int, by_class: dict[int, np.ndarray]):
         stream = np.concatenate(list(by_class.values())) if by_class else np.zeros(0, np.int64)
         stream = stream[np.random.default_rng([self.seed, task, 11]).permutation(len(stream))]
         stream_labels = self.samples.labels[stream].tolist()

@@ -5,6 +5,9 @@ the memory, then write ``tasks/NN/`` (the model, the memory's files, ``result.js
 relaunch with the same run dir skips the finished tasks, reloads the model and the memory of the
 last one, and resumes an interrupted task from its ``checkpoints/last.ckpt``. Tokens and pixels
 take the same path; only the sample store differs (token chunks or JPEG files).
+
+Names: a *task* is one class-incremental step (``tasks[t]``, ``tasks/NN/``), as the field says, and
+``cfg.task`` is this pipeline's config; the LightningModule that learns them all is the *learner*.
 """
 
 from __future__ import annotations
@@ -53,11 +56,11 @@ def trainable(cfg: DictConfig, dm, n: int) -> np.ndarray:
     return np.concatenate([masks[p] for p in dm.load_info().shard_paths(cfg.data.train_split)])
 
 
-def predict_split(task: ContinualTask, store, idx: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def predict_split(learner: ContinualTask, store, idx: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """(features, logits) of the samples ``idx``, decoded a chunk at a time (pixels at scale do not fit at once)."""
-    parts = [task.predict(store.inputs(idx[i:i + chunk])) for i in range(0, len(idx), chunk)]
+    parts = [learner.predict(store.inputs(idx[i:i + chunk])) for i in range(0, len(idx), chunk)]
     if not parts:
-        return np.zeros((0, 0), np.float32), np.zeros((0, task.seen), np.float32)
+        return np.zeros((0, 0), np.float32), np.zeros((0, learner.seen), np.float32)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -86,7 +89,6 @@ def finished_tasks(root: Path, num_tasks: int) -> list[dict]:
 
 def continual(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
-    t_cfg = cfg.task
     output_dir = Path(cfg.paths.output_dir)
     tasks_dir = output_dir / "tasks"
     dm = build_datamodule(cfg)
@@ -94,20 +96,20 @@ def continual(cfg: DictConfig) -> dict:
     dm.setup("fit")
     if cfg.data.kind == "tokens":  # its labels are read next in any case
         dm.check_labelled(cfg.data.train_split, cfg.data.val_split, read=True)
-    order = class_order(dm.num_classes, int(t_cfg.order_seed), t_cfg.get("class_order"))
-    tasks = split_tasks(order, int(t_cfg.num_tasks))
+    order = class_order(dm.num_classes, int(cfg.task.order_seed), cfg.task.get("class_order"))
+    tasks = split_tasks(order, int(cfg.task.num_tasks))
     store = sample_store(cfg, dm)
     allowed = trainable(cfg, dm, len(store.labels))
-    task = instantiate_task(cfg.task, data_facts(cfg, dm), skip=PIPELINE_KEYS, class_order=order)
-    task.attach(dm)
-    memory = ReplayMemory(store, parse_bytes(t_cfg.memory.budget), str(t_cfg.memory.selection), seed=int(cfg.seed),
-                          keep_logits=t_cfg.method == "derpp")
+    learner = instantiate_task(cfg.task, data_facts(cfg, dm), skip=PIPELINE_KEYS, class_order=order)
+    learner.attach(dm)
+    memory = ReplayMemory(store, parse_bytes(cfg.task.memory.budget), str(cfg.task.memory.selection),
+                          seed=int(cfg.seed), keep_logits=cfg.task.method == "derpp")
     matrix = AccuracyMatrix(tasks)
     loggers = instantiate_all(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    protocol = {"tasks": tasks, "method": str(t_cfg.method), "selection": memory.selection,
+    protocol = {"tasks": tasks, "method": str(cfg.task.method), "selection": memory.selection,
                 "budget_bytes": memory.budget, "input": cfg.data.kind}
     results = finished_tasks(tasks_dir, len(tasks))
     for r in results:
@@ -118,7 +120,7 @@ def continual(cfg: DictConfig) -> dict:
                       {int(k): v for k, v in r["eval_total"].items()})
     if results:
         last = tasks_dir / f"{len(results) - 1:02d}"
-        task.model.load_state_dict(torch.load(last / "model.pt", map_location="cpu", weights_only=True))
+        learner.model.load_state_dict(torch.load(last / "model.pt", map_location="cpu", weights_only=True))
         memory.load(last / "memory")
         log.info("resuming after task %d of %d from %s", len(results) - 1, len(tasks), last)
 
@@ -129,16 +131,16 @@ def continual(cfg: DictConfig) -> dict:
         log.info("task %d/%d: classes %s; memory %d exemplars, %d bytes", t + 1, len(tasks), tasks[t],
                  len(memory), memory.nbytes)
         pl.seed_everything(int(cfg.seed) * 1000 + t, workers=True)  # a resumed task repeats the uninterrupted one
-        task.begin_task(seen=len(seen), old=len(seen) - len(tasks[t]), replay=memory.replay_set())
+        learner.begin_task(seen=len(seen), old=len(seen) - len(tasks[t]), replay=memory.replay_set())
         trainer = task_trainer(cfg, task_dir, loggers)
         t0 = time.perf_counter()
         dm.restrict_classes(tasks[t])
-        trainer.fit(task, datamodule=dm, ckpt_path=resolve_ckpt_path("last", task_dir))
+        trainer.fit(learner, datamodule=dm, ckpt_path=resolve_ckpt_path("last", task_dir))
         train_s = time.perf_counter() - t0
         dm.restrict_classes(seen)
-        trainer.validate(task, datamodule=dm, verbose=False)
-        correct, total = task.eval_correct.cpu().numpy(), task.eval_total.cpu().numpy()
-        train_counts = task.train_counts.cpu().numpy()
+        trainer.validate(learner, datamodule=dm, verbose=False)
+        correct, total = learner.eval_correct.cpu().numpy(), learner.eval_total.cpu().numpy()
+        train_counts = learner.train_counts.cpu().numpy()
         matrix.record(t, {c: int(correct[c]) for c in seen}, {c: int(total[c]) for c in seen})
         leaked = sorted(set(np.flatnonzero(total).tolist()) - set(seen))
         if leaked:
@@ -147,7 +149,7 @@ def continual(cfg: DictConfig) -> dict:
         new_idx = np.flatnonzero(np.isin(store.labels, tasks[t]) & allowed)
         mem_stats = {}
         if trainer.is_global_zero:
-            features, logits = predict_split(task, store, new_idx)
+            features, logits = predict_split(learner, store, new_idx)
             row = {int(i): r for r, i in enumerate(new_idx)}
             mem_stats = memory.update(t, new_idx, logit_dim=len(seen),
                                       features=lambda idx: features[[row[int(i)] for i in idx]],
@@ -160,7 +162,7 @@ def continual(cfg: DictConfig) -> dict:
                       "seen_accuracy": matrix.seen_accuracy(t), "accuracy_row": matrix.acc[t, :t + 1].tolist(),
                       "memory": mem_stats, "train_s": round(train_s, 2)}
             with atomic_open(task_dir / "model.pt") as f:
-                torch.save(task.model.state_dict(), f)
+                torch.save(learner.model.state_dict(), f)
             memory.save(task_dir / "memory")
             atomic_write_json(task_dir / "result.json", result)  # last: the task is done
             shutil.rmtree(task_dir / "checkpoints", ignore_errors=True)
@@ -174,7 +176,7 @@ def continual(cfg: DictConfig) -> dict:
 
     scores = matrix.summary()
     summary = {
-        "task": "continual", "method": t_cfg.method, "representation": cfg.data.kind,
+        "task": "continual", "method": cfg.task.method, "representation": cfg.data.kind,
         "selection": memory.selection, "budget_bytes": memory.budget, "num_tasks": len(tasks),
         "class_order": order, "tasks": tasks, **scores,
         "metrics": {"continual/average_incremental_accuracy": scores.get("average_incremental_accuracy"),
@@ -188,7 +190,7 @@ def continual(cfg: DictConfig) -> dict:
     }
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         png = output_dir / "accuracy_matrix.png"
-        matrix_png(matrix.acc, png, f"{cfg.data.kind}, {t_cfg.method}/{memory.selection}, "
+        matrix_png(matrix.acc, png, f"{cfg.data.kind}, {cfg.task.method}/{memory.selection}, "
                                     f"{memory.budget:,} B: avg inc. {scores.get('average_incremental_accuracy', 0):.3f}")
         for lg in loggers:
             if isinstance(lg, WandbLogger):
