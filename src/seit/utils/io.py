@@ -8,29 +8,69 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike):
-    """A binary file in the same dir as `path`, fsynced and renamed over it only once complete."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary path beside ``path`` for a writer that takes a file name (``torch.save``,
+    safetensors' ``save_file``), renamed over ``path`` once the body returns.
+
+    The temporary name is unique (``mkstemp``: ``.NAME.XXXXXXXX.tmp`` in the same directory, so
+    the rename stays on one filesystem and is atomic), the file is fsynced before the rename and
+    the directory after it, and it gets the usual ``0666 & ~umask`` mode (mkstemp makes 0600; datasets
+    are shared). If the body raises, the temporary file is removed and ``path`` keeps its old
+    content (or stays absent). Creates the parent directories. The writer must write that very
+    name: ``np.save`` appends ``.npy`` to it, so give numpy the file object of ``atomic_open``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; datasets are shared
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file opened for writing, renamed over ``path`` once complete (see ``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not fsync directories
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only set,
+    and setting it to read it races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
