@@ -36,10 +36,10 @@ from torch import nn
 
 from seit.tokenizers.base import Tokenizer
 from seit.utils.io import atomic_save_tensors
+from seit.utils.nearest import nearest_code
 
 log = logging.getLogger(__name__)
 
-_ASSIGN_ELEMENTS = 1 << 24  # distance-matrix entries per block (64 MB in float32)
 _GROUPS = 32  # taming's Normalize(): GroupNorm(32, C, eps=1e-6, affine=True)
 
 # The architecture fields (taming's ``ddconfig`` + ``n_embed``/``embed_dim``) and seit's extras.
@@ -304,18 +304,10 @@ class VectorQuantizer(nn.Module):
         return F.normalize(w, dim=1) if self.l2_normalized else w
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [N, D] -> ids [N] (argmin ||z - e||^2; with l2_normalized, argmax cosine)."""
-        codes = self.codes()
+        """z: [N, D] -> ids [N] (argmin ||z - e||^2; with l2_normalized, of the normalised z and codes)."""
         if self.l2_normalized:
             z = F.normalize(z, dim=1)
-        c2 = (codes * codes).sum(1)
-        out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-        rows = max(256, _ASSIGN_ELEMENTS // codes.shape[0])  # bound the [rows, K] distance block
-        for start in range(0, z.shape[0], rows):
-            block = z[start : start + rows]
-            # ||z||^2 is constant per row, so it does not change the argmin
-            out[start : start + block.shape[0]] = (c2 - 2 * block @ codes.T).argmin(1)
-        return out
+        return nearest_code(z, self.codes(), metric="l2")
 
 
 class TamingVQGAN(nn.Module):

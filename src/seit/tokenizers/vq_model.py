@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seit.utils.nearest import nearest_code
+
 
 def _norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(32, ch // 4) or 1, ch)
@@ -128,20 +130,22 @@ class CosineQuantizer(nn.Module):
         best one. Repeated neighbours are what the entropy coder stores almost for free, so a
         small margin buys many bytes for little reconstruction error (experiments/RESULTS.md).
         """
-        sims = torch.einsum("bdhw,kd->bhwk", F.normalize(z, dim=1), self.embed)
-        best, ids = sims.max(-1)
+        b, d, h, w = z.shape
+        z_unit = F.normalize(z, dim=1).permute(0, 2, 3, 1)  # [B,H,W,D]; embed rows are unit already
         if copy_margin <= 0:
-            return ids
-        floor = best - copy_margin
-        for i in range(ids.shape[1]):  # rows depend on the row above, tokens on their left one
-            row, row_sims = ids[:, i], sims[:, i]
+            return nearest_code(z_unit.reshape(-1, d), self.embed, metric="ip").reshape(b, h, w)
+        ids, best = nearest_code(z_unit.reshape(-1, d), self.embed, metric="ip", with_scores=True)
+        ids, floor = ids.reshape(b, h, w), best.reshape(b, h, w) - copy_margin
+        for i in range(h):  # rows depend on the row above, tokens on their left one
+            row_sims = (z_unit[:, i].reshape(-1, d) @ self.embed.T).reshape(b, w, -1)  # one row's [B,W,K]
+            row = ids[:, i]
             if i > 0:
                 up = ids[:, i - 1]
                 row = torch.where(row_sims.gather(-1, up[..., None])[..., 0] >= floor[:, i], up, row)
                 took_up = row == up
             else:
                 took_up = torch.zeros_like(row, dtype=torch.bool)
-            for j in range(1, ids.shape[2]):
+            for j in range(1, w):
                 left = row[:, j - 1]
                 take = ~took_up[:, j] & (row_sims[:, j].gather(-1, left[:, None])[:, 0] >= floor[:, i, j])
                 row[:, j] = torch.where(take, left, row[:, j])
