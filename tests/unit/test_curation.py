@@ -13,11 +13,12 @@ from conftest import write_token_dataset
 from seit.curation import embed as embed_mod
 from seit.curation.dbp import dbp_select, water_fill
 from seit.curation.embed import Embeddings, embed_split, open_embeddings
-from seit.curation.kmeans import cluster, train_kmeans
+from seit.curation.kmeans import cluster
 from seit.curation.manifest import read_subset, write_subset
 from seit.curation.semdedup import calibrate_eps, keep_mask, max_earlier_similarity, semdedup_scores
 from seit.data.datamodule import TokenDataModule
 from seit.data.dataset_info import DatasetError, TokenDatasetInfo
+from seit.utils.kmeans import kmeans, kmeans_pp
 
 
 def _unit(x):
@@ -129,20 +130,18 @@ def test_probes_find_duplicates_split_by_a_cluster_boundary():
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_seeded_kmeans_is_deterministic_and_unit_norm(backend):
     x = _blobs()
-    a, b = train_kmeans(x, 6, niter=10, seed=3, backend=backend), train_kmeans(x, 6, niter=10, seed=3, backend=backend)
+    a, b = (kmeans(x, 6, niter=10, seed=3, spherical=True, backend=backend) for _ in range(2))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
 
 
 def test_kmeans_pp_seeds_one_centre_per_separated_blob():
-    from seit.curation.kmeans import kmeans_pp
-
     rng = np.random.default_rng(0)
     centres = np.eye(8, dtype=np.float32)[:6]
     blob = rng.choice(6, 600, p=[0.8, 0.1, 0.04, 0.03, 0.02, 0.01])  # uniform draws would miss the small blobs
     x = _unit(centres[blob] + 0.01 * rng.normal(size=(600, 8)))
-    start = kmeans_pp(x, 6, seed=0)
-    np.testing.assert_array_equal(start, kmeans_pp(x, 6, seed=0))
+    start = kmeans_pp(x, 6, seed=0, spherical=True)
+    np.testing.assert_array_equal(start, kmeans_pp(x, 6, seed=0, spherical=True))
     assert sorted((start @ centres.T).argmax(1).tolist()) == list(range(6))
 
 
@@ -159,7 +158,7 @@ def _distributed_worker(rank, world, port, x, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     part = np.array_split(np.arange(len(x)), world)[rank]
-    c = train_kmeans(x[part], 6, niter=8, seed=1, backend="torch")
+    c = kmeans(x[part], 6, niter=8, seed=1, spherical=True, backend="torch")
     if rank == 0:
         np.save(out, c)
     dist.destroy_process_group()
@@ -169,8 +168,8 @@ def test_distributed_kmeans_matches_one_process(tmp_path):
     x = _blobs(seed=4)
     port = 29500 + os.getpid() % 1000
     torch.multiprocessing.spawn(_distributed_worker, args=(2, port, x, str(tmp_path / "c.npy")), nprocs=2)
-    np.testing.assert_allclose(np.load(tmp_path / "c.npy"), train_kmeans(x, 6, niter=8, seed=1, backend="torch"),
-                               atol=1e-5)
+    one = kmeans(x, 6, niter=8, seed=1, spherical=True, backend="torch")
+    np.testing.assert_allclose(np.load(tmp_path / "c.npy"), one, atol=1e-5)
 
 
 # -- manifests and the loader -------------------------------------------------------------------

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from seit.curation.kmeans import assign_chunk, train_kmeans
+from seit.curation.kmeans import assign_chunk
+from seit.utils.kmeans import kmeans
 
-CHUNK = 1 << 16
 STRATEGIES = ("random", "closest")
 
 
@@ -43,12 +43,9 @@ class Hierarchy:
 
 
 def _nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's nearest centroid and its cosine, in chunks so large inputs stay O(N) in memory."""
-    label, sim = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
-    for start in range(0, len(x), CHUNK):
-        lab, s = assign_chunk(x[start:start + CHUNK], centroids)
-        label[start:start + CHUNK], sim[start:start + CHUNK] = lab[:, 0], s[:, 0]
-    return label, sim
+    """Every row's nearest centroid and its cosine (``assign_chunk`` streams the rows in blocks)."""
+    label, sim = assign_chunk(x, centroids)
+    return label[:, 0], sim[:, 0]
 
 
 def _groups(label: np.ndarray, sim: np.ndarray, k: int) -> list[np.ndarray]:
@@ -65,12 +62,13 @@ def _seed(seed: int, level: int, step: int) -> int:
 
 def _cluster_level(x, k, r, steps, niter, seed, level, backend, init):
     """Algorithm 1 for one level: k-means, then ``steps`` times re-fit on the r closest per cluster."""
-    centroids = train_kmeans(x, k, niter, _seed(seed, level, 0), backend, init)
+    centroids = kmeans(x, k, niter=niter, seed=_seed(seed, level, 0), spherical=True, init=init, backend=backend)
     label, sim = _nearest(x, centroids)
     for step in range(1, steps + 1):
         groups = _groups(label, sim, len(centroids))
         pick = np.sort(np.concatenate([g[:r] for g in groups]))
-        centroids = train_kmeans(x[pick], min(k, len(pick)), niter, _seed(seed, level, step), backend, init)
+        centroids = kmeans(x[pick], min(k, len(pick)), niter=niter, seed=_seed(seed, level, step), spherical=True,
+                           init=init, backend=backend)
         label, sim = _nearest(x, centroids)  # re-assign all of the level's inputs, not just R
     groups = _groups(label, sim, len(centroids))
     keep = [j for j, g in enumerate(groups) if len(g)]  # drop empty clusters: every node non-empty

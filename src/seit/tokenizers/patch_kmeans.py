@@ -1,7 +1,8 @@
 """A k-means patch codebook: the simplest real tokenizer, fitted on CPU in about a minute.
 
 Each p x p RGB patch is projected onto its top-D principal components (D=32, like the
-ViT-VQGAN codebook SeiT uses), and the id is its nearest k-means centroid in that space.
+ViT-VQGAN codebook SeiT uses), and the id is its nearest k-means centroid in that space
+(``seit.utils.kmeans``, faiss; ``seit.utils.nearest``).
 Distances in the PCA space equal pixel-space squared error up to the dropped components, so
 the nearest centroid is also the best reconstruction the codebook can give. Decoding maps a
 centroid back through the PCA basis. The codebook is scaled to unit RMS so that the ViT sees
@@ -18,35 +19,8 @@ import torch.nn.functional as F
 from seit.tokenizers.base import Tokenizer
 from seit.tokenizers.codebook_tools import compaction_map
 from seit.utils.io import atomic_save_tensors
-
-_ASSIGN_BLOCK = 16384
-
-
-def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """argmin_k ||x - c_k||^2 in blocks, so memory stays bounded on millions of points."""
-    c2 = (centroids * centroids).sum(1)
-    out = torch.empty(points.shape[0], dtype=torch.long)
-    for start in range(0, points.shape[0], _ASSIGN_BLOCK):
-        block = points[start : start + _ASSIGN_BLOCK]
-        out[start : start + block.shape[0]] = (c2 - 2 * block @ centroids.T).argmin(1)
-    return out
-
-
-def kmeans(points: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
-    """Lloyd's k-means from a random-sample init; empty clusters are re-seeded at random points."""
-    if points.shape[0] < k:
-        raise ValueError(f"k-means needs at least k={k} points, got {points.shape[0]}")
-    centroids = points[torch.randperm(points.shape[0], generator=generator)[:k]].clone()
-    for _ in range(iters):
-        assign = nearest_centroid(points, centroids)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
-        counts = torch.bincount(assign, minlength=k).to(points.dtype)
-        empty = counts == 0
-        centroids = sums / counts.clamp_min(1)[:, None]
-        if empty.any():
-            picks = torch.randint(points.shape[0], (int(empty.sum()),), generator=generator)
-            centroids[empty] = points[picks]
-    return centroids
+from seit.utils.kmeans import kmeans
+from seit.utils.nearest import nearest_code
 
 
 class PatchKMeansTokenizer(Tokenizer):
@@ -86,7 +60,7 @@ class PatchKMeansTokenizer(Tokenizer):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         g = (images.shape[-2] // self.downsample, images.shape[-1] // self.downsample)
-        ids = nearest_centroid(self.project(self.patches(images)), self._codebook)
+        ids = nearest_code(self.project(self.patches(images)), self._codebook, metric="l2")
         return ids.reshape(images.shape[0], *g)
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
@@ -115,7 +89,13 @@ class PatchKMeansTokenizer(Tokenizer):
         basis = vecs.flip(1)[:, :embed_dim].T.float().contiguous()  # top-D principal directions
         coords = centered @ basis.T
         scale = float(coords.pow(2).mean().sqrt()) or 1.0
-        centroids = kmeans(coords / scale, codebook_size, iters, gen)
+        points = coords / scale
+        centroids = torch.from_numpy(kmeans(points.numpy(), codebook_size, niter=iters, seed=seed, backend="faiss"))
+        # A code that no patch is nearest to moves onto a random patch (Lloyd's rule for an empty
+        # cluster). faiss splits a big cluster instead, and on patches with fewer distinct values
+        # than codes (flat images) that turns float noise into distinct codes no data needs.
+        unused = torch.bincount(nearest_code(points, centroids), minlength=codebook_size) == 0
+        centroids[unused] = points[torch.randint(points.shape[0], (int(unused.sum()),), generator=gen)]
         codebook = centroids.to(torch.float16).to(torch.float32)
         return cls(images.shape[-1], patch_size, mean, basis, scale, codebook)
 
