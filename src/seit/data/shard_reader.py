@@ -211,7 +211,7 @@ def read_rows(info, split: str, rows) -> np.ndarray:
                          f"{int(wanted[0])}..{int(wanted[-1])}")
 
     def span(spec: ShardSpec, index: int) -> tuple[int, int, int]:
-        """(its first split position, and the range of ``wanted`` that falls into the chunk)"""
+        """The chunk's first split position, and the slice of ``wanted`` that falls into the chunk."""
         start = first[spec.path, index]
         lo, hi = np.searchsorted(wanted, [start, start + spec.chunk_count(index)])
         return start, int(lo), int(hi)
