@@ -1,4 +1,10 @@
-"""``task=train``: fit a classifier on a token dataset (or on images, for the pixel baseline)."""
+"""Every training task (``task=train``, ``pretrain_mtm``, ``train_tokenizer``, ``train_tokenadapt``, and any
+task config naming a LightningModule): one path that does not know which objective it builds.
+
+The data module is set up, what the data decides is read once (``data_facts``), and
+``task._target_`` is instantiated with the other ``task.*`` keys and those facts; then one Lightning
+fit with the configured trainer, callbacks and loggers, and one ``summary.json``.
+"""
 
 from __future__ import annotations
 
