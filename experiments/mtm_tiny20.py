@@ -42,7 +42,7 @@ def rows(seed: int, args) -> dict[str, list[str]]:
     return {
         "mtm": [*BASE, "task=pretrain_mtm", "aug.rrc.enabled=true", "aug.rrc.scale=[0.2,1.0]",
                 "task.decoder.decoder_dim=128", "task.decoder.decoder_depth=2", "task.decoder.decoder_heads=4",
-                "optim.betas=[0.9,0.95]", "optim.min_lr=0.0", f"trainer.max_epochs={args.pretrain}",
+                "optim.betas=[0.9,0.95]", "scheduler.min_lr=0.0", f"trainer.max_epochs={args.pretrain}",
                 f"task.soft_tau={args.soft_tau}"],
         "finetune": [*BASE, f"model.pretrained={export}", "optim.layer_decay=0.75",
                      f"trainer.max_epochs={args.finetune}"],
