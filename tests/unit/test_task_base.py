@@ -92,3 +92,29 @@ def test_a_new_objective_is_a_module_plus_a_config():
     assert isinstance(task.configure_optimizers(), torch.optim.AdamW)
     with pytest.raises(ValueError, match="task.depth is not an argument of .*ConstantTask"):
         instantiate_task(OmegaConf.merge(cfg, {"depth": 3}), DATA)
+
+
+def test_checkpoints_from_before_the_config_composed_tasks_rebuild():
+    old = {"model": {"name": "t", "input": "tokens", "embed_dim": 16, "depth": 2, "num_heads": 2, "codebook_size": K,
+                     "codebook_dim": D, "embedding": "codebook", "pretrained": None},
+           "optim": {"lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.999], "eps": 1e-8, "warmup_epochs": 1,
+                     "min_lr": 1e-5},
+           "aug": {"crop": GRID}, "num_classes": 3, "input_grid": GRID, "batch_size": 4, "codebook_sha256": "abc",
+           "label_smoothing": 0.1, "ema_decay": 0.0, "compile": False, "seed": 0, "linear_probe": False}
+    task = ClassificationTask.from_hparams(old)
+    assert task.data.codebook_sha256 == "abc" and task.model.vit.head.out_features == 3
+    task.load_state_dict(classifier().state_dict())  # the parameter names did not change
+    from seit.tasks.mtm import MTMTask
+
+    old_mtm = {"model": {"embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 4.0, "dropout": 0.1,
+                         "decoder_dim": 8, "decoder_depth": 1, "decoder_heads": 2, "decoder_dropout": 0.1},
+               "mask": {"mean": 0.45, "std": 0.25, "min": 0.4, "max": 1.0, "drop_ratio": 0.4, "val_ratio": 0.6},
+               "optim": dict(old["optim"]), "aug": {"crop": GRID}, "input_grid": GRID, "batch_size": 4,
+               "codebook_size": K, "codebook_dim": D, "codebook_sha256": "abc", "smoothing": 0.0, "seed": 0,
+               "soft_tau": 0.0}
+    mtm = MTMTask.from_hparams(old_mtm)
+    assert mtm.model.config["decoder_dim"] == 8 and mtm.model.config["dropout"] == 0.1
+    from seit.tasks.tokenadapt import TokenAdaptTask
+
+    with pytest.raises(ValueError, match="written before the config-composed tasks"):
+        TokenAdaptTask.from_hparams({"tokenizer": "t.safetensors", "out_grid": 8, "geo": {}, "optim": {}})
