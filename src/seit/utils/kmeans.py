@@ -122,8 +122,9 @@ def _faiss():
 def _faiss_kmeans(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool,
                   start: np.ndarray | None) -> np.ndarray:
     faiss = _faiss()
+    # max_points_per_centroid: all of x, no subsampling by faiss (the callers sample)
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, gpu=faiss.get_num_gpus() > 0,
-                      max_points_per_centroid=max(256, -(-len(x) // k)), verbose=False)  # no subsampling: the caller samples
+                      max_points_per_centroid=max(256, -(-len(x) // k)), verbose=False)
     km.train(x, init_centroids=start)
     return _unit(km.centroids) if spherical else np.ascontiguousarray(km.centroids, dtype=np.float32)
 
