@@ -16,6 +16,8 @@ from typing import Iterator
 
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from seit.utils.io import atomic_path
+
 
 class CheckpointError(ValueError):
     pass
@@ -38,15 +40,12 @@ def unreadable(path: str | os.PathLike, what: str) -> Iterator[None]:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+            with atomic_path(path) as tmp:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
         except (OSError, RuntimeError) as e:  # a full disk: torch says "file write failed", not where
-            tmp.unlink(missing_ok=True)
             reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
             raise OSError(getattr(e, "errno", None), f"cannot write checkpoint {path}: {reason}") from e
-        os.replace(tmp, path)
 
     def load_checkpoint(self, path, *args, **kwargs):
         with unreadable(path, "checkpoint"):
