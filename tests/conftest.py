@@ -48,7 +48,7 @@ def write_token_dataset(root: Path, *, counts: dict[str, list[int]], grid=(8, 8)
             records.append(write_shard(root / SHARD_DIR / f"{split}-{s:06d}.tar", ids, labels, keys, split=split,
                                        codec="zstd-planes", codebook_size=codebook_size,
                                        chunk_size=chunk_size).to_dict())
-    return write_dataset_info(root, shards=records, grid=grid, codebook_size=codebook_size, embed_dim=4,
+    return write_dataset_info(root, shards=records, grid=grid, codebook_size=codebook_size, codebook_dim=4,
                               codec="zstd-planes", chunk_size=chunk_size, codebook_sha256=fingerprint,
                               classes=[f"c{i}" for i in range(num_classes)], source_bytes=0)
 
@@ -60,7 +60,7 @@ def tokenize_config(images: Path, root: Path, **build):
     return OmegaConf.create({
         "paths": {"cache_dir": str(root.parent / "cache")},
         "tokenizer": {"kind": "patch_kmeans", "checkpoint": None, "image_size": 16, "patch_size": 4,
-                      "codebook_size": 16, "embed_dim": 8, "fit_images": 20, "fit_patches": 2000, "fit_iters": 5,
+                      "codebook_size": 16, "codebook_dim": 8, "fit_images": 20, "fit_patches": 2000, "fit_iters": 5,
                       "seed": 0, "compact": False},
         "data": {"root": str(root), "build": {
             "source": str(images), "shard_size": 10, "chunk_size": 4, "codec": "ctx-rans", "codec_fit_samples": 12,

@@ -28,7 +28,7 @@ def paths(tmp: Path) -> list[str]:
 
 def synthetic(tmp: Path, images: Path, **tok) -> list[str]:
     """Overrides that train a tiny token model on a synthetic image folder."""
-    t = {"image_size": 16, "patch_size": 2, "codebook_size": 32, "embed_dim": 4, **tok}
+    t = {"image_size": 16, "patch_size": 2, "codebook_size": 32, "codebook_dim": 4, **tok}
     return [*paths(tmp), f"data.build.source={images}", "data.build.workers=0", "data.build.shard_size=10",
             "data.build.chunk_size=4", "debug=fast", "aug.crop=6", *[f"tokenizer.{k}={v}" for k, v in t.items()]]
 

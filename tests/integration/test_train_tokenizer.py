@@ -12,7 +12,7 @@ from seit.data.dataset_info import TokenDatasetInfo
 
 pytestmark = pytest.mark.integration
 TINY_VQ = ["tokenizer=vq", "tokenizer.image_size=16", "tokenizer.model.ch=8", "tokenizer.model.ch_mult=[1,2]",
-           "tokenizer.model.codebook_size=16", "tokenizer.model.embed_dim=4"]
+           "tokenizer.model.codebook_size=16", "tokenizer.model.codebook_dim=4"]
 
 
 def test_train_tokenizer_then_tokenize_with_it(tmp_path):
@@ -48,7 +48,7 @@ def test_tokenize_with_a_taming_vqgan_checkpoint(tmp_path):
     from seit.tokenizers.taming_vqgan import TamingVQGAN
 
     tiny = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], in_channels=3, out_ch=3,
-                resolution=16, z_channels=4, double_z=False, dropout=0.0, n_embed=16, embed_dim=4)
+                resolution=16, z_channels=4, double_z=False, dropout=0.0, n_embed=16, codebook_dim=4)
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": TamingVQGAN(tiny).state_dict()}, ckpt)
     images = make_image_folder(tmp_path / "images", classes=2, train=3, val=1)

@@ -34,7 +34,7 @@ def unlabel(root, shard: str, rows: list[int], record: bool) -> None:
     meta = info.meta
     extra = {"unlabelled": {s: len(rows) if s == split else 0 for s in meta["splits"]}} if record else {}
     write_dataset_info(root, shards=[new if s["name"] == shard else s for s in meta["shards"]], grid=meta["grid"],
-                       codebook_size=meta["codebook_size"], embed_dim=meta["embed_dim"], codec=meta["codec"],
+                       codebook_size=meta["codebook_size"], codebook_dim=meta["codebook_dim"], codec=meta["codec"],
                        chunk_size=meta["chunk_size"], codebook_sha256=meta["codebook_sha256"],
                        classes=meta["classes"], source_bytes=0, **extra)
 

@@ -66,3 +66,14 @@ def test_synonym_table_round_trip_and_checks(tmp_path):
     save_synonyms(tmp_path / SYNONYMS_FILE, table[:10])
     with pytest.raises(DatasetError, match=r"a \(10, 5\) table, not \[300, k\]"):
         info.load_synonyms()
+
+
+def test_codebook_dim_is_read_under_its_name_and_under_the_legacy_embed_dim(tmp_path):
+    meta = write_token_dataset(tmp_path, counts={"train": [5]})
+    assert meta["codebook_dim"] == 4 and "embed_dim" not in meta
+    assert TokenDatasetInfo.open(tmp_path).codebook_dim == 4
+    # a dataset.json written before the rename: embed_dim is the codebook width (not sealed, so the seal holds)
+    legacy = {("embed_dim" if k == "codebook_dim" else k): v for k, v in meta.items()}
+    (tmp_path / INFO_FILE).write_text(json.dumps(legacy))
+    assert TokenDatasetInfo.open(tmp_path).codebook_dim == 4
+    assert TokenDatasetInfo(tmp_path, {"codebook_dim": 8, "embed_dim": 4}).codebook_dim == 8  # the new name wins

@@ -17,7 +17,7 @@ from seit.tokenizers.taming_vqgan import (
 # Tiny but structurally complete: 2 levels (one Downsample/Upsample), attention at 8 px, nin_shortcuts.
 # Widths are multiples of 32 because taming's GroupNorm uses 32 groups.
 TINY = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], in_channels=3, out_ch=3,
-            resolution=16, z_channels=4, double_z=False, dropout=0.0, n_embed=16, embed_dim=4)
+            resolution=16, z_channels=4, double_z=False, dropout=0.0, n_embed=16, codebook_dim=4)
 
 # Names as they appear in the state dict of the original taming VQModel (f=16 layout, 5 levels).
 KNOWN_TAMING_KEYS_F16 = [
@@ -75,7 +75,7 @@ def _taming_ckpt(path, model, extra=None, drop=None, reshape=None):
 
 def test_key_layout_matches_taming_f16():
     model = TamingVQGAN(dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
-                             resolution=256, z_channels=256, n_embed=1024, embed_dim=256))
+                             resolution=256, z_channels=256, n_embed=1024, codebook_dim=256))
     sd = model.state_dict()
     missing = [k for k in KNOWN_TAMING_KEYS_F16 if k not in sd]
     assert not missing, missing
@@ -191,7 +191,7 @@ def test_wrong_shape_raises_naming_file_key_and_fields(tmp_path):
         load_taming_checkpoint(path, TINY)
     msg = str(e.value)
     assert "shape.ckpt" in msg and "quantize.embedding.weight: (16, 5) vs (16, 4)" in msg
-    assert "n_embed / embed_dim" in msg
+    assert "n_embed / codebook_dim" in msg
 
 
 def test_wrong_architecture_points_at_config_fields(tmp_path):
@@ -230,7 +230,7 @@ def test_config_accepts_taming_layout_and_omegaconf():
 
     nested = {"model": {"target": "taming.models.vqgan.VQModel",
                         "params": {"embed_dim": 4, "n_embed": 16, "ddconfig": {k: v for k, v in TINY.items()
-                                                                                if k not in ("n_embed", "embed_dim")},
+                                                                                if k not in ("n_embed", "codebook_dim")},
                                    "lossconfig": {"target": "x"}}}}
     flat = taming_config(TINY)
     assert taming_config(nested) == flat
@@ -252,3 +252,21 @@ def test_runs_on_gpu_and_returns_on_input_device(tmp_path):
     assert ids.device.type == "cpu" and ids.shape == (2, 8, 8)
     assert tok.decode(ids).device.type == "cpu"
     assert tok.codebook.device.type == "cpu"
+
+
+def test_a_tokenizer_saved_before_the_codebook_dim_rename_loads(tmp_path):
+    from safetensors.torch import load_file
+
+    tok = from_taming_checkpoint(_taming_ckpt(tmp_path / "last.ckpt", _model()), TINY)
+    path = tmp_path / "old.safetensors"
+    tok.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    assert config["codebook_dim"] == 4 and "embed_dim" not in config
+    old = {("embed_dim" if k == "codebook_dim" else k): v for k, v in config.items()}  # as files were written before
+    save_file(load_file(str(path)), str(path), metadata={**meta, "config": json.dumps(old, sort_keys=True)})
+    loaded = load_tokenizer(path)
+    assert loaded.config == tok.config and loaded.codebook_dim == 4
+    x = _images(2, seed=1)
+    assert torch.equal(loaded.encode(x), tok.encode(x))

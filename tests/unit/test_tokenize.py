@@ -331,3 +331,41 @@ def test_unlabelled_splits_and_empty_classes_are_warned_and_recorded(tmp_path, c
     assert meta["unlabelled"] == {"train": 0, "val": 0}
     assert meta["empty_classes"] == {"train": ["class9"], "val": ["class9"]}
     assert "without images: train: class9; val: class9; kept" in caplog.text
+
+
+def _legacy(tokenizer: dict) -> dict:
+    """Tokenizer settings as plans and dataset.json wrote them before codebook_dim was called that."""
+    return {("embed_dim" if k == "codebook_dim" else k): v for k, v in tokenizer.items()}
+
+
+def test_a_plan_from_before_the_codebook_dim_rename_resumes(tmp_path, image_folder, monkeypatch):
+    clean = tok.tokenize(tokenize_config(image_folder, tmp_path / "clean"))
+    root = tmp_path / "ds"
+    interrupted(tokenize_config(image_folder, root), monkeypatch)
+    path = root / ".progress" / "plan.json"
+    plan = json.loads(path.read_text())
+    assert plan["tokenizer"]["codebook_dim"] == 8
+    path.write_text(json.dumps({**plan, "tokenizer": _legacy(plan["tokenizer"])}))
+    cfg = tokenize_config(image_folder, root)
+    cfg.tokenizer.codebook_dim = 4
+    with pytest.raises(DatasetError, match=r"other settings: tokenizer.codebook_dim=4 \(built with 8\); resume"):
+        tok.tokenize(cfg)  # the old key is compared under its new name
+    meta = tok.tokenize(tokenize_config(image_folder, root))
+    assert [s["sha256"] for s in meta["shards"]] == [s["sha256"] for s in clean["shards"]]
+    assert meta["codebook_dim"] == 8 and meta["build"]["tokenizer"] == clean["build"]["tokenizer"]
+
+
+def test_a_dataset_from_before_the_codebook_dim_rename_is_still_the_same_dataset(tmp_path, image_folder, caplog):
+    root = tmp_path / "ds"
+    meta = tok.tokenize(tokenize_config(image_folder, root))
+    legacy = {("embed_dim" if k == "codebook_dim" else k): v for k, v in meta.items()}
+    legacy["build"] = {**meta["build"], "tokenizer": _legacy(meta["build"]["tokenizer"])}
+    (root / "dataset.json").write_text(json.dumps(legacy))
+    assert TokenDatasetInfo.open(root).codebook_dim == 8
+    with caplog.at_level(logging.INFO):
+        assert tok.tokenize(tokenize_config(image_folder, root))["num_samples"] == meta["num_samples"]
+    assert "nothing to do" in caplog.text
+    cfg = tokenize_config(image_folder, root)
+    cfg.tokenizer.codebook_dim = 4
+    with pytest.raises(DatasetError, match=r"built with other settings: tokenizer.codebook_dim=4 \(built with 8\);"):
+        tok.tokenize(cfg)

@@ -13,7 +13,7 @@ def _images(n=24, size=32, seed=0):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return PatchKMeansTokenizer.fit(_images(), patch_size=4, codebook_size=64, embed_dim=8, max_patches=5000,
+    return PatchKMeansTokenizer.fit(_images(), patch_size=4, codebook_size=64, codebook_dim=8, max_patches=5000,
                                     iters=10, seed=0)
 
 

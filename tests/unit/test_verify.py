@@ -198,3 +198,19 @@ def test_parity_added_to_a_finished_dataset_repairs_it(tmp_path):
     shard.write_bytes(clean[: len(clean) - 2 * BLOCK])
     assert verify(_cfg(root, tmp_path / "repair", repair=True))["repaired"] == {"val-000000.tar": "parity"}
     assert shard.read_bytes() == clean
+
+
+def test_parity_added_to_a_dataset_from_before_the_rename_writes_codebook_dim(tmp_path):
+    root = tmp_path / "ds"
+    meta = _dataset(root)
+    legacy = {("embed_dim" if k == "codebook_dim" else k): v for k, v in meta.items()}
+    legacy["build"] = {"shard_size": 40, "tokenizer": {"kind": "patch_kmeans", "embed_dim": 4, "seed": 0}}
+    (root / INFO_FILE).write_text(json.dumps(legacy))
+    cfg = _cfg(root, tmp_path / "add")
+    cfg.parity = 0.3
+    assert verify(cfg)["parity_written"] == 3
+    meta = json.loads((root / INFO_FILE).read_text())
+    assert meta["codebook_dim"] == 4 and "embed_dim" not in meta
+    assert meta["build"]["tokenizer"] == {"kind": "patch_kmeans", "codebook_dim": 4, "seed": 0}
+    assert meta["build"]["parity"] == 0.3 and meta["meta_sha256"] == seal(meta)
+    assert not verify(_cfg(root, tmp_path / "again"))["faults"]

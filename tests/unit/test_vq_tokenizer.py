@@ -4,7 +4,7 @@ import torch
 from seit.tokenizers import VQTokenizer, load_tokenizer
 from seit.tokenizers.vq_model import CosineQuantizer, VQModel
 
-TINY = {"ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "codebook_size": 16, "embed_dim": 4}
+TINY = {"ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "codebook_size": 16, "codebook_dim": 4}
 
 
 def test_shapes_and_downsampling():
@@ -63,7 +63,7 @@ def test_compaction_keeps_encodings_and_saves_the_map(tmp_path):
     assert torch.equal(again.compaction, small.compaction) and again.codebook_size == small.codebook_size
 
 
-PATCH = {"arch": "patch", "patch": 4, "width": 16, "depth": 1, "refine_ch": 4, "codebook_size": 16, "embed_dim": 4}
+PATCH = {"arch": "patch", "patch": 4, "width": 16, "depth": 1, "refine_ch": 4, "codebook_size": 16, "codebook_dim": 4}
 
 
 def test_patch_arch_grid_gradients_and_round_trip(tmp_path):
@@ -133,3 +133,27 @@ def test_copy_margin_trades_exactness_for_repeats():
     up_or_left[:, 1:] |= some[:, 1:] == some[:, :-1]
     up_or_left[:, :, 1:] |= some[:, :, 1:] == some[:, :, :-1]
     assert up_or_left[changed].all()  # a changed token always repeats a neighbour
+
+
+def test_a_tokenizer_saved_before_the_codebook_dim_rename_loads(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tok = VQTokenizer(VQModel(**TINY), image_size=32)
+    path = tmp_path / "old.safetensors"
+    tok.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    assert config["codebook_dim"] == 4 and "embed_dim" not in config
+    old = {("embed_dim" if k == "codebook_dim" else k): v for k, v in config.items()}  # as files were written before
+    save_file(load_file(str(path)), str(path), metadata={**meta, "config": json.dumps(old)})
+    loaded = load_tokenizer(path)
+    x = torch.rand(2, 3, 32, 32)
+    assert loaded.model.config == tok.model.config and loaded.codebook_dim == 4
+    assert torch.equal(loaded.encode(x), tok.encode(x)) and loaded.fingerprint == tok.fingerprint
+    # a tokenizer training checkpoint written before the rename holds embed_dim in its hyper-parameters
+    legacy = {("embed_dim" if k == "codebook_dim" else k): v for k, v in TINY.items()}
+    assert VQModel(**legacy).config == VQModel(**TINY).config

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seit.data.dataset_info import INFO_FILE, SHARD_DIR, TokenDatasetInfo, write_dataset_info
+from seit.data.dataset_info import INFO_FILE, SHARD_DIR, TokenDatasetInfo, upgraded_meta, write_dataset_info
 from seit.data.shard_reader import load_shard, read_shard
 from seit.data.shard_writer import write_shard
 from seit.utils.io import atomic_write_bytes
@@ -61,14 +61,14 @@ def write_subset_dataset(info: TokenDatasetInfo, subset, out: str | Path) -> Pat
     for f in info.root.iterdir():  # codebook, synonyms, codec model: everything but shards and dataset.json
         if f.is_file() and f.name != INFO_FILE and not f.name.startswith("."):
             shutil.copy2(f, out / f.name)
-    m = info.meta
+    m = upgraded_meta(info.meta)  # embed_dim (written before the rename) -> codebook_dim
     extra = {k: v for k, v in m.items() if k not in ("format", "version", "num_samples", "splits", "grid", "codebook_size",
-                                                     "embed_dim", "codec", "chunk_size", "codebook_sha256", "classes",
+                                                     "codebook_dim", "codec", "chunk_size", "codebook_sha256", "classes",
                                                      "shards", "source_bytes", "bytes_on_disk", "bytes_per_sample",
                                                      "percent_of_source")}
     extra["subset_of"] = {"dataset": str(info.root), "manifest": str(subset.root), "split": subset.split,
                           "kept": subset.meta["num_kept"], "total": subset.meta["num_total"]}
-    write_dataset_info(out, shards=records, grid=info.grid, codebook_size=info.codebook_size, embed_dim=m.get("embed_dim", 32),
-                       codec=info.codec, chunk_size=chunk, codebook_sha256=info.fingerprint, classes=info.classes,
-                       source_bytes=0, **extra)
+    write_dataset_info(out, shards=records, grid=info.grid, codebook_size=info.codebook_size,
+                       codebook_dim=info.codebook_dim, codec=info.codec, chunk_size=chunk, codebook_sha256=info.fingerprint,
+                       classes=info.classes, source_bytes=0, **extra)
     return out

@@ -33,6 +33,28 @@ REQUIRED_FIELDS = ("format", "version", "num_samples", "grid", "codebook_size", 
                    "classes", "shards", "bytes_on_disk", "source_bytes", "chunk_size")
 
 
+# Keys renamed since they were first written to disk (old name -> new name): dataset.json, the
+# tokenize plan's "tokenizer" settings (also dataset.json's "build"), saved tokenizer configs.
+# ``embed_dim`` was the codebook's width D; embed_dim now means only the ViT's width.
+RENAMED_KEYS = {"embed_dim": "codebook_dim"}
+
+
+def upgraded(d: dict) -> dict:
+    """``d`` with each old key (``RENAMED_KEYS``) under its new name; a new key already there wins."""
+    if not any(old in d for old in RENAMED_KEYS):
+        return d
+    return {RENAMED_KEYS.get(k, k): v for k, v in d.items() if RENAMED_KEYS.get(k) not in d}
+
+
+def upgraded_meta(meta: dict) -> dict:
+    """A dataset.json's fields under their current names: its own and its build plan's tokenizer settings."""
+    out = upgraded(meta)
+    build = out.get("build")
+    if isinstance(build, dict) and isinstance(build.get("tokenizer"), dict):
+        out = {**out, "build": {**build, "tokenizer": upgraded(build["tokenizer"])}}
+    return out
+
+
 class DatasetError(ValueError):
     """A token dataset that is missing, incomplete or does not match what the caller expects."""
 
@@ -118,7 +140,7 @@ def file_checksums(root: Path) -> dict[str, str]:
 
 
 def write_dataset_info(root: str | os.PathLike, *, shards: list[dict], grid: tuple[int, int], codebook_size: int,
-                       embed_dim: int, codec: str, chunk_size: int, codebook_sha256: str, classes: list[str],
+                       codebook_dim: int, codec: str, chunk_size: int, codebook_sha256: str, classes: list[str],
                        source_bytes: int, **extra) -> dict:
     """Write dataset.json last and once (atomically), when every shard and the codebook are in place.
 
@@ -130,7 +152,7 @@ def write_dataset_info(root: str | os.PathLike, *, shards: list[dict], grid: tup
     for s in shards:
         splits[s["split"]] = splits.get(s["split"], 0) + s["count"]
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "num_samples": sum(splits.values()), "splits": splits,
-            "grid": list(grid), "codebook_size": codebook_size, "embed_dim": embed_dim, "codec": codec,
+            "grid": list(grid), "codebook_size": codebook_size, "codebook_dim": codebook_dim, "codec": codec,
             "chunk_size": chunk_size, "codebook_sha256": codebook_sha256, "codebook_file": CODEBOOK_FILE,
             "classes": list(classes), **extra, "shards": shards, "file_sha256": file_checksums(root),
             "source_bytes": source_bytes, "bytes_on_disk": 0}
@@ -197,8 +219,8 @@ class TokenDatasetInfo:
 
     @property
     def codebook_dim(self) -> int:
-        """The codebook's width D (dataset.json keeps it as ``embed_dim``, its name when the format was set)."""
-        return int(self.meta.get("embed_dim", 32))
+        """The codebook's width D: ``codebook_dim``, or ``embed_dim`` in a dataset.json written before the rename."""
+        return int(upgraded(self.meta).get("codebook_dim", 32))
 
     @property
     def codec(self) -> str:

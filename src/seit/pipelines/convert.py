@@ -91,7 +91,7 @@ def import_seit(cfg) -> dict:
         atomic_write_bytes(root / SEIT_SYNONYMS, synonyms_path.read_bytes())
     max_label = max((int(labels.max(initial=-1)) for _, labels in splits.values()), default=-1)
     meta = write_dataset_info(
-        root, shards=records, grid=grid, codebook_size=k, embed_dim=int(codebook.shape[1]), codec=build.codec,
+        root, shards=records, grid=grid, codebook_size=k, codebook_dim=int(codebook.shape[1]), codec=build.codec,
         chunk_size=build.chunk_size, codebook_sha256=fingerprint, classes=[str(i) for i in range(max_label + 1)],
         source_bytes=sum(os.path.getsize(p) for p in read), **extra, **codec_fields,
         imported_from={"format": "seit", "dir": str(src.resolve()), "prefix": prefix, "splits": list(splits),

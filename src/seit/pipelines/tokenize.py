@@ -72,10 +72,10 @@ def fit_tokenizer(cfg, records: list[ImageRecord]) -> Tokenizer:
             if not cfg.data.build.skip_bad_images:
                 raise
     images = torch.from_numpy(np.stack(images)).float() / 255
-    log.info("fitting %s tokenizer (K=%d, D=%d, patch %d) on %d images", t.kind, t.codebook_size, t.embed_dim,
+    log.info("fitting %s tokenizer (K=%d, D=%d, patch %d) on %d images", t.kind, t.codebook_size, t.codebook_dim,
              t.patch_size, len(images))
     tokenizer = PatchKMeansTokenizer.fit(images, patch_size=t.patch_size, codebook_size=t.codebook_size,
-                                         embed_dim=t.embed_dim, max_patches=t.fit_patches, iters=t.fit_iters,
+                                         codebook_dim=t.codebook_dim, max_patches=t.fit_patches, iters=t.fit_iters,
                                          seed=t.seed)
     if t.compact:
         counts = torch.bincount(tokenizer.encode(images).reshape(-1), minlength=tokenizer.codebook_size)
@@ -286,7 +286,7 @@ def _tokenize(cfg) -> dict:
     skipped = [s for r in done for s in r.pop("skipped_samples")]
     fields = dict(
         shards=done, grid=tokenizer.grid, codebook_size=tokenizer.codebook_size,
-        embed_dim=int(tokenizer.codebook.shape[1]), codec=build.codec, chunk_size=build.chunk_size,
+        codebook_dim=tokenizer.codebook_dim, codec=build.codec, chunk_size=build.chunk_size,
         codebook_sha256=fingerprint, classes=listing.classes, image_size=tokenizer.image_size,
         tokenizer={"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve()),
                    **({"copy_margin": margin} if margin else {})},

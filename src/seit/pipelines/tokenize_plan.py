@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from seit.data.codec import CODECS, MODEL_CODECS
-from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError
+from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError, upgraded
 from seit.data.embedded import source_id
 from seit.data.image_source import ImageRecord, SourceListing
 from seit.tokenizers import PatchKMeansTokenizer
@@ -30,7 +30,7 @@ from seit.utils.io import atomic_write_json
 PROGRESS_DIR = ".progress"
 PLAN_FILE = "plan.json"
 # what decides the codebook of a tokenizer that tokenize fits itself
-_FIT_KEYS = ("kind", "image_size", "patch_size", "codebook_size", "embed_dim", "fit_images", "fit_patches",
+_FIT_KEYS = ("kind", "image_size", "patch_size", "codebook_size", "codebook_dim", "fit_images", "fit_patches",
              "fit_iters", "seed", "compact")
 _NAMES = {"listing_sha256": "the source's image listing (images added, removed or relabelled)",
           "codebook_sha256": "the tokenizer's codebook"}
@@ -78,7 +78,7 @@ def _validate_tokenizer(t) -> None:
     if t.kind != PatchKMeansTokenizer.kind:
         raise ValueError(f"a {t.kind!r} tokenizer is not fitted by tokenize: train one with task=train_tokenizer "
                          "(or bring one) and pass tokenizer.checkpoint=PATH")
-    for key, low in (("patch_size", 1), ("codebook_size", 2), ("embed_dim", 1), ("fit_images", 1),
+    for key, low in (("patch_size", 1), ("codebook_size", 2), ("codebook_dim", 1), ("fit_images", 1),
                      ("fit_patches", 1), ("fit_iters", 0), ("seed", 0)):
         _int(f"tokenizer.{key}", t[key], low, f"an integer >= {low}")
     _require("tokenizer.image_size", t.image_size, t.image_size % t.patch_size == 0,
@@ -103,9 +103,17 @@ def settings(cfg) -> dict:
     return out
 
 
+def upgraded_plan(plan: dict) -> dict:
+    """A plan (or dataset.json's ``build``) with its tokenizer settings under their current names:
+    one written before the rename says ``embed_dim`` for what is now ``codebook_dim``."""
+    tok = plan.get("tokenizer")
+    return {**plan, "tokenizer": upgraded(tok)} if isinstance(tok, dict) else plan
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """Each key of ``new`` that ``old`` records otherwise, as ``key=new (built with old)``."""
     out = []
+    old = upgraded_plan(old)
     for key, value in new.items():
         if key == "tokenizer":
             was = old.get(key) or {}
@@ -157,7 +165,7 @@ def start_plan(root: Path, plan: dict) -> dict:
     """Save the plan as the first file in root, or check it against the interrupted run's; returns the saved plan."""
     path = root / PROGRESS_DIR / PLAN_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = upgraded_plan(json.loads(path.read_text()))
         diff = differences(old, plan)
         if diff:
             raise DatasetError(f"{root} holds an interrupted tokenize run with other settings: {'; '.join(diff)}; "

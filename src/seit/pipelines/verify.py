@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 from seit.data.chunk import decode_chunk
 from seit.data.codec import CodecError
 from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, DatasetError, ShardSpec, TokenDatasetInfo, listing_problems,
-                                    SYNONYMS_FILE, save_codebook, save_synonyms, seal, write_dataset_info)
+                                    SYNONYMS_FILE, save_codebook, save_synonyms, seal, upgraded_meta, write_dataset_info)
 from seit.data.shard_reader import ShardReadError, check_values, read_chunks, tar_members
 from seit.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 # dataset.json fields that write_dataset_info derives itself
-DERIVED_FIELDS = ("format", "version", "num_samples", "splits", "shards", "embed_dim", "bytes_on_disk", "bytes_per_sample",
+DERIVED_FIELDS = ("format", "version", "num_samples", "splits", "shards", "codebook_dim", "bytes_on_disk", "bytes_per_sample",
                   "percent_of_source", "file_sha256", "meta_sha256")
 # Files repair can rewrite ("" = no advice needed), and what to say of the others.
 REPAIRABLE_FILES = {CODEBOOK_FILE: "", SYNONYMS_FILE: ""}
@@ -235,10 +235,11 @@ def add_parity(info: TokenDatasetInfo, fraction: float) -> int:
     if written:
         fields = {k: meta[k] for k in ("grid", "codebook_size", "codec", "chunk_size", "codebook_sha256", "classes",
                                        "source_bytes")}
-        extra = {k: v for k, v in meta.items() if k not in (*fields, *DERIVED_FIELDS)}
+        # a file written before a rename (embed_dim -> codebook_dim) is written again under the current names
+        extra = {k: v for k, v in upgraded_meta(meta).items() if k not in (*fields, *DERIVED_FIELDS)}
         if "build" in extra:
             extra["build"] = {**extra["build"], "parity": float(fraction)}
-        write_dataset_info(info.root, shards=shards, embed_dim=meta.get("embed_dim", 32), **fields, **extra)
+        write_dataset_info(info.root, shards=shards, codebook_dim=info.codebook_dim, **fields, **extra)
     return written
 
 

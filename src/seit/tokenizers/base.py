@@ -47,5 +47,10 @@ class Tokenizer(abc.ABC):
         return int(self.codebook.shape[0])
 
     @property
+    def codebook_dim(self) -> int:
+        """The codebook's width D (each id's embedding has D values)."""
+        return int(self.codebook.shape[1])
+
+    @property
     def fingerprint(self) -> str:
         return codebook_fingerprint(self.codebook)

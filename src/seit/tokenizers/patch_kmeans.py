@@ -72,7 +72,7 @@ class PatchKMeansTokenizer(Tokenizer):
         return images.clamp(0, 1)
 
     @classmethod
-    def fit(cls, images: torch.Tensor, *, patch_size: int, codebook_size: int, embed_dim: int,
+    def fit(cls, images: torch.Tensor, *, patch_size: int, codebook_size: int, codebook_dim: int,
             max_patches: int, iters: int, seed: int) -> "PatchKMeansTokenizer":
         """Fit PCA + k-means on the patches of `images` ([N,3,S,S] in [0,1])."""
         gen = torch.Generator().manual_seed(seed)
@@ -80,13 +80,13 @@ class PatchKMeansTokenizer(Tokenizer):
         patches = probe.patches(images)
         if patches.shape[0] > max_patches:
             patches = patches[torch.randperm(patches.shape[0], generator=gen)[:max_patches]]
-        if embed_dim > patches.shape[1]:
-            raise ValueError(f"embed_dim {embed_dim} exceeds the patch dimension {patches.shape[1]}")
+        if codebook_dim > patches.shape[1]:
+            raise ValueError(f"codebook_dim {codebook_dim} exceeds the patch dimension {patches.shape[1]} (3 x patch_size^2)")
         mean = patches.mean(0)
         centered = patches - mean
         cov = centered.T @ centered / centered.shape[0]
         _, vecs = torch.linalg.eigh(cov.double())
-        basis = vecs.flip(1)[:, :embed_dim].T.float().contiguous()  # top-D principal directions
+        basis = vecs.flip(1)[:, :codebook_dim].T.float().contiguous()  # top-D principal directions
         coords = centered @ basis.T
         scale = float(coords.pow(2).mean().sqrt()) or 1.0
         points = coords / scale

@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 
 _GROUPS = 32  # taming's Normalize(): GroupNorm(32, C, eps=1e-6, affine=True)
 
-# The architecture fields (taming's ``ddconfig`` + ``n_embed``/``embed_dim``) and seit's extras.
-_REQUIRED = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "n_embed", "embed_dim")
+# The architecture fields (taming's ``ddconfig`` + ``n_embed``/``embed_dim``) and seit's extras. taming's
+# ``embed_dim`` (the codebook width D) is seit's ``codebook_dim``: taming_config reads either name.
+_REQUIRED = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "n_embed", "codebook_dim")
 _DEFAULTS = {"in_channels": 3, "out_ch": 3, "resolution": 256, "double_z": False, "dropout": 0.0,
              "image_size": None, "l2_normalized": False}
 ARCH_FIELDS = _REQUIRED + tuple(_DEFAULTS)
@@ -58,7 +59,8 @@ def taming_config(cfg: Mapping) -> dict:
 
     Accepts seit's flat ``conf/tokenizer/taming_vqgan.yaml`` (extra keys such as ``kind`` and
     ``checkpoint`` are ignored), or taming's own layout (``model.params`` with a nested ``ddconfig``).
-    Works with plain dicts and OmegaConf nodes.
+    Works with plain dicts and OmegaConf nodes. taming's ``embed_dim`` (also the key in tokenizer
+    files saved before seit renamed it) is read as ``codebook_dim``.
     """
     cfg = _plain(cfg)
     if "model" in cfg and isinstance(cfg["model"], dict):  # a whole taming yaml
@@ -67,11 +69,13 @@ def taming_config(cfg: Mapping) -> dict:
         cfg = {**cfg, **cfg["params"]}
     if "ddconfig" in cfg and isinstance(cfg["ddconfig"], dict):
         cfg = {**cfg, **cfg["ddconfig"]}
+    if cfg.get("codebook_dim") is None and cfg.get("embed_dim") is not None:
+        cfg = {**cfg, "codebook_dim": cfg["embed_dim"]}
     missing = [k for k in _REQUIRED if cfg.get(k) is None]
     if missing:
         raise ValueError(f"taming VQGAN config lacks {missing}; see conf/tokenizer/taming_vqgan.yaml")
     out = {k: cfg.get(k, _DEFAULTS.get(k)) for k in ARCH_FIELDS}
-    for k in ("ch", "num_res_blocks", "z_channels", "n_embed", "embed_dim", "in_channels", "out_ch", "resolution"):
+    for k in ("ch", "num_res_blocks", "z_channels", "n_embed", "codebook_dim", "in_channels", "out_ch", "resolution"):
         out[k] = int(out[k])
     out["ch_mult"] = [int(m) for m in out["ch_mult"]]
     out["attn_resolutions"] = [int(r) for r in out["attn_resolutions"]]
@@ -292,11 +296,11 @@ class Decoder(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """Holds ``embedding`` (n_embed x embed_dim); inference only: nearest code by L2 (or cosine)."""
+    """Holds ``embedding`` (n_embed x codebook_dim); inference only: nearest code by L2 (or cosine)."""
 
-    def __init__(self, n_embed: int, embed_dim: int, l2_normalized: bool = False):
+    def __init__(self, n_embed: int, codebook_dim: int, l2_normalized: bool = False):
         super().__init__()
-        self.embedding = nn.Embedding(n_embed, embed_dim)
+        self.embedding = nn.Embedding(n_embed, codebook_dim)
         self.l2_normalized = l2_normalized
 
     def codes(self) -> torch.Tensor:
@@ -319,16 +323,16 @@ class TamingVQGAN(nn.Module):
         c = self.config
         self.encoder = Encoder(**c)
         self.decoder = Decoder(**c)
-        self.quantize = VectorQuantizer(c["n_embed"], c["embed_dim"], c["l2_normalized"])
-        self.quant_conv = nn.Conv2d(c["z_channels"], c["embed_dim"], 1)
-        self.post_quant_conv = nn.Conv2d(c["embed_dim"], c["z_channels"], 1)
+        self.quantize = VectorQuantizer(c["n_embed"], c["codebook_dim"], c["l2_normalized"])
+        self.quant_conv = nn.Conv2d(c["z_channels"], c["codebook_dim"], 1)
+        self.post_quant_conv = nn.Conv2d(c["codebook_dim"], c["z_channels"], 1)
 
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.config["ch_mult"]) - 1)
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """x in [-1, 1], [B,3,H,W] -> pre-quantization latents [B, embed_dim, H/f, W/f]."""
+        """x in [-1, 1], [B,3,H,W] -> pre-quantization latents [B, codebook_dim, H/f, W/f]."""
         return self.quant_conv(self.encoder(x))
 
     def encode_ids(self, x: torch.Tensor) -> torch.Tensor:
@@ -391,7 +395,7 @@ def infer_taming_config(state: Mapping[str, torch.Tensor], resolution: int = 256
         return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
     if (s := shape("quantize.embedding.weight")) and len(s) == 2:
-        out["n_embed"], out["embed_dim"] = s
+        out["n_embed"], out["codebook_dim"] = s
     if (s := shape("encoder.conv_out.weight")) and len(s) == 4:
         out["z_channels"] = s[0]
     levels = sorted({int(k.split(".")[2]) for k in state
@@ -421,9 +425,10 @@ def _hints(missing: list[str], unexpected: list[str], shapes: list[tuple[str, tu
     hints = []
     touched = missing + unexpected + [k for k, _, _ in shapes]
     if any(k.startswith("quantize.embedding") for k, _, _ in shapes):
-        hints.append("n_embed / embed_dim (the codebook quantize.embedding.weight is n_embed x embed_dim)")
+        hints.append("n_embed / codebook_dim (the codebook quantize.embedding.weight is n_embed x codebook_dim; "
+                     "taming's embed_dim)")
     if any(k.startswith(("quant_conv", "post_quant_conv")) for k, _, _ in shapes):
-        hints.append("embed_dim / z_channels (quant_conv maps z_channels -> embed_dim)")
+        hints.append("codebook_dim / z_channels (quant_conv maps z_channels -> codebook_dim)")
     if any(k.startswith(("encoder.conv_out", "decoder.conv_in")) for k, _, _ in shapes):
         hints.append("z_channels")
     if any(".down." in k or ".up." in k or ".mid." in k for k in touched) or any(
@@ -440,7 +445,7 @@ def _hints(missing: list[str], unexpected: list[str], shapes: list[tuple[str, tu
     if prefixes and len(unexpected) > len(missing) // 2:
         hints.append(f"unexpected top-level prefixes {sorted(prefixes)[:5]}: the VQGAN may be nested inside a larger "
                      "model (e.g. 'first_stage_model.'); extract it first")
-    return hints or ["ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, n_embed, embed_dim"]
+    return hints or ["ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, n_embed, codebook_dim"]
 
 
 def _suggestion(config: dict, inferred: dict) -> str:
@@ -476,7 +481,7 @@ def load_taming_checkpoint(path: str | os.PathLike, config: Mapping) -> TamingVQ
     if missing or unexpected or shapes:
         c = model.config
         arch = ", ".join(f"{k}={c[k]}" for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions",
-                                                   "z_channels", "n_embed", "embed_dim", "resolution"))
+                                                   "z_channels", "n_embed", "codebook_dim", "resolution"))
         raise ValueError(
             f"{path} does not match the taming VQGAN config ({arch}):"
             + _listing("missing keys (in the model, not in the file)", missing)
@@ -512,7 +517,7 @@ class TamingVQGANTokenizer(Tokenizer):
 
     @property
     def codebook(self) -> torch.Tensor:
-        """The K x embed_dim vectors the decoder sees: the embedding weight (L2-normalized if ``l2_normalized``)."""
+        """The K x codebook_dim vectors the decoder sees: the embedding weight (L2-normalized if ``l2_normalized``)."""
         return self.model.quantize.codes().detach().float().cpu()
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from seit.data.dataset_info import upgraded
 from seit.tokenizers.base import Tokenizer
 from seit.tokenizers.codebook_tools import compaction_map
 from seit.tokenizers.vq_model import VQModel
@@ -72,7 +73,7 @@ class VQTokenizer(Tokenizer):
     def from_state(cls, tensors: dict, metadata: dict) -> "VQTokenizer":
         tensors = dict(tensors)
         compaction = tensors.pop("compaction", None)
-        model = VQModel(**json.loads(metadata["config"]))
+        model = VQModel(**upgraded(json.loads(metadata["config"])))  # embed_dim in files saved before the rename
         model.load_state_dict(tensors)
         out = cls(model, int(metadata["image_size"]))
         out.compaction = compaction

@@ -43,7 +43,7 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, embed_dim: int):
+    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, codebook_dim: int):
         super().__init__()
         layers, cin = [nn.Conv2d(3, ch, 3, padding=1)], ch
         for level, mult in enumerate(ch_mult):
@@ -52,7 +52,7 @@ class Encoder(nn.Module):
                 cin = ch * mult
             if level < len(ch_mult) - 1:
                 layers.append(nn.Conv2d(cin, cin, 4, stride=2, padding=1))
-        layers += [ResBlock(cin, cin), _norm(cin), nn.SiLU(), nn.Conv2d(cin, embed_dim, 1)]
+        layers += [ResBlock(cin, cin), _norm(cin), nn.SiLU(), nn.Conv2d(cin, codebook_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,10 +60,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, embed_dim: int):
+    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, codebook_dim: int):
         super().__init__()
         cin = ch * ch_mult[-1]
-        layers = [nn.Conv2d(embed_dim, cin, 3, padding=1), ResBlock(cin, cin)]
+        layers = [nn.Conv2d(codebook_dim, cin, 3, padding=1), ResBlock(cin, cin)]
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks):
                 layers.append(ResBlock(cin, ch * mult))
@@ -78,20 +78,20 @@ class Decoder(nn.Module):
 
 
 class PatchEncoder(nn.Module):
-    def __init__(self, patch: int, width: int, depth: int, embed_dim: int):
+    def __init__(self, patch: int, width: int, depth: int, codebook_dim: int):
         super().__init__()
         self.net = nn.Sequential(nn.PixelUnshuffle(patch), nn.Conv2d(3 * patch * patch, width, 1),
                                  *[ResBlock(width, width) for _ in range(depth)],
-                                 _norm(width), nn.SiLU(), nn.Conv2d(width, embed_dim, 1))
+                                 _norm(width), nn.SiLU(), nn.Conv2d(width, codebook_dim, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
 class PatchDecoder(nn.Module):
-    def __init__(self, patch: int, width: int, depth: int, embed_dim: int, refine_ch: int):
+    def __init__(self, patch: int, width: int, depth: int, codebook_dim: int, refine_ch: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(embed_dim, width, 3, padding=1),
+        self.net = nn.Sequential(nn.Conv2d(codebook_dim, width, 3, padding=1),
                                  *[ResBlock(width, width) for _ in range(depth)],
                                  _norm(width), nn.SiLU(), nn.Conv2d(width, 3 * patch * patch, 1),
                                  nn.PixelShuffle(patch))
@@ -110,11 +110,11 @@ ARCHS = {"conv": (("ch", "ch_mult", "num_res_blocks"), Encoder, Decoder),
 class CosineQuantizer(nn.Module):
     """Nearest unit-norm code by cosine; EMA codebook updates; dead-code restarts."""
 
-    def __init__(self, codebook_size: int, embed_dim: int, decay: float = 0.99, dead_threshold: float = 0.03,
+    def __init__(self, codebook_size: int, codebook_dim: int, decay: float = 0.99, dead_threshold: float = 0.03,
                  beta: float = 0.25):
         super().__init__()
         self.decay, self.dead_threshold, self.beta = decay, dead_threshold, beta
-        self.register_buffer("embed", F.normalize(torch.randn(codebook_size, embed_dim), dim=1))
+        self.register_buffer("embed", F.normalize(torch.randn(codebook_size, codebook_dim), dim=1))
         self.register_buffer("usage", torch.zeros(codebook_size))
         self.register_buffer("embed_sum", self.embed.clone())
 
@@ -185,10 +185,14 @@ class CosineQuantizer(nn.Module):
 
 
 class VQModel(nn.Module):
-    def __init__(self, arch: str = "conv", codebook_size: int = 1024, embed_dim: int = 32, decay: float = 0.99,
+    def __init__(self, arch: str = "conv", codebook_size: int = 1024, codebook_dim: int | None = None, decay: float = 0.99,
                  dead_threshold: float = 0.03, beta: float = 0.25, **arch_args):
-        """``arch_args``: ch, ch_mult, num_res_blocks for "conv"; patch, width, depth (and refine_ch) for "patch"."""
+        """``arch_args``: ch, ch_mult, num_res_blocks for "conv"; patch, width, depth (and refine_ch) for "patch".
+        ``codebook_dim``: the codebook's width D (default 32); ``embed_dim``, its name in tokenizers saved (and
+        tokenizer training checkpoints written) before the rename, is read as it."""
         super().__init__()
+        legacy = arch_args.pop("embed_dim", None)
+        codebook_dim = int(codebook_dim if codebook_dim is not None else legacy if legacy is not None else 32)
         if arch not in ARCHS:
             raise ValueError(f"unknown VQ arch {arch!r}: choose one of {sorted(ARCHS)}")
         names, encoder_cls, decoder_cls = ARCHS[arch]
@@ -206,10 +210,10 @@ class VQModel(nn.Module):
         else:
             self.downsample = int(args["patch"])
             dec_args = {**args, "refine_ch": int(arch_args.get("refine_ch", 16))}
-        self.config = {"arch": arch, **dec_args, "codebook_size": codebook_size, "embed_dim": embed_dim}
-        self.encoder = encoder_cls(**args, embed_dim=embed_dim)
-        self.quantizer = CosineQuantizer(codebook_size, embed_dim, decay, dead_threshold, beta)
-        self.decoder = decoder_cls(**dec_args, embed_dim=embed_dim)
+        self.config = {"arch": arch, **dec_args, "codebook_size": codebook_size, "codebook_dim": codebook_dim}
+        self.encoder = encoder_cls(**args, codebook_dim=codebook_dim)
+        self.quantizer = CosineQuantizer(codebook_size, codebook_dim, decay, dead_threshold, beta)
+        self.decoder = decoder_cls(**dec_args, codebook_dim=codebook_dim)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """images in [0,1] -> (reconstruction in [0,1] scale, ids, quantiser stats and losses)."""
