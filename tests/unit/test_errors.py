@@ -44,3 +44,18 @@ def test_expected_errors_read_as_their_message_others_also_name_their_type():
         "[Errno 2] No such file or directory: '/x/y.ckpt'"
     assert one_line(KeyError("data.root is missing")) == "data.root is missing"
     assert one_line(RuntimeError("boom\nmore")) == "RuntimeError: boom more (HYDRA_FULL_ERROR=1 shows the traceback)"
+
+
+def test_an_override_of_a_renamed_key_names_its_new_name():
+    def compose():
+        try:
+            raised_from = OmegaConf.create({"tokenizer": {}})
+            OmegaConf.set_struct(raised_from, True)
+            raised_from.tokenizer.embed_dim = 8
+        except ConfigAttributeError as cause:
+            raise ConfigCompositionException("Could not override 'tokenizer.embed_dim'.\nTo append to your config use "
+                                             "+tokenizer.embed_dim=8") from cause
+
+    line = one_line(raised(compose))
+    assert line.startswith("tokenizer.embed_dim is now tokenizer.codebook_dim (the codebook's width D")
+    assert line.endswith("pass tokenizer.codebook_dim=8")

@@ -73,3 +73,13 @@ def test_a_complete_config_passes(overrides):
     cfg = config(*overrides.split())
     for check in checks(cfg):
         check(cfg)
+
+
+@pytest.mark.parametrize("overrides, old", [("+tokenizer.embed_dim=8", "tokenizer.embed_dim"),
+                                            ("task=train_tokenizer data=images_mnist5k tokenizer=vq "
+                                             "+tokenizer.model.embed_dim=8", "tokenizer.model.embed_dim")])
+def test_the_old_name_of_the_codebook_width_is_refused_naming_the_new_one(overrides, old):
+    # appended (+key, as Hydra's own error suggests) or set by a config file of one's own: it would be read by nothing
+    new = old.replace("embed_dim", "codebook_dim")
+    with pytest.raises(ConfigError, match=re.escape(f"{old} is now {new}")):
+        run_task(config(*overrides.split()))

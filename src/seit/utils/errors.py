@@ -22,6 +22,9 @@ MODE_VAR = "SEIT_ERRORS"
 # Errors whose message is the whole story; anything else also gets its type and a pointer to the traceback.
 EXPECTED = (ValueError, OSError, LookupError, OmegaConfBaseException)
 # torch re-raises a DataLoader worker's exception with the worker's whole traceback as its message.
+# Config keys renamed (old -> new): an override of the old name is answered with the new one, not
+# with Hydra's advice to append it (+key=...), which would add a key that nothing reads.
+RENAMED_KEYS = {"tokenizer.embed_dim": "tokenizer.codebook_dim", "tokenizer.model.embed_dim": "tokenizer.model.codebook_dim"}
 _WORKER = re.compile(r"Caught (\w+) (in DataLoader worker process \d+)\.\n"
                      r"Original Traceback \(most recent call last\):\n")
 
@@ -73,7 +76,13 @@ def one_line(exc: BaseException) -> str:
         exc = exc.__cause__
         if (text := _text(exc)) not in parts[-1]:
             parts.append(text)
-    return ": ".join(parts)
+    text = ": ".join(parts)
+    for old, new in RENAMED_KEYS.items():
+        if text.startswith(f"Could not override '{old}'."):
+            value = re.search(rf"use \+{re.escape(old)}=(.*?): Key ", text)
+            return (f"{old} is now {new} (the codebook's width D; embed_dim is only the ViT's, model.embed_dim): "
+                    f"pass {new}={value.group(1) if value else 'D'}")
+    return text
 
 
 def _text(exc: BaseException) -> str:
