@@ -75,3 +75,21 @@ def label_of(key: str, num_classes: int) -> int:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory) -> tuple:
+    """``python run.py debug=fast`` (the default experiment: embedded MNIST, tokenized on the way, then
+    3 training steps), run once per session: (its tmp dir, the finished process). Its dir holds the
+    5,000-digit token dataset (``tokens/``) and the extracted images (``cache/``); ``on_quickstart_data``
+    points another run at them, so no other test tokenizes the digits again."""
+    from run_helpers import paths, run  # tests/integration, on sys.path for the integration tests using this
+
+    tmp = tmp_path_factory.mktemp("quickstart")
+    return tmp, run(*paths(tmp), f"paths.cache_dir={tmp}/cache", "debug=fast")
+
+
+def on_quickstart_data(quickstart_dir: Path, tmp: Path) -> list[str]:
+    """Overrides that read the quickstart's token dataset and images, and write everything else under ``tmp``."""
+    return [f"paths.data_dir={quickstart_dir}/tokens", f"paths.cache_dir={quickstart_dir}/cache",
+            f"paths.log_dir={tmp}/logs", f"hydra.run.dir={tmp}/run", "print_config=false"]

@@ -23,13 +23,8 @@ def last_key(root: Path, split: str) -> str:
         return decode_chunk(tar.extractfile(tar.getmembers()[-1]).read(), info.load_codec()).keys[-1]
 
 
-@pytest.fixture(scope="module")
-def embedded_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-def test_quickstart_debug_fast_on_embedded_data(tmp_path, embedded_cache):
-    proc = run(*paths(tmp_path), f"paths.cache_dir={embedded_cache}", "debug=fast")
+def test_quickstart_debug_fast_on_embedded_data(quickstart):
+    tmp_path, proc = quickstart  # run.py debug=fast, once per session (tests/conftest.py)
     assert "final: val/acc1=" in proc.stdout and "of the source image bytes" in proc.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0.0 <= summary["val/acc1"] <= 1.0 and summary["wall_s"] > 0
