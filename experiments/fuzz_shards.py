@@ -57,8 +57,9 @@ def build(root: Path, n: int, seed: int) -> TokenDatasetInfo:
     fingerprint = save_codebook(root / CODEBOOK_FILE, torch.randn(256, 8))
     rec = write_shard(root / SHARD_DIR / "val-000000.tar", ids, labels, [f"val/{i:05d}.png" for i in range(n)],
                       split="val", codec="zstd-planes", codebook_size=256, chunk_size=8)
-    write_dataset_info(root, shards=[rec.to_dict()], grid=(16, 16), codebook_size=256, codebook_dim=8, codec="zstd-planes",
-                       chunk_size=8, codebook_sha256=fingerprint, classes=[str(c) for c in range(10)], source_bytes=0)
+    write_dataset_info(root, shards=[rec.to_dict()], grid=(16, 16), codebook_size=256, codebook_dim=8,
+                       codec="zstd-planes", chunk_size=8, codebook_sha256=fingerprint,
+                       classes=[str(c) for c in range(10)], source_bytes=0)
     return TokenDatasetInfo.open(root)
 
 

@@ -229,8 +229,8 @@ def test_config_accepts_taming_layout_and_omegaconf():
     from omegaconf import OmegaConf
 
     nested = {"model": {"target": "taming.models.vqgan.VQModel",
-                        "params": {"embed_dim": 4, "n_embed": 16, "ddconfig": {k: v for k, v in TINY.items()
-                                                                                if k not in ("n_embed", "codebook_dim")},
+                        "params": {"embed_dim": 4, "n_embed": 16,  # taming's name for the codebook width
+                                   "ddconfig": {k: v for k, v in TINY.items() if k not in ("n_embed", "codebook_dim")},
                                    "lossconfig": {"target": "x"}}}}
     flat = taming_config(TINY)
     assert taming_config(nested) == flat

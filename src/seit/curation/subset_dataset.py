@@ -63,12 +63,12 @@ def write_subset_dataset(info: TokenDatasetInfo, subset, out: str | Path) -> Pat
             shutil.copy2(f, out / f.name)
     m = upgraded_meta(info.meta)  # embed_dim (written before the rename) -> codebook_dim
     extra = {k: v for k, v in m.items() if k not in ("format", "version", "num_samples", "splits", "grid", "codebook_size",
-                                                     "codebook_dim", "codec", "chunk_size", "codebook_sha256", "classes",
-                                                     "shards", "source_bytes", "bytes_on_disk", "bytes_per_sample",
-                                                     "percent_of_source")}
+                                                     "codebook_dim", "codec", "chunk_size", "codebook_sha256",
+                                                     "classes", "shards", "source_bytes", "bytes_on_disk",
+                                                     "bytes_per_sample", "percent_of_source")}
     extra["subset_of"] = {"dataset": str(info.root), "manifest": str(subset.root), "split": subset.split,
                           "kept": subset.meta["num_kept"], "total": subset.meta["num_total"]}
     write_dataset_info(out, shards=records, grid=info.grid, codebook_size=info.codebook_size,
-                       codebook_dim=info.codebook_dim, codec=info.codec, chunk_size=chunk, codebook_sha256=info.fingerprint,
-                       classes=info.classes, source_bytes=0, **extra)
+                       codebook_dim=info.codebook_dim, codec=info.codec, chunk_size=chunk,
+                       codebook_sha256=info.fingerprint, classes=info.classes, source_bytes=0, **extra)
     return out

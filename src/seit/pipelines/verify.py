@@ -22,14 +22,15 @@ from tqdm.auto import tqdm
 from seit.data.chunk import decode_chunk
 from seit.data.codec import CodecError
 from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, DatasetError, ShardSpec, TokenDatasetInfo, listing_problems,
-                                    SYNONYMS_FILE, save_codebook, save_synonyms, seal, upgraded_meta, write_dataset_info)
+                                    SYNONYMS_FILE, save_codebook, save_synonyms, seal, upgraded_meta,
+                                    write_dataset_info)
 from seit.data.shard_reader import ShardReadError, check_values, read_chunks, tar_members
 from seit.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 # dataset.json fields that write_dataset_info derives itself
-DERIVED_FIELDS = ("format", "version", "num_samples", "splits", "shards", "codebook_dim", "bytes_on_disk", "bytes_per_sample",
-                  "percent_of_source", "file_sha256", "meta_sha256")
+DERIVED_FIELDS = ("format", "version", "num_samples", "splits", "shards", "codebook_dim", "bytes_on_disk",
+                  "bytes_per_sample", "percent_of_source", "file_sha256", "meta_sha256")
 # Files repair can rewrite ("" = no advice needed), and what to say of the others.
 REPAIRABLE_FILES = {CODEBOOK_FILE: "", SYNONYMS_FILE: ""}
 UNREPAIRABLE = (" (repair cannot rebuild it: restore it from a backup, or tokenize the source images again "

@@ -81,7 +81,8 @@ class PatchKMeansTokenizer(Tokenizer):
         if patches.shape[0] > max_patches:
             patches = patches[torch.randperm(patches.shape[0], generator=gen)[:max_patches]]
         if codebook_dim > patches.shape[1]:
-            raise ValueError(f"codebook_dim {codebook_dim} exceeds the patch dimension {patches.shape[1]} (3 x patch_size^2)")
+            raise ValueError(f"codebook_dim {codebook_dim} exceeds the patch dimension {patches.shape[1]} "
+                             "(3 x patch_size^2)")
         mean = patches.mean(0)
         centered = patches - mean
         cov = centered.T @ centered / centered.shape[0]

@@ -185,8 +185,8 @@ class CosineQuantizer(nn.Module):
 
 
 class VQModel(nn.Module):
-    def __init__(self, arch: str = "conv", codebook_size: int = 1024, codebook_dim: int | None = None, decay: float = 0.99,
-                 dead_threshold: float = 0.03, beta: float = 0.25, **arch_args):
+    def __init__(self, arch: str = "conv", codebook_size: int = 1024, codebook_dim: int | None = None,
+                 decay: float = 0.99, dead_threshold: float = 0.03, beta: float = 0.25, **arch_args):
         """``arch_args``: ch, ch_mult, num_res_blocks for "conv"; patch, width, depth (and refine_ch) for "patch".
         ``codebook_dim``: the codebook's width D (default 32); ``embed_dim``, its name in tokenizers saved (and
         tokenizer training checkpoints written) before the rename, is read as it."""

@@ -24,7 +24,8 @@ EXPECTED = (ValueError, OSError, LookupError, OmegaConfBaseException)
 # torch re-raises a DataLoader worker's exception with the worker's whole traceback as its message.
 # Config keys renamed (old -> new): an override of the old name is answered with the new one, not
 # with Hydra's advice to append it (+key=...), which would add a key that nothing reads.
-RENAMED_KEYS = {"tokenizer.embed_dim": "tokenizer.codebook_dim", "tokenizer.model.embed_dim": "tokenizer.model.codebook_dim"}
+RENAMED_KEYS = {"tokenizer.embed_dim": "tokenizer.codebook_dim",
+                "tokenizer.model.embed_dim": "tokenizer.model.codebook_dim"}
 _WORKER = re.compile(r"Caught (\w+) (in DataLoader worker process \d+)\.\n"
                      r"Original Traceback \(most recent call last\):\n")
 

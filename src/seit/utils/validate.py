@@ -130,8 +130,8 @@ def check_task_inputs(cfg: DictConfig) -> None:
     for old in ("tokenizer.embed_dim", "tokenizer.model.embed_dim"):  # set by +key=... or a config file of one's own
         if _get(cfg, old) is not None:
             new = old.replace("embed_dim", "codebook_dim")
-            raise ConfigError(f"{old} is now {new} (the codebook's width D; embed_dim is only the ViT's, model.embed_dim): "
-                              f"set {new} instead")
+            raise ConfigError(f"{old} is now {new} (the codebook's width D; embed_dim is only the ViT's, "
+                              f"model.embed_dim): set {new} instead")
     if name == "train_tokenizer" and "model" not in cfg.tokenizer:
         raise ConfigError(f"task=train_tokenizer trains a VQ tokenizer: add tokenizer=vq (or tokenizer=vq_patch); "
                           f"tokenizer={cfg.tokenizer.get('kind')} is fitted by task=tokenize")
