@@ -32,11 +32,11 @@ def sincos_pos(h: int, w: int, dim: int, device=None) -> torch.Tensor:
 class ForwardConverter(nn.Module):
     """[B, D, H, W] codebook map -> [B, D, 2H, 2W] feature map."""
 
-    def __init__(self, embed_dim: int, width: int = 384, heads: int = 6, mlp_ratio: float = 4.0):
+    def __init__(self, codebook_dim: int, width: int = 384, heads: int = 6, mlp_ratio: float = 4.0):
         super().__init__()
-        self.proj = nn.Linear(embed_dim, width)
+        self.proj = nn.Linear(codebook_dim, width)
         self.block = Block(width, heads, mlp_ratio, qkv_bias=True, act_layer=nn.Tanh)
-        self.up = nn.ConvTranspose2d(width, embed_dim, 2, stride=2)
+        self.up = nn.ConvTranspose2d(width, codebook_dim, 2, stride=2)
         nn.init.zeros_(self.up.weight)  # starts as the skip alone: a plain upsampling of the codebook map
         nn.init.zeros_(self.up.bias)
 
@@ -52,10 +52,10 @@ class InverseConverter(nn.Module):
 
     def __init__(self, codebook: torch.Tensor, width: int = 384, heads: int = 6, mlp_ratio: float = 4.0):
         super().__init__()
-        codebook_size, embed_dim = codebook.shape
+        codebook_size, codebook_dim = codebook.shape
         self.register_buffer("unit_codebook", F.normalize(codebook.float(), dim=1), persistent=False)
         self.skip_scale = nn.Parameter(torch.tensor(10.0))  # logit scale of the cosine skip
-        self.down = nn.Conv2d(embed_dim, width, 2, stride=2)
+        self.down = nn.Conv2d(codebook_dim, width, 2, stride=2)
         self.block = Block(width, heads, mlp_ratio, qkv_bias=True, act_layer=nn.Tanh)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, codebook_size)
@@ -77,7 +77,7 @@ class TokenAdapt(nn.Module):
     def __init__(self, codebook: torch.Tensor, width: int = 384, heads: int = 6, mlp_ratio: float = 4.0):
         super().__init__()
         k, d = codebook.shape
-        self.config = {"codebook_size": k, "embed_dim": d, "width": width, "heads": heads, "mlp_ratio": mlp_ratio}
+        self.config = {"codebook_size": k, "codebook_dim": d, "width": width, "heads": heads, "mlp_ratio": mlp_ratio}
         self.register_buffer("codebook", codebook.float().clone())
         self.f = ForwardConverter(d, width, heads, mlp_ratio)
         self.g = InverseConverter(self.codebook, width, heads, mlp_ratio)

@@ -110,13 +110,17 @@ def upgraded_plan(plan: dict) -> dict:
     return {**plan, "tokenizer": upgraded(tok)} if isinstance(tok, dict) else plan
 
 
+# tokenizer settings recorded only since they exist: a plan without one was built with this value
+_UNRECORDED = {"copy_margin": 0.0}
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """Each key of ``new`` that ``old`` records otherwise, as ``key=new (built with old)``."""
     out = []
     old = upgraded_plan(old)
     for key, value in new.items():
         if key == "tokenizer":
-            was = old.get(key) or {}
+            was = {**_UNRECORDED, **(old.get(key) or {})}
             out += [f"tokenizer.{k}={v} (built with {was.get(k)})" for k, v in value.items() if was.get(k) != v]
         elif old.get(key) != value:
             out.append(_NAMES.get(key) or f"data.build.{key}={value} (built with {old.get(key)})")
