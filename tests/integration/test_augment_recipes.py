@@ -23,7 +23,7 @@ def test_seit_augmentations_then_tokenadapt_then_seitpp(tmp_path):
     # SeiT's recipe: EDA (with the dataset's synonyms), Token-RRC, noise, CutMix
     run(*synthetic(tmp_path, images), ds, "aug=seit", "aug.crop=6", "data.build.synonyms_k=3")
     s = summary(tmp_path)
-    assert s["global_step"] == 3 and 0 <= s["metrics"]["val/acc1"] <= 1
+    assert s["global_step"] == 3 and 0.6 <= s["metrics"]["val/acc1"] <= 1  # 3 colour classes: chance 1/3, measured 1.0
     hparams = torch.load(s["ckpt_path"], weights_only=True)["hyper_parameters"]
     assert hparams["aug"]["eda"]["replace_prob"] == 0.25 and hparams["aug"]["mix"]["cutmix_alpha"] == 1.0
 
@@ -41,6 +41,7 @@ def test_seit_augmentations_then_tokenadapt_then_seitpp(tmp_path):
     s = summary(tmp_path, "run_pp")
     state = torch.load(s["ckpt_path"], weights_only=True)["state_dict"]
     assert any(k.startswith("tokenadapt.") for k in state) and s["global_step"] == 3
+    assert s["metrics"]["val/acc1"] > 0.45  # chance 1/3; measured 0.67
 
 
 def test_tokenadapt_of_another_codebook_is_refused(tmp_path):

@@ -22,6 +22,7 @@ def test_embed_curate_and_train_on_the_subset(tmp_path):
     base = [*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "model.depth=1"]
     run(*base, f"hydra.run.dir={tmp_path}/clf")
     ckpt = summary(tmp_path / "clf")["last_ckpt_path"]
+    assert summary(tmp_path / "clf")["val/acc1"] >= 0.6  # 4 colour classes: chance 1/4, measured 1.0
     emb = tmp_path / "emb"
     run(*base, "task=embed", f"task.checkpoint={ckpt}", f"task.out_dir={emb}", f"hydra.run.dir={tmp_path}/e1")
     meta = json.loads((emb / "embeddings.json").read_text())
@@ -63,7 +64,7 @@ def test_embed_curate_and_train_on_the_subset(tmp_path):
 
     run(*base, f"data.subset={tmp_path}/dbp", f"hydra.run.dir={tmp_path}/sub")
     assert "40 of 80 train samples (dbp)" in (tmp_path / "sub" / "run.log").read_text()
-    assert 0 <= summary(tmp_path / "sub")["metrics"]["val/acc1"] <= 1
+    assert 0.4 <= summary(tmp_path / "sub")["metrics"]["val/acc1"] <= 1  # chance 1/4, measured 0.75
 
 
 def _kept_keys(run_dir) -> list[str]:

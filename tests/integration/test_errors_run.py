@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def trained(tmp_path_factory) -> tuple[Path, list[str]]:
     images = make_image_folder(tmp / "images")
     base = [*synthetic(tmp, images), f"data.root={tmp}/ds"]
     run(*base)
+    assert json.loads((tmp / "run" / "summary.json").read_text())["val/acc1"] >= 0.6  # chance 1/3, measured 1.0
     return tmp, base
 
 

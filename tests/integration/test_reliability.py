@@ -99,6 +99,8 @@ def test_kill9_then_resume_keeps_the_metric_history(tmp_path, long_run):
     run(*common)
     steps = train_steps(tmp_path / "run")
     assert steps == train_steps(tmp_path / "ref") == list(range(27))  # each step once, none lost
+    for run_dir in (tmp_path / "ref", tmp_path / "run"):  # 3 colour classes: chance 1/3, measured 1.0
+        assert json.loads((run_dir / "summary.json").read_text())["val/acc1"] >= 0.6
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
         epochs_validated = [r["epoch"] for r in csv.DictReader(f) if r.get("val/acc1")]
     assert epochs_validated == ["0", "1", "2"]
@@ -120,6 +122,7 @@ def test_a_finished_named_run_is_reported_not_retrained(tmp_path):
     run(*named)
     run_dir = tmp_path / "logs" / "train" / "runs" / "first"
     summary = (run_dir / "summary.json").read_text()
+    assert json.loads(summary)["val/acc1"] >= 0.6  # chance 1/3, measured 1.0
     ckpt = (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
 
     proc = run(*named)

@@ -86,7 +86,7 @@ def test_two_job_multirun(tmp_path):
     for path in summaries:
         lrs |= {line.strip("- \n") for line in (path.parent / ".hydra" / "overrides.yaml").read_text().splitlines()
                 if "optim.lr" in line}
-        assert "val/acc1" in json.loads(path.read_text())
+        assert json.loads(path.read_text())["val/acc1"] >= 0.6  # 3 colour classes: chance 1/3, measured 1.0
     assert lrs == {"optim.lr=0.001", "optim.lr=0.002"}
 
 
@@ -96,6 +96,7 @@ def test_seit_recipe_runs_with_debug_fast(tmp_path):
     run("experiment=seit_supervised", *synthetic(tmp_path, images), f"data.root={tmp_path}/ds")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "val_ema/acc1" in summary["metrics"] and summary["global_step"] == 3
+    assert summary["val/acc1"] > 0.45  # chance 1/3, measured 0.67 (the EMA, decay 0.99996, is still the init: 1/3)
     hparams = torch.load(summary["ckpt_path"], weights_only=True)["hyper_parameters"]
     assert hparams["ema_decay"] == 0.99996 and hparams["model"]["embed_dim"] == 768
 
@@ -104,6 +105,7 @@ def test_wandb_runs_offline_without_a_login(tmp_path):
     images = make_image_folder(tmp_path / "images")
     run(*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "logger=wandb", WANDB_MODE=None,
         HOME=str(tmp_path), WANDB_API_KEY=None, NETRC=str(tmp_path / "no-netrc"))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["val/acc1"] >= 0.6  # chance 1/3, measured 1.0
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     records = next(offline[0].glob("*.wandb")).read_bytes()  # protobuf records of the offline run
@@ -115,7 +117,9 @@ def test_wandb_runs_offline_without_a_login(tmp_path):
 def test_codebook_mismatch_is_refused(tmp_path):
     images = make_image_folder(tmp_path / "images")
     run(*synthetic(tmp_path, images), f"data.root={tmp_path}/a")
-    ckpt = json.loads((tmp_path / "run" / "summary.json").read_text())["ckpt_path"]
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())
+    ckpt = first["ckpt_path"]
+    assert first["val/acc1"] >= 0.6  # chance 1/3, measured 1.0
     proc = run(*synthetic(tmp_path, images, seed=1), f"data.root={tmp_path}/b", f"ckpt_path={ckpt}",
                f"hydra.run.dir={tmp_path}/run2", check=False)
     assert proc.returncode != 0 and "codebook mismatch" in proc.stderr
