@@ -10,9 +10,15 @@ from pathlib import Path
 from conftest import REPO
 
 
+# One torch thread per run.py unless the environment says otherwise: the test models are tiny, so a
+# second thread buys little, and DDP tests run two processes on two cores (A/B on this 2-core machine:
+# test_assembly_run 24-26 s with one thread, 30-36 s with two).
+THREADS = {"OMP_NUM_THREADS": "1"}
+
+
 def run(*overrides: str, check: bool = True, **env_overrides: str | None) -> subprocess.CompletedProcess:
     """run.py in a subprocess; an env override of None removes that variable."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **env_overrides}
+    env = {**THREADS, **os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **env_overrides}
     env = {k: v for k, v in env.items() if v is not None}
     proc = subprocess.run([sys.executable, "run.py", *overrides], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -35,6 +41,6 @@ def synthetic(tmp: Path, images: Path, **tok) -> list[str]:
 
 def start(*overrides: str) -> subprocess.Popen:
     """run.py in the background (for tests that interrupt it)."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {**THREADS, **os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "run.py", *overrides], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
