@@ -93,3 +93,19 @@ def on_quickstart_data(quickstart_dir: Path, tmp: Path) -> list[str]:
     """Overrides that read the quickstart's token dataset and images, and write everything else under ``tmp``."""
     return [f"paths.data_dir={quickstart_dir}/tokens", f"paths.cache_dir={quickstart_dir}/cache",
             f"paths.log_dir={tmp}/logs", f"hydra.run.dir={tmp}/run", "print_config=false"]
+
+
+def as_before_codebook_dim_rename(path: Path) -> dict:
+    """Rewrite a saved tokenizer as files were written before ``embed_dim`` became ``codebook_dim``;
+    returns the new-style config it held."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    old = {("embed_dim" if k == "codebook_dim" else k): v for k, v in config.items()}
+    save_file(load_file(str(path)), str(path), metadata={**meta, "config": json.dumps(old, sort_keys=True)})
+    return config

@@ -5,6 +5,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import as_before_codebook_dim_rename
+
 from seit.tokenizers import TOKENIZERS, load_tokenizer
 from seit.tokenizers.taming_vqgan import (
     TamingVQGAN,
@@ -255,17 +257,11 @@ def test_runs_on_gpu_and_returns_on_input_device(tmp_path):
 
 
 def test_a_tokenizer_saved_before_the_codebook_dim_rename_loads(tmp_path):
-    from safetensors.torch import load_file
-
     tok = from_taming_checkpoint(_taming_ckpt(tmp_path / "last.ckpt", _model()), TINY)
     path = tmp_path / "old.safetensors"
     tok.save(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    config = json.loads(meta["config"])
+    config = as_before_codebook_dim_rename(path)
     assert config["codebook_dim"] == 4 and "embed_dim" not in config
-    old = {("embed_dim" if k == "codebook_dim" else k): v for k, v in config.items()}  # as files were written before
-    save_file(load_file(str(path)), str(path), metadata={**meta, "config": json.dumps(old, sort_keys=True)})
     loaded = load_tokenizer(path)
     assert loaded.config == tok.config and loaded.codebook_dim == 4
     x = _images(2, seed=1)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import as_before_codebook_dim_rename
 from seit.tokenizers import VQTokenizer, load_tokenizer
 from seit.tokenizers.vq_model import CosineQuantizer, VQModel
 
@@ -138,18 +139,11 @@ def test_copy_margin_trades_exactness_for_repeats():
 def test_a_tokenizer_saved_before_the_codebook_dim_rename_loads(tmp_path):
     import json
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     tok = VQTokenizer(VQModel(**TINY), image_size=32)
     path = tmp_path / "old.safetensors"
     tok.save(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    config = json.loads(meta["config"])
+    config = as_before_codebook_dim_rename(path)
     assert config["codebook_dim"] == 4 and "embed_dim" not in config
-    old = {("embed_dim" if k == "codebook_dim" else k): v for k, v in config.items()}  # as files were written before
-    save_file(load_file(str(path)), str(path), metadata={**meta, "config": json.dumps(old)})
     loaded = load_tokenizer(path)
     x = torch.rand(2, 3, 32, 32)
     assert loaded.model.config == tok.model.config and loaded.codebook_dim == 4
