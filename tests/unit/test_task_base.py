@@ -118,3 +118,13 @@ def test_checkpoints_from_before_the_config_composed_tasks_rebuild():
 
     with pytest.raises(ValueError, match="written before the config-composed tasks"):
         TokenAdaptTask.from_hparams({"tokenizer": "t.safetensors", "out_grid": 8, "geo": {}, "optim": {}})
+
+
+def test_an_unimportable_part_or_task_is_named_in_one_line():
+    from seit.utils.validate import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model.mlp_layer=timm.layers.Nope: cannot import it"):
+        build_model({**MODEL, "mlp_layer": "timm.layers.Nope"}, input_size=GRID, num_classes=3, codebook_size=K,
+                    codebook_dim=D)
+    with pytest.raises(ConfigError, match=r"^task._target_=seit.tasks.nope.Nope: cannot import it"):
+        instantiate_task(OmegaConf.create({"_target_": "seit.tasks.nope.Nope", "name": "x"}), DATA)

@@ -8,9 +8,9 @@ every epoch, so its "first N batches" are other samples each epoch.
 The wrapper takes the first ``num_batches`` batches of the wrapped module's train loader once
 (epoch 0, the training view: crops and other augmentation still happen in the task), keeps them
 in memory, and serves exactly those batches, in the same order, as the train loader of every
-epoch and as the val loader. Everything else (``load_info()``, ``num_classes``, ``cfg``,
-``set_epoch()``, ...) is the wrapped module's, so the tasks and callbacks that read
-``trainer.datamodule`` see the dataset they were built for.
+epoch and as the val loader. ``set_epoch()`` is a no-op (the batches were drawn at epoch 0);
+everything else (``load_info()``, ``num_classes``, ``cfg``, ...) is the wrapped module's, so the
+tasks and callbacks that read ``trainer.datamodule`` see the dataset they were built for.
 """
 
 from __future__ import annotations

@@ -22,24 +22,24 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from hydra.utils import get_object
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from seit.models.input_embed import CodebookEmbedding, PixelNormalize
 from seit.models.mtm import IdPatchEmbed
 from seit.models.stem import StemAdaptor
+from seit.utils.validate import locate
 
 INPUTS = ("tokens", "pixels")
 EMBEDDINGS = ("codebook", "learned")
 
 
-def layer(value: Callable | str | None, default: Callable | None = None) -> Callable | None:
+def layer(value: Callable | str | None, key: str, default: Callable | None = None) -> Callable | None:
     """An injection point's value: a callable (a class or a Hydra ``_partial_``), a dotted import
-    path, or None for ``default`` (None: timm's own default)."""
+    path, or None for ``default`` (None: timm's own default). ``key`` names it in errors."""
     if value is None:
         return default
-    return get_object(value) if isinstance(value, str) else value
+    return locate(value, f"model.{key}") if isinstance(value, str) else value
 
 
 class TokenViT(nn.Module):
@@ -76,8 +76,9 @@ class TokenViT(nn.Module):
             img_size=input_size, patch_size=patch, in_chans=self.embed.out_chans, num_classes=num_classes,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
             class_token=False, global_pool="avg", fc_norm=True, drop_path_rate=drop_path_rate,
-            dynamic_img_size=dynamic_img_size, embed_layer=layer(embed_layer, default_embed),
-            block_fn=layer(block_fn, Block), mlp_layer=layer(mlp_layer, Mlp), norm_layer=layer(norm_layer))
+            dynamic_img_size=dynamic_img_size, embed_layer=layer(embed_layer, "embed_layer", default_embed),
+            block_fn=layer(block_fn, "block_fn", Block), mlp_layer=layer(mlp_layer, "mlp_layer", Mlp),
+            norm_layer=layer(norm_layer, "norm_layer"))
 
     def no_weight_decay(self) -> set[str]:
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}

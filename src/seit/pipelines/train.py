@@ -22,6 +22,7 @@ from seit.data.dataset_info import storage_summary
 from seit.data.image_datamodule import ImageFolderDataModule, input_grid
 from seit.tasks.base import DataFacts, SeitTask
 from seit.utils.throughput import TrainThroughput
+from seit.utils.validate import locate
 from seit.utils.summary import config_hash, finished_run, to_float, write_summary
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def instantiate_task(task_cfg: DictConfig, data: dict, *, skip: tuple[str, ...] 
     target = args.pop("_target_", None)
     if target is None:
         raise ValueError(f"task={task_cfg.get('name')} names no LightningModule (task._target_)")
-    cls = hydra.utils.get_class(target)
+    cls = locate(target, "task._target_")
     args = {k: v for k, v in args.items() if k not in RUN_KEYS + skip}
     accepted = inspect.signature(cls.__init__).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import hydra
+from hydra.errors import InstantiationException
 import pytorch_lightning as pl
 import torch
 from timm.utils import ModelEmaV3
@@ -54,10 +55,17 @@ class DataFacts:
 def build_model(model: dict, **sizes):
     """Instantiate a ``conf/model`` config (``_target_``), adding the sizes the data decides.
 
-    ``name`` and ``pretrained`` describe the run, not the module, and are left out.
+    ``name`` and ``pretrained`` describe the run, not the module, and are left out. The model's own
+    ValueErrors (a bad setting, a part that cannot be imported) come out as they are, not wrapped
+    in Hydra's "Error in call to target" text.
     """
     args = {k: v for k, v in model.items() if k not in ("name", "pretrained")}
-    return hydra.utils.instantiate(args, **sizes, _convert_="all")
+    try:
+        return hydra.utils.instantiate(args, **sizes, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError):
+            raise e.__cause__ from None
+        raise
 
 
 class SeitTask(pl.LightningModule):

@@ -137,13 +137,23 @@ def check_task_inputs(cfg: DictConfig) -> None:
                           f"tokenizer={cfg.tokenizer.get('kind')} is fitted by task=tokenize")
 
 
+def locate(path: str, key: str):
+    """The object a dotted import path names (``package.module.Name``), or a one-line ConfigError
+    naming the config ``key`` (Hydra's own lookup logs a multi-line error first)."""
+    import importlib
+
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{key}={path}: cannot import it ({type(e).__name__}: {e})") from None
+
+
 def _data_kind(target: str | None) -> str | None:
     """The representation the task's LightningModule learns from (its ``data_kind``), if it says."""
     if not target:
         return None
-    from hydra.utils import get_class
-
-    return getattr(get_class(target), "data_kind", None)
+    return getattr(locate(target, "task._target_"), "data_kind", None)
 
 
 def _missing(node: dict, prefix: str, deep: bool) -> list[str]:
