@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from seit.augment.crop import center_crop
 from seit.data.dataset_info import DatasetError, TokenDatasetInfo, split_id
 from seit.data.shard_reader import read_shard
+from seit.tasks.checkpoint import load_model
 from seit.utils.io import atomic_open, atomic_write_json, sha256_file
 from seit.utils.ranks import all_exist, rank_world, wait_for
 
@@ -62,56 +63,13 @@ def thumbnail_embedder(codebook: torch.Tensor, grid: int) -> Embedder:
 
 
 def load_embedder(path: str | Path, fingerprint: str | None = None) -> Embedder:
-    """Build the feature extractor of a checkpoint; refuse one trained on another codebook."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"task.checkpoint={path} does not exist")
-    if path.suffix == ".safetensors":
-        embedder = _from_mtm_export(path)
-    else:
-        embedder = _from_lightning(path)
-    if fingerprint and embedder.fingerprint and embedder.fingerprint != fingerprint:
-        raise DatasetError(f"codebook mismatch: {path} was trained on codebook {embedder.fingerprint[:12]}…, the dataset "
-                           f"uses {fingerprint[:12]}…; its features of these ids would mean nothing")
-    return embedder.eval()
-
-
-def _from_mtm_export(path: Path) -> Embedder:
-    from seit.models.export import load_mtm
-
-    model, fingerprint = load_mtm(path)
-    return Embedder(model.features, model.grid, model.config["embed_dim"], "mtm", fingerprint or None, model)
-
-
-def _from_lightning(path: Path) -> Embedder:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
-    except Exception as exc:
-        raise ValueError(f"task.checkpoint={path} is neither a Lightning checkpoint of ours nor an MTM export "
-                         f"(mtm.safetensors): {exc}") from exc
-    if "mask" in hp:
-        from seit.tasks.mtm import MTMTask
-
-        task = MTMTask.from_hparams(hp)
-        task.load_state_dict(state)
-        m = task.model
-        return Embedder(m.features, m.grid, m.config["embed_dim"], "mtm", task.data.codebook_sha256, m)
-    if "label_smoothing" in hp:
-        from seit.augment.pipeline import eval_view
-        from seit.tasks.classification import ClassificationTask
-
-        if hp["model"]["input"] != "tokens":
-            raise ValueError(f"{path} is a pixel classifier; embedding a token dataset needs a token model")
-        task = ClassificationTask.from_hparams(hp)
-        # a frozen TokenAdapt rides along in augmenting checkpoints; features never use it
-        task.load_state_dict({k: v for k, v in state.items() if not k.startswith("tokenadapt.")})
-        m = task.ema.module if task.ema is not None else task.model
-        features = lambda ids: m.features(eval_view(m.embed(ids), task.aug))  # noqa: E731
-        # the classifier's own evaluation view (eval_view) crops the embedded map
-        return Embedder(features, None, m.vit.embed_dim, "classifier", task.data.codebook_sha256, m)
-    raise ValueError(f"{path}: a checkpoint of an unknown task (hyper-parameters {sorted(hp)}); "
-                     "embed takes classifier or MTM checkpoints")
+    """The feature extractor of a checkpoint of ours (``seit.tasks.checkpoint``); refuse a pixel model,
+    or one trained on another codebook."""
+    model = load_model(path)
+    if model.input != "tokens":
+        raise ValueError(f"task.checkpoint={path} is a pixel classifier; embedding a token dataset needs a token model")
+    model.check_codebook(fingerprint, "the dataset")
+    return Embedder(model.features, None, model.dim, model.kind, model.fingerprint, model.net).eval()
 
 
 # -- the embedding store -----------------------------------------------------------------------

@@ -5,8 +5,10 @@
   and task=embed reads its features.
 - ``tokenadapt.safetensors`` (task=train_tokenadapt): TokenAdapt's two converters with their
   config and codebook fingerprint, used frozen by ``aug.tokenadapt.checkpoint``.
+- ``classifier.safetensors`` (task=train, task=continual): a classifier with its config, eval crop,
+  class names and codebook fingerprint, for ``task=eval`` and ``seit.predict``.
 
-Both are safetensors files (no pickle) written atomically; each reader refuses another kind of
+All are safetensors files (no pickle) written atomically; each reader refuses another kind of
 file, another codebook and another architecture with a one-line error naming the file.
 (Tokenizer files are written and read by ``seit.tokenizers``.)
 """
@@ -26,6 +28,7 @@ from seit.utils.io import atomic_save_tensors
 
 MTM_FILE = "mtm.safetensors"
 TOKENADAPT_FILE = "tokenadapt.safetensors"
+CLASSIFIER_FILE = "classifier.safetensors"
 # what must agree between a pre-trained encoder and the classifier that loads it
 ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "codebook_size", "codebook_dim")
 RENAMED = {"token_dim": "codebook_dim"}  # config keys of exports written before the rename
@@ -114,3 +117,26 @@ def load_tokenadapt(path: str | Path, expected_fingerprint: str | None = None) -
     adapt = TokenAdapt(state["codebook"], config["width"], config["heads"], config["mlp_ratio"])
     adapt.load_state_dict(state)
     return adapt.eval().requires_grad_(False)
+
+
+# -- classifier --------------------------------------------------------------------------------
+def save_classifier(model, path: str | Path, *, config: dict, input_size: int, crop: int, classes: list[str],
+                    fingerprint: str | None) -> None:
+    """A trained ``TokenViT`` (tokens or pixels) as one file: its weights, the config that rebuilds it
+    (``{"model": conf/model dict, "codebook_size": K, "codebook_dim": D}``),
+    the eval crop, the class names in label order and (tokens) the codebook fingerprint. What
+    ``seit.predict`` and ``task=eval`` read; no pickle, no Lightning."""
+    meta = {"kind": "classifier", "config": json.dumps(config), "input_size": str(input_size),
+            "crop": str(crop), "classes": json.dumps(list(classes)), "codebook_sha256": fingerprint or ""}
+    atomic_save_tensors(path, _state(model), meta)
+
+
+def read_classifier(path: str | Path, what: str = "classifier export") -> tuple[dict, dict]:
+    """(state, meta with ``config``, ``classes``, ``input_size``, ``crop``, ``codebook_sha256``) of a classifier export."""
+    state, meta = _read(path, what)
+    if meta.get("kind") != "classifier" or "config" not in meta:
+        raise ValueError(f"{what}: {path} is not a classifier export (task=train writes <run>/{CLASSIFIER_FILE}); "
+                         f"its kind is {meta.get('kind', 'unknown')!r}")
+    return state, {"config": json.loads(meta["config"]), "classes": json.loads(meta["classes"]),
+                   "input_size": int(meta["input_size"]), "crop": int(meta["crop"]),
+                   "codebook_sha256": meta.get("codebook_sha256") or None}

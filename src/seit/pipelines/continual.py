@@ -197,6 +197,7 @@ def continual(cfg: DictConfig) -> dict:
                 lg.log_image(key="continual/accuracy_matrix", images=[str(png)])
         for lg in loggers:
             lg.log_metrics({k: v for k, v in summary["metrics"].items() if v is not None}, step=len(tasks) - 1)
+        summary.update(learner.export(output_dir))  # the final model, head in label order
         write_summary(output_dir, summary)
         print(f"final: average incremental accuracy {scores.get('average_incremental_accuracy', float('nan')):.4f}, "
               f"final accuracy {scores.get('final_accuracy', float('nan')):.4f}, forgetting "

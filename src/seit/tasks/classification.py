@@ -8,13 +8,15 @@ augments every step as the uninterrupted run did.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torchmetrics
 
 from seit.augment.pipeline import AugConfig, augment_pixels, augment_tokens, eval_view
 from seit.data.dataset_info import DatasetError
-from seit.models.export import load_encoder_into, load_tokenadapt
+from seit.models.export import CLASSIFIER_FILE, load_encoder_into, load_tokenadapt, save_classifier
 from seit.tasks.base import SeitTask, build_model
 from seit.tokenizers.codebook_tools import synonyms
 
@@ -75,6 +77,7 @@ class ClassificationTask(SeitTask):
         self.last_confusion = None  # numpy [C, C] of the latest validation, for plots
         self.register_buffer("synonyms", None, persistent=False)  # [K, k] from the dataset, for Token-EDA
         self.tokenadapt = None  # a frozen TokenAdapt for half the batch (aug.tokenadapt.checkpoint)
+        self.class_names: list[str] = [str(c) for c in range(num_classes)]  # the dataset's, once attached
 
     @classmethod
     def upgrade_hparams(cls, hp: dict) -> dict:
@@ -105,6 +108,11 @@ class ClassificationTask(SeitTask):
         """The dataset's codebook, then what the config asks to start from: a pre-trained encoder,
         a TokenAdapt, and (Token-EDA) the dataset's synonym table."""
         super().attach_data(datamodule)
+        names = getattr(datamodule, "classes", None) if datamodule is not None else None
+        if not names and datamodule is not None and hasattr(datamodule, "load_info"):
+            names = datamodule.load_info().classes
+        if names and len(names) == self.data.num_classes:
+            self.class_names = [str(c) for c in names]
         if self.input_key != "ids":
             return
         model, aug = self.hparams.model, self.hparams.aug
@@ -128,6 +136,23 @@ class ClassificationTask(SeitTask):
             return augment_tokens(batch["ids"], labels, self.model.embed, aug, classes,
                                   h.label_smoothing, self.synonyms, g, adapt=self.tokenadapt)
         return augment_pixels(batch["images"], labels, self.model.embed, aug, classes, h.label_smoothing, g)
+
+    def export(self, output_dir, name: str = CLASSIFIER_FILE) -> dict:
+        """The trained classifier (its EMA when there is one) as ``classifier.safetensors``, with the
+        class names in label order: what ``task=eval``, ``task=predict`` and ``seit.predict`` read."""
+        net = self.ema.module if self.ema is not None else self.model
+        path = Path(output_dir) / name
+        save_classifier(self.exported_model(net), path, config=self.export_config(), input_size=self.data.input_grid,
+                        crop=self.crop, classes=self.class_names, fingerprint=self.data.codebook_sha256)
+        return {"classifier_export": str(path)}
+
+    def exported_model(self, net: nn.Module) -> nn.Module:
+        """The network whose head rows are in label order (a continual learner permutes its slots)."""
+        return net
+
+    def export_config(self) -> dict:
+        model = {k: v for k, v in dict(self.hparams.model).items() if k != "pretrained"}
+        return {"model": model, "codebook_size": self.data.codebook_size, "codebook_dim": self.data.codebook_dim}
 
     def load_tokenadapt(self, path: str) -> None:
         """Install a trained TokenAdapt, frozen; it must share the dataset's codebook."""

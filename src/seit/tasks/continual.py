@@ -25,6 +25,7 @@ import dataclasses
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from seit.augment.pipeline import eval_view
@@ -155,6 +156,15 @@ class ContinualTask(ClassificationTask):
     def on_train_end(self) -> None:
         counts = self.on_device(self.counts)
         counts["train"] = self.trainer.strategy.reduce(counts["train"], reduce_op="sum")
+
+    def exported_model(self, net: nn.Module) -> nn.Module:
+        """A copy whose head rows are in label order (trained in slot order), so the export is a plain classifier."""
+        net = copy.deepcopy(net)
+        head = net.vit.head
+        with torch.no_grad():
+            head.weight.copy_(head.weight[self.slot_of.to(head.weight.device)])
+            head.bias.copy_(head.bias[self.slot_of.to(head.bias.device)])
+        return net
 
     # -- what the memory update reads ------------------------------------------------------------
     @torch.no_grad()
