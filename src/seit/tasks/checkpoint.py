@@ -152,7 +152,9 @@ def _from_export(path: Path, what: str) -> LoadedModel:
         state, meta = read_classifier(path, what)
         facts = meta["config"]
         sizes = {k: facts[k] for k in ("codebook_size", "codebook_dim") if k in facts}
-        net = build_model(facts["model"], input_size=meta["input_size"], num_classes=len(meta["classes"]), **sizes)
+        # the network was built at its crop (the task's input_size); input_size is the data's grid
+        net = build_model(facts["model"], input_size=meta["crop"] or meta["input_size"],
+                          num_classes=len(meta["classes"]), **sizes)
         net.load_state_dict(state)
         return vit_model("classifier", net, path, crop=meta["crop"], fingerprint=meta["codebook_sha256"],
                          num_classes=len(meta["classes"]), classes=meta["classes"])
