@@ -38,9 +38,6 @@ class ClassificationTask(SeitTask):
         facts = self.data
         if (model["input"] == "tokens") != (facts.kind == "tokens"):
             raise ValueError(f"model.input={model['input']!r} does not fit data.kind={facts.kind!r}")
-        if model.get("pretrained") and facts.kind != "tokens":
-            raise ValueError(f"model.pretrained={model['pretrained']} is an MTM encoder of token ids; it cannot start "
-                             "a pixel model (data.kind=images)")
         if facts.num_classes < 2:
             raise ValueError(f"the dataset has {facts.num_classes} classes; classification needs labelled images "
                              "(class subfolders)")
@@ -113,11 +110,11 @@ class ClassificationTask(SeitTask):
             names = datamodule.load_info().classes
         if names and len(names) == self.data.num_classes:
             self.class_names = [str(c) for c in names]
-        if self.input_key != "ids":
-            return
         model, aug = self.hparams.model, self.hparams.aug
         if model.get("pretrained"):
             self.load_pretrained(model["pretrained"])
+        if self.input_key != "ids":
+            return
         if (aug.get("tokenadapt") or {}).get("checkpoint"):
             self.load_tokenadapt(aug["tokenadapt"]["checkpoint"])
         if self.aug.eda["replace_prob"] > 0 and datamodule is not None and hasattr(datamodule, "load_info"):
@@ -165,8 +162,17 @@ class ClassificationTask(SeitTask):
         self.synonyms = synonyms.long() if synonyms is not None else None
 
     def load_pretrained(self, path: str) -> None:
-        """Start from a pre-trained MTM encoder (``model.pretrained``; task=pretrain_mtm)."""
-        load_encoder_into(self.model, path, self.data.codebook_sha256)
+        """Start from a pre-trained model (``model.pretrained``): the encoder of an MTM export
+        (``mtm.safetensors`` of task=pretrain_mtm; token models with ``embedding=learned``), or the body
+        of a classifier of ours (``classifier.safetensors``, or a task=train / task=continual ``.ckpt``;
+        tokens or pixels): see ``load_classifier_body``."""
+        if pretrained_kind(path) == "mtm":
+            if self.input_key != "ids":
+                raise ValueError(f"model.pretrained={path} is an MTM encoder of token ids; it cannot start a pixel "
+                                 "model (data.kind=images)")
+            load_encoder_into(self.model, path, self.data.codebook_sha256)
+        else:
+            load_classifier_body(self.model, path, self.data.codebook_sha256)
         if self.ema is not None:
             self.ema.module.load_state_dict(self.model.state_dict())
 
@@ -223,3 +229,81 @@ class ClassificationTask(SeitTask):
             for name, value in metrics.compute().items():
                 self.log(f"{prefix}/{name}", value, prog_bar=name == "acc1" and prefix == "val", sync_dist=True)
             metrics.reset()
+
+
+# -- model.pretrained from a classifier of ours -----------------------------------------------------
+def pretrained_kind(path: str | Path) -> str:
+    """``mtm`` for an MTM export, ``classifier`` for anything else (a classifier export or a Lightning
+    checkpoint, checked when loaded); FileNotFoundError names a missing ``model.pretrained``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained: {path} not found (an mtm.safetensors of task=pretrain_mtm, or "
+                                "a classifier.safetensors / .ckpt of task=train)")
+    if path.suffix != ".safetensors":
+        return "classifier"
+    from safetensors import safe_open
+
+    from seit.utils.checkpoint_io import unreadable
+
+    with unreadable(path, "model.pretrained"), safe_open(str(path), "pt") as f:
+        return "mtm" if (f.metadata() or {}).get("kind") == "mtm" else "classifier"
+
+
+def architecture(net: nn.Module) -> dict:
+    """What must agree between two ``TokenViT`` for one's body to load into the other."""
+    vit = net.vit
+    facts = {"input": "tokens" if hasattr(net.embed, "codebook") else "pixels", "embed_dim": vit.embed_dim,
+             "depth": len(vit.blocks), "num_heads": vit.blocks[0].attn.num_heads,
+             "mlp_ratio": vit.blocks[0].mlp.fc1.out_features / vit.embed_dim,
+             "embedding": "learned" if getattr(net, "requantize", False) else "codebook"}
+    if facts["input"] == "tokens":
+        facts["codebook_size"], facts["codebook_dim"] = tuple(net.embed.codebook.shape)
+    else:
+        facts["patch_size"] = tuple(vit.patch_embed.patch_size)
+    return facts
+
+
+def load_classifier_body(classifier: nn.Module, path: str | Path, codebook_sha256: str | None) -> None:
+    """Copy a trained classifier's body into ``classifier`` (a ``TokenViT``): every weight but the
+    head (``vit.head.*``), which keeps its fresh initialisation because the classes differ. The
+    position embedding is resampled (timm ``resample_abs_pos_embed``) when the crop grids differ.
+
+    ``path``: a ``classifier.safetensors`` export or a Lightning ``.ckpt`` of task=train /
+    task=continual (its EMA weights when it has them), read by ``seit.tasks.checkpoint.load_model``.
+    Refused with a one-line ValueError naming ``path``: another architecture (input, width, depth,
+    heads, MLP ratio, embedding, codebook or patch size), another codebook than the dataset's
+    (``codebook_sha256``), an MTM checkpoint (use its ``mtm.safetensors`` export).
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    from seit.data.dataset_info import codebook_fingerprint
+    from seit.tasks.checkpoint import load_model
+
+    loaded = load_model(path, "model.pretrained")
+    if loaded.kind == "mtm":
+        raise ValueError(f"model.pretrained: {path} is a task=pretrain_mtm checkpoint; start from its export "
+                         "<run>/mtm.safetensors instead")
+    source = loaded.net
+    own, theirs = architecture(classifier), architecture(source)
+    bad = [f"{k}: checkpoint {theirs.get(k)} vs model {own[k]}" for k in own if theirs.get(k) != own[k]]
+    if bad:
+        raise ValueError(f"model.pretrained: {path} does not fit model.*: " + "; ".join(bad))
+    if own["input"] == "tokens":
+        fingerprint = loaded.fingerprint or codebook_fingerprint(source.embed.codebook)
+        if codebook_sha256 and fingerprint != codebook_sha256:
+            raise ValueError(f"model.pretrained: {path} was trained on codebook {fingerprint[:12]}…, but this dataset's "
+                             f"codebook is {codebook_sha256[:12]}…; tokenize the images with that model's tokenizer")
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("vit.head.")}
+    target = classifier.state_dict()
+    pos = "vit.pos_embed"
+    if pos in state and pos in target and state[pos].shape != target[pos].shape:
+        old = tuple(source.vit.patch_embed.grid_size)
+        state[pos] = resample_abs_pos_embed(state[pos], new_size=list(classifier.vit.patch_embed.grid_size),
+                                            old_size=list(old), num_prefix_tokens=0)
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
+             if k in target and v.shape != target[k].shape]
+    missing, unexpected = classifier.load_state_dict(state, strict=False) if not wrong else ([], [])
+    missing = [k for k in missing if not k.startswith("vit.head.")]
+    if wrong or missing or unexpected:
+        raise ValueError(f"model.pretrained: {path} does not fit the classifier (shapes {wrong[:3]}, missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]})")
