@@ -48,6 +48,18 @@ def _verify(cfg):
     return verify(cfg)
 
 
+def _eval(cfg):
+    from seit.pipelines.eval import evaluate
+
+    return evaluate(cfg)
+
+
+def _predict(cfg):
+    from seit.pipelines.predict import predict
+
+    return predict(cfg)
+
+
 def _convert(cfg):
     from seit.pipelines.convert import convert
 
@@ -55,14 +67,15 @@ def _convert(cfg):
 
 
 TASKS = {"tokenize": _tokenize, "embed": _embed, "curate": _curate, "convert": _convert, "continual": _continual,
-         "verify": _verify}
+         "verify": _verify, "eval": _eval, "predict": _predict}
 # The config checks of each task: the parts of the config it reads (FIT: every training task).
 FIT = (validate.check_task_inputs, validate.check_data, validate.check_build, validate.check_trainer,
        validate.check_optim, validate.check_task_settings)
 CHECKS = {"continual": FIT,
           "tokenize": (validate.check_task_inputs, validate.check_build),
           "embed": (validate.check_task_inputs, validate.check_build),
-          "curate": (validate.check_task_inputs,), "convert": (validate.check_task_inputs,)}
+          "curate": (validate.check_task_inputs,), "convert": (validate.check_task_inputs,),
+          "eval": (validate.check_task_inputs, validate.check_build), "predict": (validate.check_task_inputs,)}
 
 
 def is_fit(cfg: DictConfig) -> bool:

@@ -1,0 +1,70 @@
+"""``eval=knn``: weighted k-NN on frozen features, the DINO protocol (Caron et al. 2021, §4.1 and
+its eval_knn): cosine similarity of L2-normalised features, the k nearest training samples vote
+with weight exp(sim / T), T = 0.07, k = 10 and 20. The search is faiss (exact inner product)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from seit.eval.context import EvalContext
+from seit.eval.result import EvalResult, Table
+
+
+def knn_predict(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, k: int, temperature: float,
+                num_classes: int) -> np.ndarray:
+    """Class scores [Q, num_classes] of each query row from its k nearest training rows.
+
+    ``train`` [N, D], ``query`` [Q, D]: float32, L2-normalised here (cosine similarity).
+    """
+    import faiss
+
+    def unit(x):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    index = faiss.IndexFlatIP(train.shape[1])
+    index.add(unit(train))
+    k = min(k, len(train))
+    sims, nearest = index.search(unit(query), k)
+    weights = np.exp(sims / temperature)
+    scores = np.zeros((len(query), num_classes), np.float64)
+    np.add.at(scores, (np.repeat(np.arange(len(query)), k), train_labels[nearest].reshape(-1)), weights.reshape(-1))
+    return scores
+
+
+class KNN:
+    """``ks``: the k values reported; ``temperature``: T of the vote weights; ``train_split`` /
+    ``split``: the memory and the queries (default task.train_split / task.split)."""
+
+    name = "knn"
+
+    def __init__(self, ks: list[int] = (10, 20), temperature: float = 0.07, train_split: str | None = None,
+                 split: str | None = None):
+        if not ks or min(ks) < 1:
+            raise ValueError(f"eval.knn.ks={list(ks)} must be positive integers")
+        if temperature <= 0:
+            raise ValueError(f"eval.knn.temperature={temperature} must be > 0")
+        self.ks, self.temperature = [int(k) for k in ks], float(temperature)
+        self.train_split, self.split = train_split, split
+
+    def __call__(self, ctx: EvalContext) -> EvalResult | None:
+        train_split, split = self.train_split or str(ctx.cfg.task.train_split), self.split or str(ctx.cfg.task.split)
+        train, train_labels = ctx.features(train_split)
+        query, labels = ctx.features(split)
+        if ctx.rank != 0:
+            return None
+        ctx.require_labels(train_labels, train_split, self.name)
+        ctx.require_labels(labels, split, self.name)
+        n = len(ctx.classes())
+        metrics, rows = {}, []
+        for k in self.ks:
+            scores = knn_predict(train, train_labels, query, k, self.temperature, n)
+            top = np.argsort(-scores, axis=1)[:, :min(5, n)]
+            acc1 = float((top[:, 0] == labels).mean())
+            acc5 = float((top == labels[:, None]).any(1).mean())
+            metrics[f"acc1_k{k}"], metrics[f"acc5_k{k}"] = acc1, acc5
+            rows.append([k, acc1, acc5])
+        table = Table(f"k-NN on frozen features ({train_split} -> {split}, T={self.temperature})",
+                      ["k", "top-1", "top-5"], rows)
+        return EvalResult(metrics, [table], {"train_split": train_split, "split": split, "train_samples": len(train),
+                                             "samples": len(query), "temperature": self.temperature})
