@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from seit.data.dataset_info import INFO_FILE, DatasetError
+from seit.data.dataset_info import INFO_FILE
 from seit.data.image_source import IMAGE_EXTS, ImageReadError, ImageRecord, load_image
 from seit.tasks.checkpoint import LoadedModel, load_model
 from seit.tokenizers import Tokenizer, load_tokenizer
@@ -49,12 +49,14 @@ SUMMARY_FILE = "summary.json"
 
 
 class Predictions(list):
-    """The rows (dicts keyed by ``columns``), plus the images that were skipped as unreadable."""
+    """The rows (dicts keyed by ``columns``), plus the images that were skipped as unreadable and
+    the tokenizer file used (None: a pixel model)."""
 
-    def __init__(self, rows: Iterable[dict], columns: list[str], skipped: list[str]):
+    def __init__(self, rows: Iterable[dict], columns: list[str], skipped: list[str], tokenizer: str | None = None):
         super().__init__(rows)
         self.columns = columns
         self.skipped = skipped
+        self.tokenizer = tokenizer
 
 
 def columns(k: int) -> list[str]:
@@ -114,7 +116,8 @@ def input_size(path: Path) -> int:
 def recorded_tokenizer(model_path: Path) -> Path | None:
     """The tokenizer the model's training data was built with, if its run dir says: the run's
     ``summary.json`` names the token dataset, whose ``dataset.json`` names its tokenizer file."""
-    for run_dir in (model_path.parent, model_path.parent.parent):  # <run>/classifier.safetensors, <run>/checkpoints/x.ckpt
+    # <run>/classifier.safetensors, <run>/checkpoints/x.ckpt
+    for run_dir in (model_path.parent, model_path.parent.parent):
         summary = run_dir / SUMMARY_FILE
         if not summary.is_file():
             continue
@@ -268,7 +271,8 @@ def predict(model: str | os.PathLike, images, tokenizer: str | os.PathLike | Non
     bar.close()
     if skipped:
         log.warning("%d unreadable image(s) skipped, e.g. %s", len(skipped), skipped[0])
-    return Predictions(rows, columns(k), skipped)
+    tok = str(predictor.tokenizer_path) if predictor.tokenizer_path else None
+    return Predictions(rows, columns(k), skipped, tok)
 
 
 def write_csv(rows: Predictions | list[dict], path: str | os.PathLike) -> Path:

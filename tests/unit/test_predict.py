@@ -124,7 +124,8 @@ def test_the_tokenizer_recorded_by_the_run_is_found(setup, tmp_path):
     run.mkdir()
     shutil.copy(path, run / "classifier.safetensors")
     (tmp_path / "ds").mkdir()
-    (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"tokenizer": {"checkpoint": str(tmp / "tok.safetensors")}}))
+    recorded = {"tokenizer": {"checkpoint": str(tmp / "tok.safetensors")}}
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps(recorded))
     (run / "summary.json").write_text(json.dumps({"dataset": {"root": str(tmp_path / "ds")}}))
     predictor = Predictor.open(run / "classifier.safetensors", device="cpu")
     assert predictor.tokenizer_path == tmp / "tok.safetensors"
@@ -230,3 +231,72 @@ def test_task_attach_loads_a_pretrained_classifier(setup):
     for module in (task.model, task.ema.module):
         assert torch.equal(module.vit.blocks[0].mlp.fc1.weight, net.vit.blocks[0].mlp.fc1.weight)
     assert task.model.vit.head.weight.shape[0] == 4
+
+
+def test_pretrained_pixel_classifier_body(tmp_path):
+    """A pixel classifier's body starts another pixel classifier (model.pretrained on data.kind=images)."""
+    model = {k: v for k, v in {**MODEL, "input": "pixels", "patch_size": 4}.items() if k != "_target_"}
+    torch.manual_seed(0)
+    source = TokenViT(**model, input_size=12, num_classes=3)
+    path = tmp_path / "classifier.safetensors"
+    save_classifier(source, path, config={"model": {**MODEL, **model}}, input_size=12, crop=12, classes=CLASSES,
+                    fingerprint=None)
+    target = TokenViT(**model, input_size=12, num_classes=7)
+    load_classifier_body(target, path, None)
+    assert torch.equal(target.vit.patch_embed.proj.weight, source.vit.patch_embed.proj.weight)
+    with pytest.raises(ValueError, match=r"patch_size: checkpoint \(4, 4\) vs model \(2, 2\)"):
+        load_classifier_body(TokenViT(**{**model, "patch_size": 2}, input_size=12, num_classes=7), path, None)
+
+
+# -- eval=transfer: the training runs it derives --------------------------------------------------
+def test_transfer_derives_fine_tuning_and_baseline_runs(setup, tmp_path):
+    from types import SimpleNamespace
+
+    import hydra
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import REPO
+    from seit.tasks.checkpoint import load_model
+    from seit.utils.config import register_resolvers
+    from seit.utils.validate import ConfigError
+
+    register_resolvers()
+    tmp, folder, tokenizer, _, path = setup
+    target = tmp_path / "target"
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["task=eval", f"task.checkpoint={path}", "eval=[transfer]",
+                                           f"eval.transfer.data.build.source={target}", "eval.transfer.epochs=2",
+                                           "eval.transfer.lr=0.01", f"paths.output_dir={tmp_path}/eval",
+                                           "+eval.transfer.data.batch_size=8"])
+    trained = []
+
+    def train(run_cfg):
+        trained.append(run_cfg)
+        acc = 0.9 if run_cfg.model.pretrained else 0.7
+        return {"val/acc1": acc, "val/acc5": 1.0, "global_step": 4, "output_dir": run_cfg.paths.output_dir}
+
+    info = SimpleNamespace(meta={"tokenizer": {"checkpoint": str(tmp / "tok.safetensors")}})
+    ctx = SimpleNamespace(cfg=cfg, model=load_model(path), output_dir=tmp_path / "eval", rank=0, train=train,
+                          tokenizer=lambda: tokenizer, info=lambda: info)
+    evaluator = hydra.utils.instantiate(cfg.eval.transfer, _convert_="all")
+    result = evaluator(ctx)
+    assert result.metrics == pytest.approx({"acc1": 0.9, "acc5": 1.0, "scratch_acc1": 0.7, "scratch_acc5": 1.0,
+                                            "gain_acc1": 0.2})
+    pre, scratch = trained
+    assert pre.model.pretrained == str(path) and scratch.model.pretrained is None
+    assert pre.paths.output_dir == str(tmp_path / "eval" / "transfer" / "pretrained")
+    assert scratch.paths.output_dir == str(tmp_path / "eval" / "transfer" / "scratch")
+    task = OmegaConf.to_container(pre.task, resolve=True)
+    assert task["_target_"] == "seit.tasks.classification.ClassificationTask" and task["name"] == "train"
+    assert task["model"]["depth"] == 1 and task["model"]["embed_dim"] == 32  # the checkpoint's, not model=micro
+    assert pre.data.kind == "tokens" and pre.data.root == str(tmp_path / "eval" / "transfer" / "tokens")
+    assert pre.data.build.source == str(target) and pre.data.batch_size == 8 and pre.data.subset is None
+    assert pre.tokenizer.checkpoint == str(tmp / "tok.safetensors") and pre.tokenizer.codebook_size == 16
+    assert pre.tokenizer.image_size == 16 and pre.tokenizer.patch_size == 2
+    assert pre.trainer.max_epochs == 2 and pre.optim.lr == 0.01 and "eval" not in pre
+    assert OmegaConf.select(pre, "optimized_metric") == "val/acc1"
+
+    no_target = hydra.utils.instantiate({**OmegaConf.to_container(cfg.eval.transfer), "data": {}}, _convert_="all")
+    with pytest.raises(ConfigError, match="eval.transfer.data.root=.*eval.transfer.data.build.source="):
+        no_target(ctx)

@@ -29,7 +29,7 @@ def predict(cfg: DictConfig) -> dict:
     wall = time.perf_counter() - start
     out = write_csv(rows, t.out)
     top1 = Counter(row["rank1_class"] for row in rows)
-    summary = {"task": "predict", "checkpoint": str(t.checkpoint), "tokenizer": t.get("tokenizer"),
+    summary = {"task": "predict", "checkpoint": str(t.checkpoint), "tokenizer": rows.tokenizer,
                "predictions": str(out), "num_images": len(rows), "skipped": len(rows.skipped),
                "skipped_images": rows.skipped, "topk": len(rows.columns) // 2,
                "top1_counts": dict(top1.most_common()), "wall_s": round(wall, 3),

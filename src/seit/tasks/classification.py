@@ -291,8 +291,9 @@ def load_classifier_body(classifier: nn.Module, path: str | Path, codebook_sha25
     if own["input"] == "tokens":
         fingerprint = loaded.fingerprint or codebook_fingerprint(source.embed.codebook)
         if codebook_sha256 and fingerprint != codebook_sha256:
-            raise ValueError(f"model.pretrained: {path} was trained on codebook {fingerprint[:12]}…, but this dataset's "
-                             f"codebook is {codebook_sha256[:12]}…; tokenize the images with that model's tokenizer")
+            raise ValueError(f"model.pretrained: {path} was trained on codebook {fingerprint[:12]}…, but this "
+                             f"dataset's codebook is {codebook_sha256[:12]}…; tokenize the images with that model's "
+                             "tokenizer")
     state = {k: v for k, v in source.state_dict().items() if not k.startswith("vit.head.")}
     target = classifier.state_dict()
     pos = "vit.pos_embed"
