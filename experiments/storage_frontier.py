@@ -7,8 +7,8 @@ bytes on disk per training image, for the same images stored several ways.
     python experiments/storage_frontier.py --dry-run            # build the variants, print bytes and the commands only
 
 Every point trains the same body (``model=micro``) with the same optimiser and budget
-(``--epochs`` epochs at ``--lr``, batch 128, 1 warmup epoch, cosine), and is validated on the
-1,000 val images stored the same way as its training images:
+(``--epochs`` epochs, default 3, at ``--lr``, default 1e-3; batch 128, 1 warmup epoch, cosine),
+and is validated on the 1,000 val images stored the same way as its training images:
 
 - ``tokens_k<K>``: the k-means patch tokens (64 px, 4x4 patches, 16x16 ids, ctx-rans shards),
   ``experiment=tiny20_tokens tokenizer.codebook_size=K``; K=512 is the default dataset.
@@ -420,7 +420,7 @@ def main() -> None:
     parser.add_argument("--points", default=",".join(DEFAULT_POINTS),
                         help=f"comma-separated, or 'all'; known: {', '.join(all_points())}")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--epochs", type=int, default=6, help="trainer.max_epochs of every full-data point")
+    parser.add_argument("--epochs", type=int, default=3, help="trainer.max_epochs of every full-data point")
     parser.add_argument("--lr", type=float, default=1e-3, help="optim.lr of every point")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one torch thread)")
     parser.add_argument("--tag", default=None, help="run dir group under runs/ (default e<epochs>)")

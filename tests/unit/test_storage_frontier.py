@@ -100,3 +100,28 @@ def test_subset_trains_the_same_steps_as_the_full_set():
     assert "scheduler.warmup_fraction=0.166667" in ov and "data.source=/d" in ov
     full = sf.overrides(sf.all_points()["jpeg_q75"], {"root": "/q", "n_train": 10000}, 0, 6, 1e-3, "t", 10000)
     assert "trainer.max_epochs=6" in full and not any(o.startswith("scheduler.") for o in full)
+
+
+def test_report_reads_the_summaries_and_writes_table_csv_and_plot(jpegs, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(sf, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(sf, "DATA", tmp_path / "data")
+    sf.build_reencoded(jpegs, sf.DATA / "jpeg_q50", 50)
+    sf.build_reencoded(jpegs, sf.DATA / "res16", 95, size=16)
+    for name, accs in (("jpeg_q50", (0.40, 0.44)), ("res16", (0.30,))):
+        for seed, acc in enumerate(accs):
+            d = sf.run_dir(name, seed, "t")
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({"metrics": {"val/acc1": acc, "val/acc5": 0.9},
+                                                        "global_step": 234, "wall_s": 10.0}))
+    rows = sf.report(["jpeg_q50", "res16", "jpeg_q5"], [0, 1], "t", jpegs, 3, 1e-3)
+    assert [r["point"] for r in rows] == ["jpeg_q50", "res16"]  # jpeg_q5 has no data: left out
+    q50 = rows[0]
+    assert q50["acc1_mean"] == pytest.approx(42.0) and (q50["acc1_min"], q50["acc1_max"]) == (40.0, 44.0)
+    assert q50["train_bytes"] == sf.split_bytes(sf.DATA / "jpeg_q50", "train")[1] and q50["n_train"] == 18
+    csv_lines = (sf.RESULTS / "frontier.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[1].startswith("res16")  # sorted by bytes: 16 px is smaller
+    assert "| jpeg_q50 | jpeg q50 | 18 |" in (sf.RESULTS / "frontier.md").read_text()
+    with Image.open(sf.RESULTS / "frontier.png") as img:
+        assert img.format == "PNG"
