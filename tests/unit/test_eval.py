@@ -87,3 +87,62 @@ def test_unknown_checkpoints_are_refused_naming_the_file(tmp_path):
     torch.save({"w": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match=f"{path} is not a Lightning checkpoint of ours"):
         load_model(path)
+
+
+# -- on a token dataset, over ranks ------------------------------------------------------------
+def token_classifier(num_classes: int, codebook: torch.Tensor, tmp_path: Path) -> LoadedModel:
+    from seit.models.vit import TokenViT
+    from seit.tasks.checkpoint import vit_model
+
+    torch.manual_seed(0)
+    net = TokenViT(input="tokens", input_size=8, num_classes=num_classes, embed_dim=16, depth=1, num_heads=2,
+                   codebook_size=codebook.shape[0], codebook_dim=codebook.shape[1])
+    net.embed.load_codebook(codebook)
+    return vit_model("classifier", net.eval(), tmp_path / "c.ckpt", crop=6, fingerprint=None, num_classes=num_classes)
+
+
+def dataset_context(tmp_path: Path, model: LoadedModel, rank: int = 0, world: int = 1) -> EvalContext:
+    cfg = OmegaConf.create({"task": {"split": "val", "train_split": "train", "batch_size": 4},
+                            "data": {"kind": "tokens", "root": str(tmp_path / "ds")}})
+    return EvalContext(cfg=cfg, model=model, device=torch.device("cpu"), output_dir=tmp_path / "run", rank=rank,
+                       world=world)
+
+
+def test_classify_over_two_ranks_equals_one_rank(tmp_path):
+    import threading
+
+    from conftest import write_token_dataset
+    from seit.data.dataset_info import TokenDatasetInfo
+    from seit.eval.classify import Classify
+
+    write_token_dataset(tmp_path / "ds", counts={"train": [20], "val": [9, 7, 5]}, num_classes=5)
+    model = token_classifier(5, TokenDatasetInfo.open(tmp_path / "ds").load_codebook(), tmp_path)
+    alone = Classify()(dataset_context(tmp_path, model))
+    assert alone.metrics["samples"] == 21
+    results = {}
+
+    def rank(r):
+        results[r] = Classify()(dataset_context(tmp_path, model, rank=r, world=2))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results[1] is None and results[0].metrics == alone.metrics
+    feats, labels = dataset_context(tmp_path, model).features("val")
+    assert feats.shape == (21, 16) and len(labels) == 21
+
+
+def test_classify_refuses_a_class_count_mismatch_and_a_model_without_head(tmp_path):
+    from conftest import write_token_dataset
+    from seit.data.dataset_info import TokenDatasetInfo
+    from seit.eval.classify import Classify
+
+    write_token_dataset(tmp_path / "ds", counts={"train": [8], "val": [8]}, num_classes=5)
+    model = token_classifier(3, TokenDatasetInfo.open(tmp_path / "ds").load_codebook(), tmp_path)
+    with pytest.raises(DatasetError, match="class count mismatch: .*c.ckpt classifies 3 classes, .* has 5"):
+        Classify()(dataset_context(tmp_path, model))
+    headless = LoadedModel(kind="mtm", input="tokens", net=torch.nn.Identity(), path=tmp_path / "m.safetensors", dim=4)
+    with pytest.raises(ValueError, match="without a classifier head; evaluate it with eval=knn"):
+        Classify()(dataset_context(tmp_path, headless))
