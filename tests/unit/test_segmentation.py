@@ -165,7 +165,7 @@ def test_linear_head_on_a_random_token_model_learns_the_synthetic_set(tmp_path):
     assert result.metrics["pixel_acc/linear_frozen"] > 0.75
     run = tmp_path / "eval" / "segmentation" / "linear_frozen"
     assert (run / "confusion.csv").read_text().splitlines()[0] == "true\\pred,red,green,blue"
-    assert (run / "scores.json").is_file() and (run / "metrics.csv").is_file()
+    assert (run / "scores.json").is_file() and (run / "metrics.csv").is_file() and (run / "predictions.png").is_file()
     assert result.details["runs"]["linear_frozen"]["output_grid"] == [4, 4]  # 32 px / (4 px tokens x stem 2)
     titles = [t.title for t in result.tables]
     assert any("per-class IoU" in t for t in titles) and result.tables[1].header == ["class", "linear_frozen"]

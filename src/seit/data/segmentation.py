@@ -54,7 +54,8 @@ def list_pairs(root: str | os.PathLike, split: str, what: str = "eval.segmentati
     image_dir, mask_dir = root / split / "images", root / split / "masks"
     for d in (image_dir, mask_dir):
         if not d.is_dir():
-            raise DatasetError(f"{what}: {root} has no {d.relative_to(root)}/ (split {split!r} needs images/ and masks/)")
+            raise DatasetError(f"{what}: {root} has no {d.relative_to(root)}/ (split {split!r} needs images/ "
+                               "and masks/)")
     images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS}
     masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
     for stem, path in sorted(images.items()):

@@ -16,7 +16,8 @@ the loss); predictions are upsampled (bilinear logits) to each mask's full size 
 
 Metrics per run: ``miou/<run>``, ``pixel_acc/<run>``; tables: mIoU / pixel accuracy by head x
 mode, per-class IoU. Per-run files under ``<output_dir>/segmentation/<run>/``: the Trainer's
-``metrics.csv``, ``confusion.csv`` (val pixels, rows true), ``scores.json``.
+``metrics.csv``, ``confusion.csv`` (val pixels, rows true), ``scores.json``, ``predictions.png``
+(image, labels, prediction of the first val images).
 
 Runs on rank 0 only (one small single-device training per run); other ranks return None.
 The evaluated model is restored (weights, trainability, device, eval mode) after each run.
@@ -27,12 +28,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
+from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 from timm.layers import PatchEmbed
 from torch.utils.data import DataLoader, Dataset
@@ -43,8 +47,12 @@ from seit.eval.context import EvalContext
 from seit.eval.result import EvalResult, Table
 from seit.tasks.segmentation import HEADS, MODES, SegmentationTask, iou_scores
 from seit.utils.io import atomic_open
+from seit.utils.visuals import image_grid
 
 log = logging.getLogger(__name__)
+# SegNet's CamVid colours (sky, building, pole, road, pavement, tree, sign, fence, car, pedestrian, bicyclist)
+CAMVID_COLOURS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
 
 
 class _TrainSet(Dataset):
@@ -62,8 +70,8 @@ class _TrainSet(Dataset):
 
 
 class _ValSet(Dataset):
-    def __init__(self, x: torch.Tensor, masks: list[torch.Tensor]):
-        self.x, self.masks = x, masks
+    def __init__(self, x: torch.Tensor, masks: list[torch.Tensor], images: torch.Tensor | None = None):
+        self.x, self.masks, self.images = x, masks, images  # images: uint8, for the drawing
 
     def __len__(self) -> int:
         return len(self.x)
@@ -97,7 +105,8 @@ class Segmentation:
 
     name = "segmentation"
 
-    def __init__(self, root: str, runs: list[str] | tuple[str, ...] = ("linear_frozen", "linear_finetune"),
+    def __init__(self, root: str, runs: list[str] | tuple[str, ...] = ("linear_frozen", "linear_finetune",
+                                                            "decoder_frozen", "decoder_finetune"),
                  width: int = 160, height: int = 120, epochs: int = 10, batch_size: int = 16,
                  eval_batch_size: int = 32, lr: float | None = 1e-3, backbone_lr_scale: float = 0.1,
                  warmup_epochs: float | None = 1.0, decoder_width: int = 128, hflip: bool = True,
@@ -169,8 +178,9 @@ class Segmentation:
         return tuple(ctx.model.grid_features(x[:1].to(ctx.device)).shape[-2:])
 
     # -- one run ----------------------------------------------------------------------------------
-    def train_and_score(self, ctx: EvalContext, run: str, train: dict, val: _ValSet, grid: tuple[int, int],
-                        run_dir: Path) -> dict:
+    def train_and_score(self, ctx: EvalContext, run: str, train: dict, val: _ValSet, run_dir: Path) -> dict:
+        """Train the head of ``run`` (``<head>_<mode>``) on ``train`` (``x``, ``x_flip``, ``target<scale>``),
+        score it on ``val``; writes and returns its record (mIoU, pixel accuracy, per-class IoU, ...)."""
         head, _, mode = run.partition("_")
         cfg = ctx.cfg
         optim = OmegaConf.to_container(cfg.optim, resolve=True)
@@ -202,9 +212,13 @@ class Segmentation:
             logger=CSVLogger(str(run_dir), name="", version=""), enable_checkpointing=False,
             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=max(1, min(10, len(loader))))
         start = time.time()
-        trainer.fit(task, train_dataloaders=loader)
+        with warnings.catch_warnings():  # by design: no validation during fit, a frozen backbone in eval mode
+            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+            trainer.fit(task, train_dataloaders=loader)
         trainer.validate(task, dataloaders=val_loader, verbose=False)
         seconds = time.time() - start
+        self.draw(task, val, run_dir / "predictions.png")
         matrix = task.last_confusion
         scores = iou_scores(matrix)
         with atomic_open(run_dir / "confusion.csv") as f:
@@ -218,6 +232,36 @@ class Segmentation:
         with atomic_open(run_dir / "scores.json") as f:
             f.write(json.dumps(record, indent=2).encode())
         return record
+
+    @torch.no_grad()
+    def draw(self, task: SegmentationTask, val: _ValSet, path: Path, count: int = 4) -> None:
+        """``predictions.png``: the first ``count`` val images (rows): image, labels, prediction, at
+        the input size (labels nearest-resized; void black)."""
+        if val.images is None or not len(val):
+            return
+        task.eval()
+        x = val.x[:count].to(task.device)
+        logits = task(x).float()
+        size = tuple(val.images.shape[-2:])
+        pred = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1).cpu()
+        labels = torch.stack([F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long()
+                              for m in val.masks[:count]])
+        palette = torch.from_numpy(self.palette()).float() / 255  # [C + 1, 3], void last
+        rows = []
+        for image, label, guess in zip(val.images[:count].float() / 255, labels, pred):
+            rows += [image, palette[label].permute(2, 0, 1), palette[guess].permute(2, 0, 1)]
+        Image.fromarray(image_grid(torch.stack(rows), cols=3)).save(path)
+
+    def palette(self) -> np.ndarray:
+        """uint8 [num_classes + 1, 3]: CamVid's colours for its 11 classes, else evenly spread hues; void black."""
+        if self.num_classes == len(CAMVID_COLOURS):
+            colours = np.array(CAMVID_COLOURS)
+        else:
+            import colorsys
+
+            colours = np.array([colorsys.hsv_to_rgb(i / self.num_classes, 0.8, 0.9) for i in range(self.num_classes)])
+            colours = colours * 255
+        return np.concatenate([colours, [[0, 0, 0]]]).astype(np.uint8)
 
     # -- the evaluator ---------------------------------------------------------------------------
     def __call__(self, ctx: EvalContext) -> EvalResult | None:
@@ -240,14 +284,14 @@ class Segmentation:
             cells = (grid[0] * scale, grid[1] * scale)
             train[f"target{scale}"] = torch.cat([mask_to_grid(m[None], cells, self.num_classes, self.num_classes)
                                                  for m in train_split.masks])
-        val = _ValSet(val_x, val_split.masks)
+        val = _ValSet(val_x, val_split.masks, val_split.images)
         out = ctx.output_dir / self.name
         log.info("segmentation: %d train / %d val images at %dx%d -> %dx%d feature grid; runs %s", len(train_split),
                  len(val_split), self.size[1], self.size[0], grid[1], grid[0], ", ".join(self.runs))
         records = {}
         for run in self.runs:
             with _restored(ctx):
-                records[run] = self.train_and_score(ctx, run, train, val, grid, out / run)
+                records[run] = self.train_and_score(ctx, run, train, val, out / run)
             log.info("segmentation %s: mIoU %.4f, pixel acc %.4f (%.0f s)", run, records[run]["miou"],
                      records[run]["pixel_acc"], records[run]["seconds"])
         return self.result(records, grid)
