@@ -339,12 +339,12 @@ def collect(names: list[str], seeds: list[int], tag: str, source: Path) -> list[
 
 def markdown(rows: list[dict]) -> str:
     """The frontier table, sorted by the training set's bytes."""
-    lines = ["| point | storage | train images | bytes / image | train MB | top-1 per seed | top-1 mean ± std "
-             "| top-5 mean | steps |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    lines = ["| point | storage | train images | bytes / image | train MB | seeds | top-1 per seed | top-1 mean ± std "
+             "| top-5 mean | steps |", "|---|---|---:|---:|---:|---|---|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["train_bytes"]):
         lines.append(f"| {r['point']} | {r['kind']} {r['setting']} | {r['n_train']:,} | {r['bytes_per_image']:,.0f} "
-                     f"| {r['total_mb']:.2f} | {r['acc1']} | {r['acc1_mean']:.1f} ± {r['acc1_std']:.1f} "
-                     f"| {r['acc5_mean']:.1f} | {r['steps']} |")
+                     f"| {r['total_mb']:.2f} | {r['seeds']} | {r['acc1']} "
+                     f"| {r['acc1_mean']:.1f} ± {r['acc1_std']:.1f} | {r['acc5_mean']:.1f} | {r['steps']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -361,6 +361,7 @@ def plot(rows: list[dict], path: Path, title: str, full_train: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     for kind, (colour, marker) in KIND_STYLE.items():
@@ -376,13 +377,18 @@ def plot(rows: list[dict], path: Path, title: str, full_train: int) -> None:
             ax.annotate(r["setting"], (r["total_mb"], r["acc1_mean"]), textcoords="offset points",
                         xytext=(4, 5), fontsize=7, color=colour)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("training set on disk (MB, log)")
     ax.set_ylabel("val top-1 (%)")
     top = ax.secondary_xaxis("top", functions=(lambda mb: mb * 1e6 / full_train, lambda b: b * full_train / 1e6))
+    top.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    top.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     top.set_xlabel(f"bytes per image of the full {full_train:,}-image training set")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(x=0.08, y=0.12)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
@@ -404,9 +410,11 @@ def report(names: list[str], seeds: list[int], tag: str, source: Path, epochs: i
         for r in sorted(rows, key=lambda r: r["train_bytes"]):
             w.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
     table = markdown(rows)
+    if partial := [f"{r['point']} (seeds {r['seeds']})" for r in rows if len(r["seeds"].split(",")) < len(seeds)]:
+        print(f"PARTIAL: fewer than {len(seeds)} seeds finished for: {', '.join(partial)}")
     (RESULTS / "frontier.md").write_text(table)
     plot(rows, RESULTS / "frontier.png", f"tiny-imagenet-20, micro ViT, {epochs} epochs (subsets: the same steps), "
-         f"lr {lr}, seeds {','.join(map(str, seeds))}", split_bytes(source, "train")[0])
+         f"lr {lr}; error bars: min..max over the seeds in the table", split_bytes(source, "train")[0])
     print(table)
     print(f"wrote {RESULTS / 'frontier.csv'}, {RESULTS / 'frontier.md'}, {RESULTS / 'frontier.png'}")
     return rows
