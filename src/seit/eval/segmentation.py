@@ -17,7 +17,7 @@ the loss); predictions are upsampled (bilinear logits) to each mask's full size 
 Metrics per run: ``miou/<run>``, ``pixel_acc/<run>``; tables: mIoU / pixel accuracy by head x
 mode, per-class IoU. Per-run files under ``<output_dir>/segmentation/<run>/``: the Trainer's
 ``metrics.csv``, ``confusion.csv`` (val pixels, rows true), ``scores.json``, ``predictions.png``
-(image, labels, prediction of the first val images).
+(image, labels, prediction of a few val images).
 
 Runs on rank 0 only (one small single-device training per run); other ranks return None.
 The evaluated model is restored (weights, trainability, device, eval mode) after each run.
@@ -108,7 +108,7 @@ class Segmentation:
     def __init__(self, root: str, runs: list[str] | tuple[str, ...] = ("linear_frozen", "linear_finetune",
                                                             "decoder_frozen", "decoder_finetune"),
                  width: int = 160, height: int = 120, epochs: int = 10, batch_size: int = 16,
-                 eval_batch_size: int = 32, lr: float | None = 1e-3, backbone_lr_scale: float = 0.1,
+                 eval_batch_size: int = 32, lr: float | None = 1e-2, backbone_lr_scale: float = 0.1,
                  warmup_epochs: float | None = 1.0, decoder_width: int = 128, hflip: bool = True,
                  num_classes: int = 11, classes: list[str] | None = None, train_split: str = "train",
                  val_split: str = "val", max_images: int | None = None, num_workers: int = 0):
@@ -235,20 +235,20 @@ class Segmentation:
 
     @torch.no_grad()
     def draw(self, task: SegmentationTask, val: _ValSet, path: Path, count: int = 4) -> None:
-        """``predictions.png``: the first ``count`` val images (rows): image, labels, prediction, at
-        the input size (labels nearest-resized; void black)."""
+        """``predictions.png``: ``count`` val images spread over the split (rows): image, labels,
+        prediction, at the input size (labels nearest-resized; void black)."""
         if val.images is None or not len(val):
             return
         task.eval()
-        x = val.x[:count].to(task.device)
-        logits = task(x).float()
+        pick = torch.from_numpy(np.unique(np.linspace(0, len(val) - 1, count).round().astype(np.int64)))
+        logits = task(val.x[pick].to(task.device)).float()
         size = tuple(val.images.shape[-2:])
         pred = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1).cpu()
-        labels = torch.stack([F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long()
-                              for m in val.masks[:count]])
+        labels = torch.stack([F.interpolate(val.masks[i][None, None].float(), size=size, mode="nearest")[0, 0].long()
+                              for i in pick.tolist()])
         palette = torch.from_numpy(self.palette()).float() / 255  # [C + 1, 3], void last
         rows = []
-        for image, label, guess in zip(val.images[:count].float() / 255, labels, pred):
+        for image, label, guess in zip(val.images[pick].float() / 255, labels, pred):
             rows += [image, palette[label].permute(2, 0, 1), palette[guess].permute(2, 0, 1)]
         Image.fromarray(image_grid(torch.stack(rows), cols=3)).save(path)
 
