@@ -49,7 +49,7 @@ def test_eval_segmentation_scores_a_trained_token_model(tmp_path):
         assert 0.0 <= m[f"eval/segmentation/pixel_acc/{run_name}"] <= 1.0
         assert (out / "segmentation" / run_name / "confusion.csv").is_file()
     details = summary["details"]["segmentation"]
-    assert details["feature_grid"] == [4, 3] and details["runs"]["decoder_finetune"]["output_grid"] == [6, 8]
+    assert details["feature_grid"] == [4, 3] and details["runs"]["decoder_finetune"]["output_grid"] == [8, 6]  # w x h
     assert set(details["runs"]["linear_frozen"]["per_class_iou"]) == {"red", "green", "blue"}
     report = (out / "eval.md").read_text()
     assert "## segmentation" in report and "per-class IoU" in report

@@ -182,7 +182,7 @@ def test_finetune_and_decoder_leave_the_evaluated_model_as_it_was(tmp_path):
                              num_classes=3, decoder_width=8)
     result = evaluator(context(tmp_path, model))
     assert 0.0 <= result.metrics["miou/decoder_finetune"] <= 1.0
-    assert result.details["runs"]["decoder_finetune"]["output_grid"] == [4, 8]  # 2 x the 2x4 feature grid
+    assert result.details["runs"]["decoder_finetune"]["output_grid"] == [8, 4]  # 2 x the 4x2 feature grid (w x h)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert not net.training and all(p.requires_grad for p in net.parameters())
 

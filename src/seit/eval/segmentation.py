@@ -45,7 +45,7 @@ from seit.data.dataset_info import DatasetError
 from seit.data.segmentation import SegmentationSplit, load_split, mask_to_grid
 from seit.eval.context import EvalContext
 from seit.eval.result import EvalResult, Table
-from seit.tasks.segmentation import HEADS, MODES, SegmentationTask, iou_scores
+from seit.tasks.segmentation import HEAD_SCALES, HEADS, MODES, SegmentationTask, iou_scores
 from seit.utils.io import atomic_open
 from seit.utils.visuals import image_grid
 
@@ -228,7 +228,7 @@ class Segmentation:
         record = {"head": head, "mode": mode, "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
                   "val_pixels": scores["pixels"], "per_class_iou": dict(zip(self.classes, _json_floats(scores["iou"]))),
                   "epochs": self.epochs, "train_images": len(target), "seconds": round(seconds, 1),
-                  "output_grid": list(target.shape[-2:]), "dir": str(run_dir)}
+                  "output_grid": [int(target.shape[-1]), int(target.shape[-2])], "dir": str(run_dir)}
         with atomic_open(run_dir / "scores.json") as f:
             f.write(json.dumps(record, indent=2).encode())
         return record
@@ -280,7 +280,7 @@ class Segmentation:
             raise ValueError(f"eval.segmentation: {self.size[1]}x{self.size[0]} inputs give a {grid[1]}x{grid[0]} "
                              f"feature grid, not {expected[1]}x{expected[0]} (stride {stride})")
         train = {"x": x, "x_flip": x_flip}
-        for scale in sorted({1 if r.startswith("linear") else 2 for r in self.runs}):
+        for scale in sorted({HEAD_SCALES[r.partition("_")[0]] for r in self.runs}):
             cells = (grid[0] * scale, grid[1] * scale)
             train[f"target{scale}"] = torch.cat([mask_to_grid(m[None], cells, self.num_classes, self.num_classes)
                                                  for m in train_split.masks])
@@ -315,7 +315,7 @@ class Segmentation:
         per_class = Table("segmentation: per-class IoU on val", ["class", *records],
                           [[c, *[_iou_cell(r["per_class_iou"][c]) for r in records.values()]] for c in self.classes])
         details = {"root": self.root, "size": [self.size[1], self.size[0]], "feature_grid": [grid[1], grid[0]],
-                   "runs": records}
+                   "runs": records}  # sizes and grids as width, height
         return EvalResult(metrics, [summary, per_class], details)
 
 

@@ -72,6 +72,9 @@ class DecoderHead(nn.Module):
         return self.classify(self.refine(x))
 
 
+HEAD_SCALES = {"linear": LinearHead.scale, "decoder": DecoderHead.scale}  # output grid / feature grid
+
+
 def build_head(head: str, dim: int, num_classes: int, decoder_width: int = 128) -> nn.Module:
     if head == "linear":
         return LinearHead(dim, num_classes)
