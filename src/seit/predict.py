@@ -76,7 +76,7 @@ def list_images(images: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+            found += _walk_images(path)
         elif path.is_file():
             found.append(path)
         else:
@@ -84,6 +84,19 @@ def list_images(images: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     if not found:
         raise ValueError(f"images: no {'/'.join(sorted(IMAGE_EXTS))} file in {', '.join(map(str, items))}")
     return found
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """The image files under ``root`` in sorted order, through symlinked folders (each real folder once)."""
+    seen, found = set(), []
+    for dirpath, dirnames, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        found += [Path(dirpath) / f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    return sorted(p for p in found if p.is_file())
 
 
 def read_classes(classes: str | os.PathLike | Sequence[str] | None, n: int, where: str) -> list[str] | None:

@@ -300,3 +300,15 @@ def test_transfer_derives_fine_tuning_and_baseline_runs(setup, tmp_path):
     no_target = hydra.utils.instantiate({**OmegaConf.to_container(cfg.eval.transfer), "data": {}}, _convert_="all")
     with pytest.raises(ConfigError, match="eval.transfer.data.root=.*eval.transfer.data.build.source="):
         no_target(ctx)
+
+
+def test_folders_are_searched_through_symlinks_once(setup, tmp_path):
+    """Class folders linked in (a split made of links to another dataset's folders) are found; a link
+    back up the tree is not followed twice."""
+    _, folder, _, _, _ = setup
+    (tmp_path / "val").mkdir()
+    for c in ("class0", "class2"):
+        (tmp_path / "val" / c).symlink_to(folder / "val" / c, target_is_directory=True)
+    (tmp_path / "val" / "loop").symlink_to(tmp_path / "val", target_is_directory=True)
+    found = list_images(tmp_path / "val")
+    assert [p.parent.name for p in found] == ["class0"] * 2 + ["class2"] * 2
