@@ -45,8 +45,9 @@ def pixel_embed(images: torch.Tensor) -> torch.Tensor:
 
 
 def loaded(net: nn.Module, input: str, fingerprint: str | None = None) -> LoadedModel:
-    return LoadedModel(kind="classifier", input=input, net=net, path=Path(f"toy_{input}.ckpt"), dim=net.prototypes.shape[1],
-                       fingerprint=fingerprint, num_classes=CLASSES, _features=net.embed, _logits=net)
+    return LoadedModel(kind="classifier", input=input, net=net, path=Path(f"toy_{input}.ckpt"),
+                       dim=net.prototypes.shape[1], fingerprint=fingerprint, num_classes=CLASSES,
+                       _features=net.embed, _logits=net)
 
 
 @pytest.fixture(scope="module")

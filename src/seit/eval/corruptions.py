@@ -29,7 +29,7 @@ Its parameters are in pixels and were calibrated on 224 px ImageNet images, so a
 and the frost/snow textures are relatively stronger; ``eval.robustness.corrupt_size`` corrupts at
 another size (see ``seit.eval.robustness``).
 
-CPU time per image, one core, mean over severities 1-5 (``python -m seit.eval.corruptions 32 64 224``
+CPU time per image, one core, mean over severities 1-5 (``python -m seit.eval.corruptions 32 64 224 [--source DIR]``
 prints the table): glass_blur is by far the slowest (a Python loop over pixels: ~30 ms at 32 px,
 ~135 ms at 64 px, ~2.7 s at 224 px); zoom_blur ~12 ms at 64 px, ~130 ms at 224 px; the rest take 0.1-10 ms.
 """
@@ -96,9 +96,9 @@ def corrupt_image(image: np.ndarray, name: str, severity: int, seed: int = 0, in
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise CorruptionError(f"corruption {name}: expects a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
     if min(image.shape[:2]) < MIN_SIZE:
-        raise CorruptionError(f"corruption {name} needs images of at least {MIN_SIZE}x{MIN_SIZE} px (imagecorruptions); "
-                              f"{where} is {image.shape[0]}x{image.shape[1]}: set eval.robustness.corrupt_size>={MIN_SIZE} "
-                              "to corrupt at that size and resize back")
+        raise CorruptionError(f"corruption {name} needs images of at least {MIN_SIZE}x{MIN_SIZE} px "
+                              f"(imagecorruptions); {where} is {image.shape[0]}x{image.shape[1]}: set "
+                              f"eval.robustness.corrupt_size>={MIN_SIZE} to corrupt at that size and resize back")
     corrupt = _package().corrupt
     np.random.seed(seed_of(seed, name, severity, index))
     try:
@@ -108,7 +108,8 @@ def corrupt_image(image: np.ndarray, name: str, severity: int, seed: int = 0, in
         raise CorruptionError(f"corruption {name} (severity {severity}) failed on {where} "
                               f"({image.shape[0]}x{image.shape[1]}): {type(exc).__name__}: {exc}") from exc
     if out.shape != image.shape:
-        raise CorruptionError(f"corruption {name} (severity {severity}) turned {where} from {image.shape} into {out.shape}")
+        raise CorruptionError(f"corruption {name} (severity {severity}) turned {where} from {image.shape} into "
+                              f"{out.shape}")
     return out
 
 
@@ -185,23 +186,44 @@ def _seeded_random_noise(random_noise):
     return call
 
 
-def _timing(sizes: list[int]) -> None:
-    """Print ms per image of each corruption (mean over severities 1-5) at each size, on a noise image."""
+def _timing(sizes: list[int], source: str | None = None, count: int = 20) -> None:
+    """Print the CPU ms per image of each corruption (mean over severities 1-5) at each size: on
+    ``count`` images of ``source``'s val split (class by class in turn), else on one noise image."""
     import time
 
-    rng = np.random.default_rng(0)
-    print("| corruption | " + " | ".join(f"{s} px (ms)" for s in sizes) + " |")
+    if source:
+        from seit.data.image_source import load_image, scan_source
+
+        records = scan_source(source)[0]["val"]
+        by_class: dict[int, list] = {}
+        for r in records:
+            by_class.setdefault(r.label, []).append(r)
+        picked = [rs[k] for k in range(max(map(len, by_class.values()))) for rs in by_class.values() if k < len(rs)]
+        images = {s: [load_image(r, s).transpose(1, 2, 0).copy() for r in picked[:count]] for s in sizes}
+    else:
+        rng = np.random.default_rng(0)
+        images = {s: [rng.integers(0, 256, (s, s, 3), dtype=np.uint8)] for s in sizes}
+    print(f"CPU ms per image, mean over severities 1-5, {len(images[sizes[0]])} image(s)"
+          + (f" of {source}" if source else " (noise)"))
+    print("| corruption | " + " | ".join(f"{s} px" for s in sizes) + " |")
     print("|---|" + "---:|" * len(sizes))
-    images = {s: rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for s in sizes}
     for name in CORRUPTIONS + VALIDATION:
         cells = []
         for s in sizes:
-            start = time.perf_counter()
-            for severity in range(1, 6):
-                corrupt_image(images[s], name, severity)
-            cells.append(f"{(time.perf_counter() - start) / 5 * 1000:.1f}")
+            start = time.process_time()
+            for index, image in enumerate(images[s]):
+                for severity in range(1, 6):
+                    corrupt_image(image, name, severity, index=index)
+            cells.append(f"{(time.process_time() - start) / (5 * len(images[s])) * 1000:.1f}")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
-    _timing([int(a) for a in sys.argv[1:]] or [32, 64])
+    import argparse
+
+    parser = argparse.ArgumentParser(description="CPU time of each corruption per image")
+    parser.add_argument("sizes", nargs="*", type=int, default=[32, 64])
+    parser.add_argument("--source", help="an image folder with a val split (default: a noise image)")
+    parser.add_argument("--images", type=int, default=20, help="images of --source to time")
+    args = parser.parse_args()
+    _timing(args.sizes, args.source, args.images)

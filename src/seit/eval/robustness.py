@@ -154,8 +154,8 @@ class Robustness:
         inputs = ImageInputs(ctx, self.tokenize_device)
         if self.corrupt_size is None and inputs.size < MIN_SIZE:
             raise ConfigError(f"eval=robustness: this model reads {inputs.size}x{inputs.size} images; imagecorruptions "
-                              f"needs >= {MIN_SIZE} px: set eval.robustness.corrupt_size={MIN_SIZE} (or more) to corrupt "
-                              "at that size and resize back")
+                              f"needs >= {MIN_SIZE} px: set eval.robustness.corrupt_size={MIN_SIZE} (or more) to "
+                              "corrupt at that size and resize back")
         records, skipped = self._records(ctx, split)
         chosen = class_balanced(records, self.max_images)
         mine = chosen[ctx.rank::ctx.world]
