@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--models", default="tokens,pixels,mtm")
     parser.add_argument("--suites", default="features,robustness,segmentation")
     parser.add_argument("--mtm-epochs", type=int, default=10)
-    parser.add_argument("--robust-images", type=int, default=200, help="val images per corruption (class-balanced)")
+    parser.add_argument("--robust-images", type=int, default=500, help="val images per corruption (class-balanced)")
     parser.add_argument("--seg-runs", default="linear_frozen,linear_finetune,decoder_frozen,decoder_finetune")
     parser.add_argument("--seg-epochs", type=int, default=5)
     parser.add_argument("--report", action="store_true")

@@ -46,6 +46,9 @@ def test_eval_scores_a_trained_classifier_with_every_feature_evaluator(tmp_path)
     proc = run(*paths(tmp_path), "task=eval", f"task.checkpoint={export}", "eval=[classify]", "data=images",
                f"data.source={images}", f"hydra.run.dir={tmp_path}/e2", check=False)
     assert proc.returncode != 0 and "is a token model; it scores a token dataset" in proc.stderr
+    proc = run(*base, "task=eval", f"task.checkpoint={export}", "eval=[knn]", "eval.knn.temperature=-1",
+               f"hydra.run.dir={tmp_path}/e4", check=False)
+    assert proc.returncode != 0 and "eval.knn: eval.knn.temperature=-1 must be > 0" in proc.stderr
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
     proc = run(*base, "task=eval", f"task.checkpoint={junk}", "eval=[classify]", f"hydra.run.dir={tmp_path}/e3",

@@ -31,11 +31,9 @@ from seit.tasks.checkpoint import load_model
 from seit.utils.io import atomic_write_bytes
 from seit.utils.ranks import rank_world
 from seit.utils.summary import config_hash, finished_run, write_summary
-from seit.utils.validate import ConfigError
+from seit.utils.validate import ConfigError, locate
 
 log = logging.getLogger(__name__)
-# evaluators that read a token model's images (tokenized here), not the data.kind its inputs need
-READS_IMAGES = ("pixels", "robustness", "segmentation", "transfer")
 
 
 def device_of(name: str) -> torch.device:
@@ -56,7 +54,21 @@ def selected_evaluators(cfg: DictConfig) -> dict:
     return chosen
 
 
-def check_inputs(cfg: DictConfig, model, names) -> None:
+def build_evaluator(name: str, node: DictConfig):
+    """The evaluator ``eval.<name>`` configures; its own ValueErrors (a bad setting) come out as
+    they are, not inside Hydra's "Error in call to target" text."""
+    from hydra.errors import InstantiationException
+
+    locate(node._target_, f"eval.{name}._target_")
+    try:
+        return hydra.utils.instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, TypeError)):
+            raise ConfigError(f"eval.{name}: {e.__cause__}") from None
+        raise
+
+
+def check_inputs(cfg: DictConfig, model) -> None:
     """A token model scores token data, a pixel model image data (the image-reading evaluators take
     a token model's images from its dataset's source)."""
     kind = str(cfg.data.kind)
@@ -72,11 +84,11 @@ def evaluate(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     if (done := finished_run(output_dir, cfg)) is not None:
         return done
-    chosen = selected_evaluators(cfg)
+    evaluators = {name: build_evaluator(name, node) for name, node in selected_evaluators(cfg).items()}  # settings first
     rank, world = rank_world()
     device = device_of(str(cfg.task.device))
     model = load_model(cfg.task.checkpoint).to(device)
-    check_inputs(cfg, model, chosen)
+    check_inputs(cfg, model)
     if cfg.data.kind == "tokens":
         from seit.pipelines.tokenize import prepare_token_dataset
 
@@ -86,10 +98,9 @@ def evaluate(cfg: DictConfig) -> dict:
     ctx = EvalContext(cfg=cfg, model=model, device=device, output_dir=output_dir, rank=rank, world=world, train=train)
     start = time.perf_counter()
     results: dict[str, EvalResult] = {}
-    for name, node in chosen.items():
+    for name, evaluator in evaluators.items():
         log.info("eval=%s on %s", name, model.path)
         t0 = time.perf_counter()
-        evaluator = hydra.utils.instantiate(node, _convert_="all")
         result = evaluator(ctx)
         if result is not None:
             result.details["wall_s"] = round(time.perf_counter() - t0, 2)
