@@ -146,3 +146,17 @@ def test_classify_refuses_a_class_count_mismatch_and_a_model_without_head(tmp_pa
     headless = LoadedModel(kind="mtm", input="tokens", net=torch.nn.Identity(), path=tmp_path / "m.safetensors", dim=4)
     with pytest.raises(ValueError, match="without a classifier head; evaluate it with eval=knn"):
         Classify()(dataset_context(tmp_path, headless))
+
+
+def test_an_mtm_export_gives_grid_features_at_any_even_grid(tmp_path):
+    from seit.models.export import save_mtm
+    from seit.models.mtm import MaskedTokenModel
+
+    mtm = MaskedTokenModel(codebook_size=16, grid=8, codebook_dim=4, embed_dim=8, depth=1, num_heads=2, decoder_dim=8,
+                           decoder_depth=1, decoder_heads=2)
+    save_mtm(mtm, tmp_path / "mtm.safetensors", "f" * 64)
+    model = load_model(tmp_path / "mtm.safetensors")
+    assert model.kind == "mtm" and model.num_classes == 0 and model.fingerprint == "f" * 64
+    ids = torch.randint(0, 16, (2, 8, 8))
+    assert torch.allclose(model.features(ids), mtm.eval().features(ids), atol=1e-6)  # the native grid: MTM's own
+    assert model.grid_features(torch.randint(0, 16, (2, 12, 20))).shape == (2, 8, 6, 10)

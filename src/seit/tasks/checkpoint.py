@@ -192,6 +192,8 @@ def _mtm(model: nn.Module, path: Path, fingerprint: str | None) -> LoadedModel:
     (the fixed sin-cos positions are recomputed at the input's grid)."""
     from seit.models.tokenadapt import sincos_pos
 
+    model.patch_embed.strict_img_size = False  # any grid (even sides); positions are recomputed below
+
     def grid(ids):
         x = model.patch_embed(ids)  # [B, h*w, E] at stride 2
         h, w = ids.shape[-2] // 2, ids.shape[-1] // 2
