@@ -19,8 +19,10 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 run: $(STAMP)
 	$(PY) run.py $(ARGS)
 
+# Two pytest workers (pytest-xdist), one test file each at a time: most tests spend their time in
+# single-threaded run.py subprocesses, so two run side by side on CI's two cores.
 test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest tests -q
+	WANDB_MODE=disabled $(PY) -m pytest tests -q -n 2 --dist loadfile
 
 test-unit: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest tests -q -m "not integration"
