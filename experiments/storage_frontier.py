@@ -414,7 +414,7 @@ def report(names: list[str], seeds: list[int], tag: str, source: Path, epochs: i
         print(f"PARTIAL: fewer than {len(seeds)} seeds finished for: {', '.join(partial)}")
     (RESULTS / "frontier.md").write_text(table)
     plot(rows, RESULTS / "frontier.png", f"tiny-imagenet-20, micro ViT, {epochs} epochs (subsets: the same steps), "
-         f"lr {lr}; error bars: min..max over the seeds in the table", split_bytes(source, "train")[0])
+         f"lr {lr}\nerror bars: min..max over the seeds in frontier.md", split_bytes(source, "train")[0])
     print(table)
     print(f"wrote {RESULTS / 'frontier.csv'}, {RESULTS / 'frontier.md'}, {RESULTS / 'frontier.png'}")
     return rows
