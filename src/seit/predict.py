@@ -161,6 +161,7 @@ class Predictor:
     tokenizer: Tokenizer | None
     tokenizer_path: Path | None
     device: torch.device
+    tokenizer_device: torch.device = torch.device("cpu")  # where the tokenizer encodes (CPU-only kinds stay there)
 
     @classmethod
     def open(cls, model: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
@@ -200,20 +201,21 @@ class Predictor:
             size = side
         dev = resolve_device(device)
         loaded.to(dev)
+        tok_dev = torch.device("cpu")
         if tok is not None and dev.type != "cpu":
             try:
-                tok = tok.to(dev)
+                tok, tok_dev = tok.to(dev), dev
             except NotImplementedError:  # this tokenizer encodes on the CPU only
                 pass
-        return cls(loaded, names, size, tok, tok_path, dev)
+        return cls(loaded, names, size, tok, tok_path, dev, tok_dev)
 
     @torch.no_grad()
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, S, S] (S = ``size``) -> the model's input: ids [B, H, W] or the images."""
         if self.tokenizer is None:
             return images.to(self.device)
-        device = self.tokenizer.codebook.device
-        return self.tokenizer.encode(images.to(device).float() / 255).to(self.device)
+        # not tokenizer.codebook.device: some tokenizers hand out their codebook on the CPU wherever they encode
+        return self.tokenizer.encode(images.to(self.tokenizer_device).float() / 255).to(self.device)
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
