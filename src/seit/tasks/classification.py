@@ -249,18 +249,45 @@ def pretrained_kind(path: str | Path) -> str:
         return "mtm" if (f.metadata() or {}).get("kind") == "mtm" else "classifier"
 
 
-def architecture(net: nn.Module) -> dict:
-    """What must agree between two ``TokenViT`` for one's body to load into the other."""
-    vit = net.vit
-    facts = {"input": "tokens" if hasattr(net.embed, "codebook") else "pixels", "embed_dim": vit.embed_dim,
-             "depth": len(vit.blocks), "num_heads": vit.blocks[0].attn.num_heads,
-             "mlp_ratio": vit.blocks[0].mlp.fc1.out_features / vit.embed_dim,
-             "embedding": "learned" if getattr(net, "requantize", False) else "codebook"}
+def architecture(state: dict[str, torch.Tensor], num_heads: int) -> dict:
+    """What must agree between two ``TokenViT`` for one's body to load into the other, read from a
+    state dict (the head count is not in the shapes: it comes from the model config)."""
+    blocks = {k.split(".")[2] for k in state if k.startswith("vit.blocks.")}
+    width = state["vit.pos_embed"].shape[-1]
+    facts = {"input": "tokens" if "embed.codebook" in state else "pixels", "embed_dim": int(width),
+             "depth": len(blocks), "num_heads": int(num_heads),
+             "mlp_ratio": state["vit.blocks.0.mlp.fc1.weight"].shape[0] / width,
+             "embedding": "learned" if "vit.patch_embed.tokens.weight" in state else "codebook"}
     if facts["input"] == "tokens":
-        facts["codebook_size"], facts["codebook_dim"] = tuple(net.embed.codebook.shape)
+        facts["codebook_size"], facts["codebook_dim"] = tuple(state["embed.codebook"].shape)
     else:
-        facts["patch_size"] = tuple(vit.patch_embed.patch_size)
+        facts["patch_size"] = tuple(state["vit.patch_embed.proj.weight"].shape[-2:])
     return facts
+
+
+def read_classifier_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str | None]:
+    """(the network's state dict, its model config, its codebook fingerprint) of a classifier export or
+    of a task=train / task=continual ``.ckpt`` (its EMA weights when it has them), without rebuilding
+    the task; an MTM checkpoint is refused (its export is what starts a classifier)."""
+    from seit.models.export import read_classifier
+    from seit.utils.checkpoint_io import unreadable
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, meta = read_classifier(path, "model.pretrained")
+        return state, meta["config"]["model"], meta["codebook_sha256"]
+    with unreadable(path, "model.pretrained"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "mask" in hp:
+        raise ValueError(f"model.pretrained: {path} is a task=pretrain_mtm checkpoint; start from its export "
+                         "<run>/mtm.safetensors instead")
+    if "label_smoothing" not in hp or "state_dict" not in ckpt:
+        raise ValueError(f"model.pretrained: {path} is not a classifier checkpoint of ours (task=train or continual)")
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in ckpt["state_dict"]) else "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    fingerprint = (hp.get("data") or {}).get("codebook_sha256") or hp.get("codebook_sha256")
+    return state, dict(hp["model"]), fingerprint
 
 
 def load_classifier_body(classifier: nn.Module, path: str | Path, codebook_sha256: str | None) -> None:
@@ -269,7 +296,7 @@ def load_classifier_body(classifier: nn.Module, path: str | Path, codebook_sha25
     position embedding is resampled (timm ``resample_abs_pos_embed``) when the crop grids differ.
 
     ``path``: a ``classifier.safetensors`` export or a Lightning ``.ckpt`` of task=train /
-    task=continual (its EMA weights when it has them), read by ``seit.tasks.checkpoint.load_model``.
+    task=continual (its EMA weights when it has them; ``read_classifier_state``).
     Refused with a one-line ValueError naming ``path``: another architecture (input, width, depth,
     heads, MLP ratio, embedding, codebook or patch size), another codebook than the dataset's
     (``codebook_sha256``), an MTM checkpoint (use its ``mtm.safetensors`` export).
@@ -277,30 +304,26 @@ def load_classifier_body(classifier: nn.Module, path: str | Path, codebook_sha25
     from timm.layers import resample_abs_pos_embed
 
     from seit.data.dataset_info import codebook_fingerprint
-    from seit.tasks.checkpoint import load_model
 
-    loaded = load_model(path, "model.pretrained")
-    if loaded.kind == "mtm":
-        raise ValueError(f"model.pretrained: {path} is a task=pretrain_mtm checkpoint; start from its export "
-                         "<run>/mtm.safetensors instead")
-    source = loaded.net
-    own, theirs = architecture(classifier), architecture(source)
+    source, config, fingerprint = read_classifier_state(path)
+    target = classifier.state_dict()
+    own = architecture(target, classifier.vit.blocks[0].attn.num_heads)
+    theirs = architecture(source, config.get("num_heads", 0))
     bad = [f"{k}: checkpoint {theirs.get(k)} vs model {own[k]}" for k in own if theirs.get(k) != own[k]]
     if bad:
         raise ValueError(f"model.pretrained: {path} does not fit model.*: " + "; ".join(bad))
     if own["input"] == "tokens":
-        fingerprint = loaded.fingerprint or codebook_fingerprint(source.embed.codebook)
+        fingerprint = fingerprint or codebook_fingerprint(source["embed.codebook"])
         if codebook_sha256 and fingerprint != codebook_sha256:
             raise ValueError(f"model.pretrained: {path} was trained on codebook {fingerprint[:12]}…, but this "
                              f"dataset's codebook is {codebook_sha256[:12]}…; tokenize the images with that model's "
                              "tokenizer")
-    state = {k: v for k, v in source.state_dict().items() if not k.startswith("vit.head.")}
-    target = classifier.state_dict()
+    state = {k: v for k, v in source.items() if not k.startswith("vit.head.")}
     pos = "vit.pos_embed"
     if pos in state and pos in target and state[pos].shape != target[pos].shape:
-        old = tuple(source.vit.patch_embed.grid_size)
+        side = round(state[pos].shape[1] ** 0.5)  # crops are square
         state[pos] = resample_abs_pos_embed(state[pos], new_size=list(classifier.vit.patch_embed.grid_size),
-                                            old_size=list(old), num_prefix_tokens=0)
+                                            old_size=[side, side], num_prefix_tokens=0)
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
              if k in target and v.shape != target[k].shape]
     missing, unexpected = classifier.load_state_dict(state, strict=False) if not wrong else ([], [])
