@@ -34,6 +34,14 @@ def test_eval_scores_a_trained_classifier_with_every_feature_evaluator(tmp_path)
     assert (out / "classify" / "confusion_val.csv").read_text().count("\n") == 4
     assert (out / "features" / "train.npz").is_file()  # computed once, shared by knn, linear and fewshot
 
+    # the same command again computes nothing; other evaluators into the same dir are refused
+    again = run(*base, "task=eval", f"task.checkpoint={export}", "eval=[classify,knn,linear,fewshot]",
+                f"hydra.run.dir={out}", "eval.linear.epochs=5", "eval.linear.lrs=[0.1]", "eval.fewshot.shots=[1,2]",
+                "eval.fewshot.draws=2", "eval.knn.ks=[3]")
+    assert "already evaluated:" in again.stdout
+    proc = run(*base, "task=eval", f"task.checkpoint={export}", "eval=[classify]", f"hydra.run.dir={out}", check=False)
+    assert proc.returncode != 0 and "already holds the results of another run" in proc.stderr
+
     # the Lightning checkpoint gives the same score as its export
     out2 = tmp_path / "eval_ckpt"
     run(*base, "task=eval", f"task.checkpoint={trained['last_ckpt_path']}", "eval=[classify]", f"hydra.run.dir={out2}")
@@ -48,7 +56,7 @@ def test_eval_scores_a_trained_classifier_with_every_feature_evaluator(tmp_path)
     assert proc.returncode != 0 and "is a token model; it scores a token dataset" in proc.stderr
     proc = run(*base, "task=eval", f"task.checkpoint={export}", "eval=[knn]", "eval.knn.temperature=-1",
                f"hydra.run.dir={tmp_path}/e4", check=False)
-    assert proc.returncode != 0 and "eval.knn: eval.knn.temperature=-1 must be > 0" in proc.stderr
+    assert proc.returncode != 0 and "error: eval.knn.temperature=-1 must be > 0" in proc.stderr
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
     proc = run(*base, "task=eval", f"task.checkpoint={junk}", "eval=[classify]", f"hydra.run.dir={tmp_path}/e3",

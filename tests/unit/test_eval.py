@@ -83,6 +83,11 @@ def test_unknown_checkpoints_are_refused_naming_the_file(tmp_path):
     torch.save({"hyper_parameters": {"lr": 1}, "state_dict": {}}, path)
     with pytest.raises(ValueError, match=f"{path}.*unknown task"):
         load_model(path)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({}, run / "checkpoints" / "last.ckpt")
+    with pytest.raises(ValueError, match=f"{run} is a directory; pass a file of it: {run}/checkpoints/last.ckpt"):
+        load_model(run)
     path = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match=f"{path} is not a Lightning checkpoint of ours"):
@@ -144,7 +149,7 @@ def test_classify_refuses_a_class_count_mismatch_and_a_model_without_head(tmp_pa
     with pytest.raises(DatasetError, match="class count mismatch: .*c.ckpt classifies 3 classes, .* has 5"):
         Classify()(dataset_context(tmp_path, model))
     headless = LoadedModel(kind="mtm", input="tokens", net=torch.nn.Identity(), path=tmp_path / "m.safetensors", dim=4)
-    with pytest.raises(ValueError, match="without a classifier head; evaluate it with eval=knn"):
+    with pytest.raises(ValueError, match=r"without a classifier head; evaluate it with eval=\[knn,linear,fewshot,segmentation\]"):
         Classify()(dataset_context(tmp_path, headless))
 
 

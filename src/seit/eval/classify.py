@@ -17,6 +17,7 @@ class Classify:
     """``split``: the split scored (default: task.split, the val split)."""
 
     name = "classify"
+    needs_head = True  # scores class predictions: refused up front for a model without a classifier head
 
     def __init__(self, split: str | None = None):
         self.split = split

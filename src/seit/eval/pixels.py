@@ -122,6 +122,7 @@ class Pixels:
     (``auto`` or an int); ``tokenize_device``: ``auto`` or ``cpu`` (see ``ImageInputs``)."""
 
     name = "pixels"
+    needs_head = True  # scores class predictions: refused up front for a model without a classifier head
 
     def __init__(self, split: str | None = None, workers="auto", tokenize_device: str = "auto"):
         if str(tokenize_device) not in ("auto", "cpu"):

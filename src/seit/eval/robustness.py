@@ -118,6 +118,7 @@ class Robustness:
     ``auto`` or ``cpu`` (``seit.eval.pixels.ImageInputs``)."""
 
     name = "robustness"
+    needs_head = True  # scores class predictions: refused up front for a model without a classifier head
 
     def __init__(self, corruptions="all", severities=(1, 2, 3, 4, 5), split: str | None = None,
                  max_images: int | None = None, corrupt_size: int | None = None, seed: int = 0, workers="auto",

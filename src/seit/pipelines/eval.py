@@ -30,7 +30,7 @@ from seit.eval.result import EvalResult
 from seit.tasks.checkpoint import load_model
 from seit.utils.io import atomic_write_bytes
 from seit.utils.ranks import rank_world
-from seit.utils.summary import config_hash, finished_run, write_summary
+from seit.utils.summary import config_hash, write_summary
 from seit.utils.validate import ConfigError, locate
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,23 @@ def selected_evaluators(cfg: DictConfig) -> dict:
     return chosen
 
 
+def finished_evaluation(output_dir: Path, cfg: DictConfig) -> dict | None:
+    """The summary of this same evaluation when the run dir holds it (a repeated command: nothing
+    is computed again); another evaluation's dir is refused, so no result is silently missing."""
+    import json
+
+    path = output_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("task") == "eval" and summary.get("config_hash") == config_hash(cfg):
+        print(f"already evaluated: {path} (evaluators {', '.join(summary.get('evaluators', []))}); a new run_name "
+              "(or hydra.run.dir) evaluates again", flush=True)
+        return summary
+    raise ConfigError(f"{output_dir} already holds the results of another run ({summary.get('task')}, evaluators "
+                      f"{summary.get('evaluators', '-')}): evaluate into a new run_name or hydra.run.dir")
+
+
 def build_evaluator(name: str, node: DictConfig):
     """The evaluator ``eval.<name>`` configures; its own ValueErrors (a bad setting) come out as
     they are, not inside Hydra's "Error in call to target" text."""
@@ -64,7 +81,8 @@ def build_evaluator(name: str, node: DictConfig):
         return hydra.utils.instantiate(node, _convert_="all")
     except InstantiationException as e:
         if isinstance(e.__cause__, (ValueError, TypeError)):
-            raise ConfigError(f"eval.{name}: {e.__cause__}") from None
+            message = str(e.__cause__)
+            raise ConfigError(message if message.startswith(f"eval.{name}") else f"eval.{name}: {message}") from None
         raise
 
 
@@ -82,13 +100,17 @@ def check_inputs(cfg: DictConfig, model) -> None:
 
 def evaluate(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
-    if (done := finished_run(output_dir, cfg)) is not None:
+    if (done := finished_evaluation(output_dir, cfg)) is not None:
         return done
     evaluators = {name: build_evaluator(name, node) for name, node in selected_evaluators(cfg).items()}  # settings first
     rank, world = rank_world()
     device = device_of(str(cfg.task.device))
     model = load_model(cfg.task.checkpoint).to(device)
     check_inputs(cfg, model)
+    headless = [name for name, e in evaluators.items() if getattr(e, "needs_head", False) and model.num_classes == 0]
+    if headless:
+        raise ConfigError(f"eval={headless[0]} scores class predictions, but {model.path} is a {model.kind} model "
+                          "without a classifier head; it takes eval=[knn,linear,fewshot,segmentation,transfer]")
     if cfg.data.kind == "tokens":
         from seit.pipelines.tokenize import prepare_token_dataset
 

@@ -70,7 +70,7 @@ class LoadedModel:
         """Class scores ``[B, num_classes]`` in label order. ValueError when the model has no head."""
         if self._logits is None:
             raise ValueError(f"{self.path} is a {self.kind} model without a classifier head; evaluate it with "
-                             "eval=knn, linear or fewshot (frozen features)")
+                             "eval=[knn,linear,fewshot,segmentation] (frozen features)")
         return self._logits(self.view(x)).float()
 
     def grid_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +96,12 @@ class LoadedModel:
 def load_model(path: str | Path, what: str = "task.checkpoint") -> LoadedModel:
     """The model in ``path`` (see the module doc), in eval mode on the CPU."""
     path = Path(path)
+    if path.is_dir():
+        found = [str(path / f) for f in ("classifier.safetensors", "mtm.safetensors", "checkpoints/last.ckpt")
+                 if (path / f).is_file()]
+        raise ValueError(f"{what}: {path} is a directory; pass a file of it" +
+                         (f": {' or '.join(found)}" if found else " (a run's classifier.safetensors, mtm.safetensors "
+                          "or checkpoints/last.ckpt)"))
     with unreadable(path, what):
         if path.suffix == ".safetensors":
             loaded = _from_export(path, what)
