@@ -5,8 +5,8 @@
     write_csv(rows, "predictions.csv")
 
 ``model``: a ``classifier.safetensors`` export (task=train / task=continual write it into the run
-dir; it holds the class names) or a Lightning ``.ckpt`` of such a run (its classes are then the
-label indices ``0..C-1`` unless ``classes=`` names them). ``images``: image files and folders,
+dir; it holds the class names) or a Lightning ``.ckpt`` of such a run (its classes are then named
+by ``classes=``, else by the ``dataset.json`` its run records, else they are the indices ``0..C-1``). ``images``: image files and folders,
 folders searched recursively for the extensions of ``seit.data.image_source.IMAGE_EXTS``.
 
 Preprocessing is the one the token dataset was built with (``task=tokenize``): each image is
@@ -126,9 +126,9 @@ def input_size(path: Path) -> int:
     return int(hp["data"]["input_grid"] if "data" in hp else hp["input_grid"])
 
 
-def recorded_tokenizer(model_path: Path) -> Path | None:
-    """The tokenizer the model's training data was built with, if its run dir says: the run's
-    ``summary.json`` names the token dataset, whose ``dataset.json`` names its tokenizer file."""
+def recorded_dataset(model_path: Path) -> dict:
+    """The ``dataset.json`` of the model's training data, if its run dir says (its ``summary.json``
+    names the token dataset); {} otherwise."""
     # <run>/classifier.safetensors, <run>/checkpoints/x.ckpt
     for run_dir in (model_path.parent, model_path.parent.parent):
         summary = run_dir / SUMMARY_FILE
@@ -136,12 +136,17 @@ def recorded_tokenizer(model_path: Path) -> Path | None:
             continue
         try:
             root = json.loads(summary.read_text()).get("dataset", {}).get("root")
-            meta = json.loads((Path(root) / INFO_FILE).read_text()) if root else {}
+            return json.loads((Path(root) / INFO_FILE).read_text()) if root else {}
         except (OSError, json.JSONDecodeError):
-            return None
-        path = (meta.get("tokenizer") or {}).get("checkpoint")
-        return Path(path) if path and Path(path).is_file() else None
-    return None
+            return {}
+    return {}
+
+
+def recorded_tokenizer(model_path: Path) -> Path | None:
+    """The tokenizer the model's training data was built with, if its run dir says: the run's
+    ``summary.json`` names the token dataset, whose ``dataset.json`` names its tokenizer file."""
+    path = (recorded_dataset(model_path).get("tokenizer") or {}).get("checkpoint")
+    return Path(path) if path and Path(path).is_file() else None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -177,6 +182,8 @@ class Predictor:
             raise ValueError(f"model: {path} is a {loaded.kind} model without a classifier head; predictions need a "
                              "classifier (task=train writes <run>/classifier.safetensors)")
         names = read_classes(classes, loaded.num_classes, str(path)) or loaded.classes
+        recorded = recorded_dataset(path).get("classes")  # a .ckpt: its run's dataset names the classes
+        names = names or (recorded if recorded and len(recorded) == loaded.num_classes else None)
         names = names or [str(i) for i in range(loaded.num_classes)]
         side = input_size(path)
         tok, tok_path = None, None

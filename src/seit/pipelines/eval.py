@@ -111,10 +111,10 @@ def evaluate(cfg: DictConfig) -> dict:
     if headless:
         raise ConfigError(f"eval={headless[0]} scores class predictions, but {model.path} is a {model.kind} model "
                           "without a classifier head; it takes eval=[knn,linear,fewshot,segmentation,transfer]")
-    if cfg.data.kind == "tokens":
+    if cfg.data.kind == "tokens" and not (Path(cfg.data.root) / "dataset.json").is_file():
         from seit.pipelines.tokenize import prepare_token_dataset
 
-        prepare_token_dataset(cfg)
+        prepare_token_dataset(cfg)  # build a missing dataset; an existing one is scored whatever built it
     from seit.pipelines.train import train
 
     ctx = EvalContext(cfg=cfg, model=model, device=device, output_dir=output_dir, rank=rank, world=world, train=train)
