@@ -112,6 +112,6 @@ class LinearProbe:
         metrics = {"acc1": accuracy(head, x, y, 1), "acc5": accuracy(head, x, y, 5), "best_lr": lr, "best_wd": wd}
         rows = [[lr_, wd_, s, "best" if (lr_, wd_) == (lr, wd) else ""] for (lr_, wd_), s in zip(self.grid, scores)]
         table = Table(f"linear probe: hold-out accuracy per grid point ({train_split}, {self.holdout:.0%} held out); "
-                      f"{split} top-1 {metrics['acc1']:.4f} at the best", ["lr", "weight decay", "hold-out top-1", ""], rows)
+                      f"{split} top-1 {metrics['acc1']:.4f} at the best", ["lr", "weight decay", "hold-out top-1", "picked"], rows)
         return EvalResult(metrics, [table], {"grid": [list(p) for p in self.grid], "holdout_acc": scores,
                                              "epochs": self.epochs, "train_split": train_split, "split": split})

@@ -140,7 +140,7 @@ def evaluate(cfg: DictConfig) -> dict:
     log_metrics(cfg, metrics)
     write_summary(output_dir, summary)
     for key, value in metrics.items():
-        print(f"{key} = {value:.4f}", flush=True)
+        print(f"{key} = {int(value) if float(value).is_integer() else f'{value:.4f}'}", flush=True)
     print(f"report: {output_dir / 'eval.md'}", flush=True)
     print(f"summary: {output_dir / 'summary.json'}", flush=True)
     return summary
