@@ -42,6 +42,7 @@ from seit.data.dataset_info import INFO_FILE
 from seit.data.image_source import IMAGE_EXTS, ImageReadError, ImageRecord, load_image
 from seit.tasks.checkpoint import LoadedModel, load_model
 from seit.tokenizers import Tokenizer, load_tokenizer
+from seit.tokenizers.base import ImageEncoder
 from seit.utils.io import atomic_open
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class Predictor:
     tokenizer: Tokenizer | None
     tokenizer_path: Path | None
     device: torch.device
-    tokenizer_device: torch.device = torch.device("cpu")  # where the tokenizer encodes (CPU-only kinds stay there)
+    encoder: ImageEncoder | None = None  # images -> ids, on the device when the tokenizer can go there
 
     @classmethod
     def open(cls, model: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
@@ -208,21 +209,12 @@ class Predictor:
             size = side
         dev = resolve_device(device)
         loaded.to(dev)
-        tok_dev = torch.device("cpu")
-        if tok is not None and dev.type != "cpu":
-            try:
-                tok, tok_dev = tok.to(dev), dev
-            except NotImplementedError:  # this tokenizer encodes on the CPU only
-                pass
-        return cls(loaded, names, size, tok, tok_path, dev, tok_dev)
+        return cls(loaded, names, size, tok, tok_path, dev, ImageEncoder(tok, dev) if tok is not None else None)
 
     @torch.no_grad()
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, S, S] (S = ``size``) -> the model's input: ids [B, H, W] or the images."""
-        if self.tokenizer is None:
-            return images.to(self.device)
-        # not tokenizer.codebook.device: some tokenizers hand out their codebook on the CPU wherever they encode
-        return self.tokenizer.encode(images.to(self.tokenizer_device).float() / 255).to(self.device)
+        return images.to(self.device) if self.encoder is None else self.encoder(images)
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,8 @@ class Classify:
 
     def __call__(self, ctx: EvalContext) -> EvalResult | None:
         split = self.split or str(ctx.cfg.task.split)
+        ctx.check_classifier(self.name)
         model, classes = ctx.model, ctx.classes()
-        if model.num_classes == 0:
-            model.logits(torch.zeros(0))  # raises: no classifier head, with what to use instead
-        if model.num_classes != len(classes):
-            raise DatasetError(f"class count mismatch: {model.path} classifies {model.num_classes} classes, "
-                               f"{ctx.data_name()} has {len(classes)}")
         n = model.num_classes
         confusion = torchmetrics.ConfusionMatrix(task="multiclass", num_classes=n)
         k, hits5 = min(5, n), 0

@@ -117,6 +117,27 @@ class EvalContext:
             raise DatasetError(f"eval={who} needs labels, but split {split!r} of {self.data_name()} holds unlabelled "
                                "samples (label -1)")
 
+    def check_classifier(self, who: str) -> None:
+        """The model must have a classifier head over the data's classes (evaluators that score predictions)."""
+        if self.model.num_classes == 0:
+            self.model.logits(torch.zeros(0))  # raises: no classifier head, with what to use instead
+        if self.model.num_classes != len(self.classes()):
+            raise DatasetError(f"eval={who}: class count mismatch: {self.model.path} classifies {self.model.num_classes} "
+                               f"classes, {self.data_name()} has {len(self.classes())}")
+
+    def labelled_features(self, who: str, train_split: str | None, split: str | None) -> tuple | None:
+        """(train features, train labels, eval features, eval labels, train split, eval split) for an
+        evaluator that fits on frozen features (None = task.train_split / task.split); None on ranks
+        other than 0. Unlabelled samples in either split are refused."""
+        train_split, split = train_split or str(self.cfg.task.train_split), split or str(self.cfg.task.split)
+        train, train_labels = self.features(train_split)
+        test, test_labels = self.features(split)
+        if self.rank != 0:
+            return None
+        self.require_labels(train_labels, train_split, who)
+        self.require_labels(test_labels, split, who)
+        return train, train_labels, test, test_labels, train_split, split
+
     def data_name(self) -> str:
         return str(self.cfg.data.root if self.kind == "tokens" else self.cfg.data.source)
 

@@ -42,13 +42,10 @@ class FewShot:
     def __call__(self, ctx: EvalContext) -> EvalResult | None:
         from sklearn.linear_model import LogisticRegression
 
-        train_split, split = self.train_split or str(ctx.cfg.task.train_split), self.split or str(ctx.cfg.task.split)
-        train, train_labels = ctx.features(train_split)
-        test, test_labels = ctx.features(split)
-        if ctx.rank != 0:
+        data = ctx.labelled_features(self.name, self.train_split, self.split)
+        if data is None:
             return None
-        ctx.require_labels(train_labels, train_split, self.name)
-        ctx.require_labels(test_labels, split, self.name)
+        train, train_labels, test, test_labels, train_split, split = data
         train, test = _unit(train), _unit(test)
         metrics, rows, details = {}, [], {}
         for shots in self.shots:

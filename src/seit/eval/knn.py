@@ -48,13 +48,10 @@ class KNN:
         self.train_split, self.split = train_split, split
 
     def __call__(self, ctx: EvalContext) -> EvalResult | None:
-        train_split, split = self.train_split or str(ctx.cfg.task.train_split), self.split or str(ctx.cfg.task.split)
-        train, train_labels = ctx.features(train_split)
-        query, labels = ctx.features(split)
-        if ctx.rank != 0:
+        data = ctx.labelled_features(self.name, self.train_split, self.split)
+        if data is None:
             return None
-        ctx.require_labels(train_labels, train_split, self.name)
-        ctx.require_labels(labels, split, self.name)
+        train, train_labels, query, labels, train_split, split = data
         n = len(ctx.classes())
         metrics, rows = {}, []
         for k in self.ks:

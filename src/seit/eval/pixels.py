@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from seit.data.image_source import ImageRecord, load_image
 from seit.data.shard_reader import read_shard
 from seit.eval.context import EvalContext
 from seit.eval.result import EvalResult, Table
+from seit.tokenizers.base import ImageEncoder
 from seit.utils.validate import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,27 +51,6 @@ def loader_workers(workers, world: int) -> int:
     return min(16, per_rank - 1) if per_rank > 2 else 0
 
 
-def check_classifier(ctx: EvalContext, who: str) -> None:
-    """The model must have a classifier head over the data's classes."""
-    model = ctx.model
-    if model.num_classes == 0:
-        model.logits(torch.zeros(0))  # raises: no classifier head, with what to use instead
-    if model.num_classes != len(ctx.classes()):
-        raise DatasetError(f"eval={who}: class count mismatch: {model.path} classifies {model.num_classes} classes, "
-                           f"{ctx.data_name()} has {len(ctx.classes())}")
-
-
-@contextmanager
-def full_precision():
-    """float32 matmuls and convolutions on CUDA (no TF32) while images are tokenized."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 class ImageInputs:
     """uint8 images ``[B, 3, S, S]`` -> the model's input on ``ctx.device``: the ids of the token
     dataset's own tokenizer (a token model; ``size`` = its ``image_size``) or the images themselves
@@ -80,24 +59,16 @@ class ImageInputs:
 
     def __init__(self, ctx: EvalContext, tokenize_device: str = "auto"):
         self.device = ctx.device
-        self.tokenizer = ctx.tokenizer() if ctx.model.input == "tokens" else None
         self.size = ctx.image_size()
+        self.encoder = None
         self.tokenize_device = torch.device("cpu")
-        if self.tokenizer is not None:  # shared by the evaluators of the run: put where this one wants it
+        if ctx.model.input == "tokens":  # the run's one tokenizer: put where this evaluator wants it
             want = ctx.device if str(tokenize_device) == "auto" else torch.device("cpu")
-            try:
-                self.tokenizer.to(want)
-                self.tokenize_device = want
-            except NotImplementedError:  # this tokenizer encodes on the CPU only
-                pass
+            self.encoder = ImageEncoder(ctx.tokenizer(), ctx.device, want)
+            self.tokenize_device = self.encoder.encode_device
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.tokenizer is None:
-            return images.to(self.device)
-        with full_precision():
-            ids = self.tokenizer.encode(images.to(self.tokenize_device).float() / 255)
-        return ids.to(self.device, torch.int64)
+        return images.to(self.device) if self.encoder is None else self.encoder(images)
 
 
 class DecodedImages(Dataset):
@@ -136,7 +107,7 @@ class Pixels:
                               "reads images already: use eval=classify on image data (data.kind=images, e.g. "
                               "experiment=tiny20_pixels)")
         split = self.split or str(ctx.cfg.task.split)
-        check_classifier(ctx, self.name)
+        ctx.check_classifier(self.name)
         info = ctx.info()
         if split not in info.meta["splits"]:
             raise DatasetError(f"{info.root} has no split {split!r}; it has {sorted(info.meta['splits'])}")

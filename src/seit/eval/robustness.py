@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from seit.data.image_source import ImageRecord, load_image
 from seit.eval.context import EvalContext
 from seit.eval.corruptions import MIN_SIZE, CorruptionError, corrupt_image, resolve
-from seit.eval.pixels import ImageInputs, check_classifier, loader_workers
+from seit.eval.pixels import ImageInputs, loader_workers
 from seit.eval.result import EvalResult, Table
 from seit.utils.io import atomic_open
 from seit.utils.validate import ConfigError
@@ -151,7 +151,7 @@ class Robustness:
 
     def __call__(self, ctx: EvalContext) -> EvalResult | None:
         split = self.split or str(ctx.cfg.task.split)
-        check_classifier(ctx, self.name)
+        ctx.check_classifier(self.name)
         inputs = ImageInputs(ctx, self.tokenize_device)
         if self.corrupt_size is None and inputs.size < MIN_SIZE:
             raise ConfigError(f"eval=robustness: this model reads {inputs.size}x{inputs.size} images; imagecorruptions "
