@@ -3,7 +3,8 @@
 The transformer is timm's ``VisionTransformer``, configured through its injection points:
 ``embed_layer`` (the Stem-Adaptor for tokens, the stock patchify for pixels, unless the config
 names another), ``block_fn``, ``mlp_layer`` and ``norm_layer``. A different block, MLP or norm is
-a module plus a config (``model.mlp_layer: {_target_: ..., _partial_: true}``), not a fork.
+a module plus a config (``model.mlp_layer: {_target_: ..., _partial_: true}``), not a fork;
+``model.mlp_layer=locality`` is the locality feed-forward (``seit.models.locality``).
 With ``dynamic_img_size`` (default) the position embedding is interpolated to the grid of each
 batch, so one model trains and evaluates on any grid size. The head is SeiT's: global average
 pooling, LayerNorm, linear (no class token, which SeiT prepends but never reads).
@@ -26,20 +27,31 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from seit.models.input_embed import CodebookEmbedding, PixelNormalize
+from seit.models.locality import LocalityMlp, track_grid
 from seit.models.mtm import IdPatchEmbed
 from seit.models.stem import StemAdaptor
 from seit.utils.validate import locate
 
 INPUTS = ("tokens", "pixels")
 EMBEDDINGS = ("codebook", "learned")
+NAMED_LAYERS = {"mlp_layer": {"mlp": Mlp, "locality": LocalityMlp}}  # short names a config may give
 
 
 def layer(value: Callable | str | None, key: str, default: Callable | None = None) -> Callable | None:
-    """An injection point's value: a callable (a class or a Hydra ``_partial_``), a dotted import
-    path, or None for ``default`` (None: timm's own default). ``key`` names it in errors."""
+    """An injection point's value: a callable (a class or a Hydra ``_partial_``), a short name of
+    ``NAMED_LAYERS`` (``model.mlp_layer=locality``), a dotted import path, or None for ``default``
+    (None: timm's own default). ``key`` names it in errors."""
     if value is None:
         return default
-    return locate(value, f"model.{key}") if isinstance(value, str) else value
+    if isinstance(value, str):
+        named = NAMED_LAYERS.get(key, {})
+        if value in named:
+            return named[value]
+        if "." not in value:
+            known = f"one of {sorted(named)} or " if named else ""
+            raise ValueError(f"model.{key}={value}: not a known name; give {known}a dotted import path")
+        return locate(value, f"model.{key}")
+    return value
 
 
 class TokenViT(nn.Module):
@@ -79,6 +91,7 @@ class TokenViT(nn.Module):
             dynamic_img_size=dynamic_img_size, embed_layer=layer(embed_layer, "embed_layer", default_embed),
             block_fn=layer(block_fn, "block_fn", Block), mlp_layer=layer(mlp_layer, "mlp_layer", Mlp),
             norm_layer=layer(norm_layer, "norm_layer"))
+        track_grid(self.vit)  # a locality MLP needs each input's patch grid
 
     def no_weight_decay(self) -> set[str]:
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}

@@ -8,16 +8,20 @@ augments every step as the uninterrupted run did.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchmetrics
+from pytorch_lightning.utilities import rank_zero_info
 
 from seit.augment.pipeline import AugConfig, augment_pixels, augment_tokens, eval_view
 from seit.data.dataset_info import DatasetError
 from seit.models.export import CLASSIFIER_FILE, load_encoder_into, load_tokenadapt, save_classifier
 from seit.tasks.base import SeitTask, build_model
+from seit.tasks.curriculum import GridCurriculum
 from seit.tokenizers.codebook_tools import synonyms
 
 INPUT_KEYS = {"tokens": "ids", "pixels": "images"}
@@ -27,13 +31,14 @@ DEFAULT_SYNONYMS_K = 5  # data.build.synonyms_k's default, for datasets built wi
 class ClassificationTask(SeitTask):
     """``model``: a ``conf/model`` config (``_target_``: a classifier such as ``TokenViT``), built here
     with the sizes the data decides (classes, codebook, crop grid). ``model.pretrained``: an MTM
-    export whose encoder starts the body."""
+    export whose encoder starts the body. ``curriculum``: a grid-size curriculum (``task.curriculum``,
+    ``seit.tasks.curriculum``): the training crop grows with the epoch."""
 
     needs_labels = True  # every sample of both splits (the pipeline checks dataset.json's record first)
 
     def __init__(self, *, model: dict, aug: dict, data: dict, optim: dict, scheduler: dict | None = None,
                  label_smoothing: float = 0.1, ema_decay: float = 0.0, compile: bool = False, seed: int = 0,
-                 linear_probe: bool = False):
+                 linear_probe: bool = False, curriculum: dict | None = None):
         super().__init__(data=data, optim=optim, scheduler=scheduler, seed=seed, ema_decay=ema_decay, compile=compile)
         facts = self.data
         if (model["input"] == "tokens") != (facts.kind == "tokens"):
@@ -50,8 +55,19 @@ class ClassificationTask(SeitTask):
         if self.input_key == "images" and (self.aug.eda["replace_prob"] or self.aug.eda["swap_prob"]
                                            or self.aug.noise["prob"] or self.aug.color_adapt["prob"]):
             raise ValueError("Token-EDA, Emb-Noise and ColorAdapt work on tokens; the pixel baseline takes aug=deit")
+        if self.input_key == "ids" and (pixel_only := self.aug.pixel_only()):
+            raise ValueError(f"aug.{', aug.'.join(pixel_only)}: RandAugment, random erasing and repeated augmentation "
+                             "work on pixels; tokens take Token-EDA, Token-RRC and Emb-Noise (aug=seit)")
         sizes = {"codebook_size": facts.codebook_size, "codebook_dim": facts.codebook_dim} if facts.kind == "tokens" else {}
         self.model = build_model(model, input_size=self.crop, num_classes=facts.num_classes, **sizes)
+        self.curriculum = GridCurriculum.from_config(curriculum, final=self.crop,
+                                                     stride=self.model.vit.patch_embed.patch_size[0])
+        if self.curriculum is not None and not self.aug.rrc["enabled"]:
+            raise ValueError("task.curriculum trains on smaller crops through RandomResizedCrop: set aug.rrc.enabled=true "
+                             "(aug=seit, seitpp and deit have it)")
+        if self.curriculum is not None and not model.get("dynamic_img_size", True):
+            raise ValueError("task.curriculum needs model.dynamic_img_size=true (the position embedding is resampled to "
+                             "each stage's grid)")
         if linear_probe:  # only the pooled features' LayerNorm and the linear head learn
             self.model.requires_grad_(False)
             for part in (self.model.vit.fc_norm, self.model.vit.head):
@@ -128,11 +144,28 @@ class ClassificationTask(SeitTask):
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(augmented input map, soft targets over ``num_classes``, default all)."""
         h, labels = self.hparams, batch["label"]
-        classes, aug, g = num_classes or self.data.num_classes, aug or self.aug, generator or self.step_generator()
+        classes, aug, g = num_classes or self.data.num_classes, aug or self.train_aug(), generator or self.step_generator()
         if self.input_key == "ids":
             return augment_tokens(batch["ids"], labels, self.model.embed, aug, classes,
                                   h.label_smoothing, self.synonyms, g, adapt=self.tokenadapt)
         return augment_pixels(batch["images"], labels, self.model.embed, aug, classes, h.label_smoothing, g)
+
+    def train_aug(self) -> AugConfig:
+        """The augmentation of the current epoch: the curriculum's crop size, when there is one."""
+        if self.curriculum is None:
+            return self.aug
+        return replace(self.aug, crop=self.curriculum.size_at(self.current_epoch))
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.curriculum is not None:
+            rank_zero_info(f"grid-size curriculum (training crop): {self.curriculum.describe()}; validation at "
+                           + ("the final size" if self.curriculum.eval_on_final_size else "the current size"))
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.curriculum is not None:
+            self.log("train/crop", float(self.curriculum.size_at(self.current_epoch)), on_step=False, on_epoch=True)
 
     def export(self, output_dir, name: str = CLASSIFIER_FILE) -> dict:
         """The trained classifier (its EMA when there is one) as ``classifier.safetensors``, with the
@@ -208,6 +241,8 @@ class ClassificationTask(SeitTask):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = eval_view(self.model.embed(batch[self.input_key]), self.aug)
+        if self.curriculum is not None and (size := self.curriculum.eval_size_at(self.current_epoch)) < x.shape[-1]:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         labels = batch["label"]
         logits = self.model(x)
         self.val_loss.update(self.criterion(logits, labels), weight=labels.shape[0])
