@@ -38,8 +38,10 @@ def build_datamodule(cfg: DictConfig):
 
         prepare_token_dataset(cfg)  # builds it when missing (data.build.source), else checks how it was built
         return TokenDataModule(cfg.data, seed=cfg.seed)
-    if kind == "images":
-        return ImageFolderDataModule(cfg.data, cache_dir=cfg.paths.cache_dir)
+    if kind == "images":  # the loader-side part of the aug group: RandAugment and the repeat sampler
+        aug = cfg.get("aug") or {}
+        return ImageFolderDataModule(cfg.data, cache_dir=cfg.paths.cache_dir, auto_augment=aug.get("auto_augment"),
+                                     repeated_aug=aug.get("repeated_aug", 1))
     raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {kind!r}")
 
 
