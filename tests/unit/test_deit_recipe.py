@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from conftest import make_image_folder
 from seit.augment.pipeline import AugConfig, augment_pixels, random_erasing
@@ -113,3 +114,18 @@ def test_token_data_refuses_the_pixel_only_keys(aug, key):
         classification("tokens", aug)
     deit = {"auto_augment": DEIT_RA, "random_erasing": {"prob": 0.25}, "repeated_aug": 3}
     assert classification("images", deit).aug.pixel_only() == ["auto_augment", "random_erasing.prob", "repeated_aug"]
+
+
+@pytest.mark.parametrize("policy", ["rand-n1-m10-inc1", "v0"])
+def test_posterize_to_zero_bits_gives_a_black_image_instead_of_a_pillow_error(tmp_path, policy):
+    """Pillow 13 refuses 0 bits, which timm asks for at the top (inc1) or bottom (v0) of the magnitude range."""
+    from seit.data.image_datamodule import auto_augment_transform
+
+    transform = auto_augment_transform(policy, 16)
+    image = Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8))
+    random.seed(0)
+    np.random.seed(0)
+    outs = [np.asarray(transform(image)) for _ in range(300)]
+    assert all(o.shape == (16, 16, 3) for o in outs)
+    if policy.startswith("rand"):
+        assert any(not o.any() for o in outs)  # posterize kept 0 bits

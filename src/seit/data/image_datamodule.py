@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from timm.data import create_transform
+from timm.data import auto_augment, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset
 
@@ -51,7 +51,8 @@ def auto_augment_transform(policy: str, image_size: int) -> Callable[[Image.Imag
     RandomResizedCrop follows the crop-size curriculum; so RandAugment here sees the whole squash-resized
     image before the crop, where DeiT applies it after the crop (its colour ops commute with the crop;
     its geometric ones act on the whole image). Python's ``random`` and numpy draw the ops: every loader
-    worker is seeded apart by torch (and by Lightning's ``seed_everything(workers=True)``, per rank).
+    worker is seeded apart by torch (and by Lightning's ``seed_everything(workers=True)``, per rank);
+    with ``data.num_workers=0`` the main process draws them, seeded alike on every rank.
 
     Raises ValueError (naming ``aug.auto_augment``) for a policy timm does not parse.
     """
@@ -61,7 +62,20 @@ def auto_augment_transform(policy: str, image_size: int) -> Callable[[Image.Imag
     except (AssertionError, KeyError, ValueError, IndexError) as exc:
         raise ValueError(f"aug.auto_augment={policy!r} is not a timm auto-augment policy (DeiT: "
                          f"rand-m9-mstd0.5-inc1): {exc}") from None
+    for stage in per_image.transforms:  # RandAugment / AugMix hold .ops, AutoAugment sub-policies of ops
+        for op in [*getattr(stage, "ops", []), *(op for sub in getattr(stage, "policy", []) for op in sub)]:
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize_zero_bits_black
     return per_image
+
+
+def posterize_zero_bits_black(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize op, but keeping 0 bits gives a black image, as Pillow < 13 did: Pillow 13 refuses
+    0 bits, which timm's increasing-severity RandAugment asks for at magnitude 10 (DeiT's m9 with
+    mstd0.5 draws it for ~2% of its posterize ops) and its AutoAugment 'v0' below magnitude 2.5."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
