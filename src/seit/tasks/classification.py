@@ -58,9 +58,6 @@ class ClassificationTask(SeitTask):
         if self.input_key == "ids" and (pixel_only := self.aug.pixel_only()):
             raise ValueError(f"aug.{', aug.'.join(pixel_only)}: RandAugment, random erasing and repeated augmentation "
                              "work on pixels; tokens take Token-EDA, Token-RRC and Emb-Noise (aug=seit)")
-        if self.input_key == "ids" and (pixel_only := self.aug.pixel_only()):
-            raise ValueError(f"aug.{', aug.'.join(pixel_only)}: RandAugment, random erasing and repeated augmentation "
-                             "work on pixels; tokens take Token-EDA, Token-RRC and Emb-Noise (aug=seit)")
         sizes = {"codebook_size": facts.codebook_size, "codebook_dim": facts.codebook_dim} if facts.kind == "tokens" else {}
         self.model = build_model(model, input_size=self.crop, num_classes=facts.num_classes, **sizes)
         self.curriculum = GridCurriculum.from_config(curriculum, final=self.crop,
