@@ -21,8 +21,9 @@ from seit.data.datamodule import TokenDataModule
 from seit.data.dataset_info import storage_summary
 from seit.data.image_datamodule import ImageFolderDataModule, input_grid
 from seit.tasks.base import DataFacts, SeitTask
-from seit.utils.throughput import TrainThroughput
+from seit.utils.budget import training_budget
 from seit.utils.validate import locate
+from seit.utils.visuals import time_curves_png
 from seit.utils.summary import config_hash, finished_run, to_float, write_summary
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,9 @@ def train(cfg: DictConfig) -> dict:
         dm.check_labelled(cfg.data.train_split, cfg.data.val_split)
     from seit.data.fixed_batches import fixed_batches  # data.fixed_batches=N (debug=overfit): N batches only
     dm = fixed_batches(dm, cfg.data.get("fixed_batches"))
-    throughput = TrainThroughput()
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*instantiate_all(cfg.get("callbacks")), throughput],
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    budget = training_budget(callbacks, cfg.trainer.get("max_time"))  # the one training clock (+ max_time)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, max_time=None,  # the budget is the Timer
                                       logger=instantiate_all(cfg.get("logger")) or False)
     if cfg.task.get("global_batch"):  # reach the recipe's batch per step by accumulation
         per_step = int(cfg.data.batch_size) * trainer.world_size
@@ -137,8 +139,11 @@ def train(cfg: DictConfig) -> dict:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     start = time.perf_counter()
     trainer.fit(task, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+    if budget.needs_final_validation(trainer):  # stopped in an epoch that check_val_every_n_epoch skips
+        trainer.validate(task, datamodule=dm, verbose=False)
     wall = time.perf_counter() - start
-    samples_per_rank = gather(throughput.samples)
+    train_s = budget.launch_train_seconds
+    samples_per_rank = gather(budget.launch_samples)
 
     metrics = {k: to_float(v) for k, v in trainer.callback_metrics.items()}
     ckpt = trainer.checkpoint_callback
@@ -146,16 +151,18 @@ def train(cfg: DictConfig) -> dict:
         "task": cfg.task.name,
         "metrics": {k: v for k, v in sorted(metrics.items()) if v is not None},
         "wall_s": round(wall, 3),
-        "train_s": round(throughput.seconds, 3),  # training epochs without their validation
+        "train_s": round(train_s, 3),  # this launch's training: validation and checkpoint writes excluded
         "world_size": trainer.world_size,
         "samples_seen": sum(samples_per_rank),
         "samples_seen_per_rank": samples_per_rank,
-        "samples_per_s": round(sum(samples_per_rank) / throughput.seconds, 2) if throughput.seconds else None,
+        "samples_per_s": round(sum(samples_per_rank) / train_s, 2) if train_s else None,
         "global_step": trainer.global_step,
         "config_hash": config_hash(cfg),
         "ckpt_path": (ckpt.best_model_path or ckpt.last_model_path) if ckpt else None,  # best by val/acc1
         "last_ckpt_path": ckpt.last_model_path if ckpt else None,
         "output_dir": str(output_dir),
+        "budget": budget.report(),  # the whole run's clock, over all launches (train_s above: this launch)
+        "curve": budget.curve,  # one point per validation: train_s, samples_seen, epoch, step, metrics
     }
     summary.update({k: summary["metrics"][k] for k in REPORTED if k in summary["metrics"]})
     if hasattr(task, "export") and trainer.is_global_zero:
@@ -163,6 +170,8 @@ def train(cfg: DictConfig) -> dict:
     if cfg.data.kind == "tokens":
         summary["dataset"] = {"root": str(dm.load_info().root), **storage_summary(dm.load_info().meta)}
     if trainer.is_global_zero:
+        if plotted := time_curves_png({"": budget.curve}, output_dir, budget.metric):
+            summary["curve_png"] = str(plotted)
         write_summary(output_dir, summary)
         report(summary)
     return summary
@@ -171,6 +180,10 @@ def train(cfg: DictConfig) -> dict:
 def report(summary: dict) -> None:
     parts = [f"{k}={summary[k]:.4f}" for k in REPORTED if k in summary]
     parts.append(f"wall {summary['wall_s']:.1f}s")
+    budget = summary.get("budget") or {}
+    if budget.get("max_time_s") is not None:
+        parts.append(f"train {budget['train_seconds']:.1f}s of a {budget['max_time_s']:g}s budget"
+                     + (" (stopped by it)" if budget["stopped_by_budget"] else ""))
     if summary.get("samples_per_s"):
         parts.append(f"{summary['samples_per_s']:.0f} train samples/s")
     if "tokenizer_checkpoint" in summary:

@@ -5,11 +5,15 @@ Lightning's default checkpoint IO writes straight to the final path, so a job ki
 during a save leaves the previous last.ckpt intact. torch and safetensors report a truncated file
 ("failed finding central directory", "MetadataIncompleteBuffer") or a full disk ("file write
 failed") without saying which file; ``unreadable`` and the save below add it.
+
+The checkpoint IO also keeps the seconds it has spent writing (``save_seconds``), so that a time
+budget (``seit.utils.budget.TrainingBudget``) can leave checkpointing out of training time.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -39,13 +43,20 @@ def unreadable(path: str | os.PathLike, what: str) -> Iterator[None]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_seconds = 0.0  # wall seconds spent in save_checkpoint by this process, failed saves included
+
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        start = time.monotonic()
         try:
             with atomic_path(path) as tmp:
                 super().save_checkpoint(checkpoint, tmp, storage_options)
         except (OSError, RuntimeError) as e:  # a full disk: torch says "file write failed", not where
             reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
             raise OSError(getattr(e, "errno", None), f"cannot write checkpoint {path}: {reason}") from e
+        finally:
+            self.save_seconds += time.monotonic() - start
 
     def load_checkpoint(self, path, *args, **kwargs):
         with unreadable(path, "checkpoint"):
