@@ -54,7 +54,7 @@ def loader(n: int) -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(n, 2)), batch_size=1)
 
 
-def fit(budget: TrainingBudget, model: Sleepy, tmp_path, *, max_epochs: int = 1000, ckpt_path=None,
+def fit(budget: TrainingBudget, model: Sleepy, tmp_path, *, max_epochs: int = 10, ckpt_path=None,
         every_n_train_steps: int | None = None, **trainer_args) -> pl.Trainer:
     callbacks = [budget]
     if every_n_train_steps:  # as conf/callbacks/default.yaml: last.ckpt every n steps and at each epoch's end
@@ -103,6 +103,16 @@ def test_budget_stops_training_and_the_last_validation_scores_the_final_weights(
     assert [p["step"] for p in budget.curve] == [BATCHES, trainer.global_step]  # epoch end, then the stop
     assert budget.curve[-1]["val/acc1"] == 0.5 and budget.curve[-1]["samples_seen"] == trainer.global_step
     assert not budget.needs_final_validation(trainer)
+
+
+def test_a_stop_in_an_epoch_without_validation_asks_for_the_final_one(tmp_path):
+    budget = TrainingBudget(max_time=0.1)  # stops in epoch 0, which check_val_every_n_epoch=3 does not validate
+    trainer = fit(budget, model := Sleepy(), tmp_path, check_val_every_n_epoch=3)
+    assert budget.stopped_by_budget and budget.curve == [] and budget.needs_final_validation(trainer)
+    trainer.validate(model, loader(2), verbose=False)  # what the pipeline then does
+    assert [p["step"] for p in budget.curve] == [trainer.global_step] and not budget.needs_final_validation(trainer)
+    with pytest.raises(ValueError, match="callbacks.budget.val_every needs trainer.check_val_every_n_epoch=1"):
+        fit(TrainingBudget(val_every=1), Sleepy(), tmp_path, check_val_every_n_epoch=3)
 
 
 def test_val_every_validates_on_a_grid_of_training_seconds_and_at_each_epoch_end(tmp_path):
