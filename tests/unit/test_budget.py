@@ -22,6 +22,7 @@ from seit.utils.checkpoint_io import AtomicCheckpointIO
 
 TRAIN_STEP_S = 0.02
 BATCHES = 10  # per epoch
+SLACK_S = 0.1  # Lightning's own work around the steps (a few ms each; more on a loaded machine)
 
 
 class Sleepy(pl.LightningModule):
@@ -84,12 +85,12 @@ def slow_checkpoints(monkeypatch):
 def test_clock_excludes_validation_and_checkpoint_writes(tmp_path, slow_checkpoints):
     budget = TrainingBudget()
     start = time.monotonic()
-    trainer = fit(budget, Sleepy(val_step_s=0.1), tmp_path, max_epochs=1, every_n_train_steps=3)
+    trainer = fit(budget, Sleepy(val_step_s=0.15), tmp_path, max_epochs=1, every_n_train_steps=3)
     wall = time.monotonic() - start
-    steps = BATCHES * TRAIN_STEP_S  # 0.2 s of training; 0.2 s of validation and 3 x 0.15 s of writes besides
+    steps = BATCHES * TRAIN_STEP_S  # 0.2 s of training; 0.3 s of validation and 3 x 0.15 s of writes besides
     assert trainer.global_step == BATCHES and budget.samples_seen == BATCHES
-    assert budget.validation_seconds >= 0.2 and budget.checkpoint_seconds >= 3 * 0.15  # at steps 3, 6, 9
-    assert steps <= budget.train_seconds < steps + 0.15  # Lightning's own work per step is a few ms
+    assert budget.validation_seconds >= 0.3 and budget.checkpoint_seconds >= 3 * 0.15  # at steps 3, 6, 9
+    assert steps <= budget.train_seconds < steps + 2 * SLACK_S
     assert budget.train_seconds + budget.validation_seconds + budget.checkpoint_seconds <= wall
     assert budget.report()["excluded"] == ["validation", "checkpointing"]
 
@@ -98,7 +99,7 @@ def test_budget_stops_training_and_the_last_validation_scores_the_final_weights(
     budget = TrainingBudget(max_time=0.3)
     trainer = fit(budget, Sleepy(), tmp_path)
     assert budget.stopped_by_budget
-    assert 0.3 <= budget.train_seconds < 0.3 + 3 * TRAIN_STEP_S + 0.05  # stops at the step that crosses it
+    assert 0.3 <= budget.train_seconds < 0.3 + TRAIN_STEP_S + SLACK_S  # stops at the step that crosses it
     assert trainer.global_step < 2 * BATCHES  # ~15 steps: stopped mid-way through the 2nd epoch
     assert [p["step"] for p in budget.curve] == [BATCHES, trainer.global_step]  # epoch end, then the stop
     assert budget.curve[-1]["val/acc1"] == 0.5 and budget.curve[-1]["samples_seen"] == trainer.global_step
@@ -125,7 +126,7 @@ def test_val_every_validates_on_a_grid_of_training_seconds_and_at_each_epoch_end
     times = [p["train_s"] for p in budget.curve]
     assert times == sorted(times)
     for k in range(1, math.floor(times[-1] / 0.07) + 1):  # each grid point 0.07 k is scored within a step
-        assert any(0.07 * k <= t < 0.07 * k + TRAIN_STEP_S + 0.03 for t in times), (k, times)
+        assert any(0.07 * k <= t < 0.07 * k + TRAIN_STEP_S + SLACK_S / 2 for t in times), (k, times)
     assert trainer.val_check_batch == BATCHES  # the epoch's own value was given back
 
 
@@ -138,8 +139,8 @@ def test_resume_continues_the_budget_the_curve_and_the_cosine(tmp_path):
 
     resumed, model = TrainingBudget(max_time=0.6), Sleepy(scheduler=schedule)
     trainer = fit(resumed, model, tmp_path, ckpt_path=tmp_path / "last.ckpt", every_n_train_steps=1)
-    assert resumed.stopped_by_budget and 0.6 <= resumed.train_seconds < 0.6 + 3 * TRAIN_STEP_S + 0.05
-    assert resumed.launch_train_seconds < 0.6 - state["train_s"] + 3 * TRAIN_STEP_S  # only the rest
+    assert resumed.stopped_by_budget and 0.6 <= resumed.train_seconds < 0.6 + TRAIN_STEP_S + SLACK_S
+    assert resumed.launch_train_seconds < 0.6 - state["train_s"] + TRAIN_STEP_S + SLACK_S  # only the rest
     assert resumed.curve[:1] == state["curve"] and resumed.curve[-1]["step"] == trainer.global_step  # whole curve
     assert resumed.samples_seen == trainer.global_step
     # the resumed cosine goes on from where the first launch left it (half the budget spent), not from 1;
