@@ -33,7 +33,9 @@ def test_the_shipped_defaults_pass(task):
     "+trainer.limit_train_batches=1.5", "trainer.check_val_every_n_epoch=0", "optim.lr=0", "optim.lr=-1e-3",
     "optim.lr=fast", "optim.blr=0", "optim.weight_decay=-0.1", "scheduler.warmup_epochs=-1", "optim.eps=0",
     "optim.betas=[0.9,1.0]", "optim.lr_scaling=cubic", "optim.layer_decay=1.5", "data.build.shard_size=0",
-    "data.build.workers=-2", "task.label_smoothing=1.0", "task.ema_decay=-0.5",
+    "data.build.workers=-2", "task.label_smoothing=1.0", "task.ema_decay=-0.5", "trainer.max_time=abc",
+    "trainer.max_time=0", "callbacks.budget.val_every=-5", "scheduler.horizon=steps",
+    "scheduler.horizon=budget",  # without trainer.max_time
 ])
 def test_a_value_that_cannot_work_is_refused_naming_its_key(override):
     cfg = config(override)  # task=train: run_task checks before it builds data or a model

@@ -72,8 +72,8 @@ def task_trainer(cfg: DictConfig, task_dir: Path, loggers: list) -> pl.Trainer:
         callbacks.append(ModelCheckpoint(dirpath=task_dir / "checkpoints", save_top_k=0, save_last=True,
                                          enable_version_counter=False, **every))
     epochs = int(cfg.trainer.max_epochs)
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                   check_val_every_n_epoch=epochs + 1, num_sanity_val_steps=0)
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, max_time=None,
+                                   check_val_every_n_epoch=epochs + 1, num_sanity_val_steps=0)  # budget: per task
 
 
 def finished_tasks(root: Path, num_tasks: int) -> list[dict]:

@@ -87,6 +87,13 @@ def check_trainer(cfg: DictConfig) -> None:
     _int(cfg, "trainer.log_every_n_steps", minimum=1, optional=True)
     _int(cfg, "trainer.accumulate_grad_batches", minimum=1, optional=True)
     _real(cfg, "trainer.gradient_clip_val", low=0, optional=True)  # 0: no clipping
+    from seit.utils.budget import duration_seconds
+
+    for key in ("trainer.max_time", "callbacks.budget.val_every"):  # "DD:HH:MM:SS" or seconds
+        try:
+            duration_seconds(_get(cfg, key), key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def check_optim(cfg: DictConfig) -> None:
@@ -104,6 +111,12 @@ def check_optim(cfg: DictConfig) -> None:
     betas = _get(cfg, "optim.betas")
     if betas is not None and not (len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optim.betas={list(betas)!r}: must be two numbers in [0, 1)")
+    horizon = _get(cfg, "scheduler.horizon")
+    if horizon is not None and horizon not in ("epochs", "budget"):
+        raise ConfigError(f"scheduler.horizon={horizon!r}: must be epochs or budget")
+    if horizon == "budget" and _get(cfg, "trainer.max_time") is None:
+        raise ConfigError("scheduler.horizon=budget runs the cosine over the time budget: set trainer.max_time "
+                          "(DD:HH:MM:SS or seconds)")
     scaling = _get(cfg, "optim.lr_scaling")
     if scaling is not None and scaling not in ("linear", "sqrt"):
         raise ConfigError(f"optim.lr_scaling={scaling!r}: must be linear or sqrt")
