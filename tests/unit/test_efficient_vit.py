@@ -10,6 +10,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 
+from seit.data.batch_schedule import BatchSchedule
 from seit.models.locality import LocalityMlp, track_grid
 from seit.models.vit import TokenViT
 from seit.tasks.classification import ClassificationTask
@@ -117,6 +118,10 @@ def test_curriculum_sizes_per_epoch_in_both_forms():
     current = GridCurriculum.from_config({"steps": [[0, 8], [2, 32]], "eval_on_final_size": False}, final=32, stride=2)
     assert current.eval_size_at(1) == 8 and current.eval_size_at(2) == 32
     assert GridCurriculum.from_config({"steps": None, "start": None}, final=32, stride=2) is None
+    batches = GridCurriculum.from_config({"steps": [[0, 8], [3, 32]], "batch_sizes": [[0, 256], [9, 192]]}, final=32,
+                                         stride=2)
+    assert [batches.batch_size_at(e) for e in (0, 8, 9, 50)] == [256, 256, 192, 192] and steps.batch_size_at(3) is None
+    assert batches.describe() == "epochs 0-2: 8, 3+: 32; batch per device: epochs 0-8: 256, 9+: 192"
 
 
 @pytest.mark.parametrize("cfg, message", [
@@ -127,6 +132,9 @@ def test_curriculum_sizes_per_epoch_in_both_forms():
     ({"start": 8}, "needs step > 0 and every > 0"),
     ({"start": 8, "step": 8, "every": 1, "steps": [[0, 8]]}, "not both"),
     ({"sizes": [[0, 8]]}, "unknown task.curriculum keys"),
+    ({"steps": [[0, 8]], "batch_sizes": [[1, 64]]}, "batch_sizes epochs must start at 0"),
+    ({"steps": [[0, 8]], "batch_sizes": [[0, 0]]}, "batch_sizes must be >= 1"),
+    ({"batch_sizes": [[0, 64]]}, "needs a size schedule"),
 ])
 def test_bad_curricula_are_refused_by_key(cfg, message):
     with pytest.raises(ValueError, match=message):
@@ -148,7 +156,10 @@ class TokenGrids(Dataset):
         return {"ids": self.ids[i], "label": self.labels[i]}
 
 
-def make_task(curriculum: dict | None) -> ClassificationTask:
+WARMUP_COSINE = {"_target_": "seit.tasks.schedule.warmup_cosine", "_partial_": True, "warmup_epochs": 1}
+
+
+def make_task(curriculum: dict | None, scheduler: dict | None = WARMUP_COSINE) -> ClassificationTask:
     task = ClassificationTask(
         model={"_target_": "seit.models.vit.TokenViT", "input": "tokens", "embed_dim": 16, "depth": 1,
                "num_heads": 2, "mlp_layer": "locality", "drop_path_rate": 0.1},
@@ -156,20 +167,21 @@ def make_task(curriculum: dict | None) -> ClassificationTask:
         data={"kind": "tokens", "num_classes": 3, "input_grid": 8, "batch_size": 4, "codebook_size": 16,
               "codebook_dim": 4},
         optim={"_target_": "seit.tasks.optim.create_optimizer", "_partial_": True, "opt": "adamw", "lr": 1e-3},
-        scheduler={"_target_": "seit.tasks.schedule.warmup_cosine", "_partial_": True, "warmup_epochs": 1},
+        scheduler=scheduler,
         curriculum=curriculum, ema_decay=0.9, seed=3)
     task.load_codebook(torch.randn(16, 4, generator=torch.Generator().manual_seed(1)))
-    task.attach(None)
     return task
 
 
 class SeenSizes(pl.Callback):
     def __init__(self):
         self.sizes: dict[int, set[int]] = {}
+        self.batches: dict[int, set[int]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         x, _ = pl_module.train_batch(batch)
         self.sizes.setdefault(trainer.current_epoch, set()).add(x.shape[-1])
+        self.batches.setdefault(trainer.current_epoch, set()).add(x.shape[0])
 
 
 class StopAfterEpoch(pl.Callback):
@@ -185,10 +197,18 @@ def fit(task, max_epochs: int, callbacks=(), ckpt_path=None) -> pl.Trainer:
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=list(callbacks), deterministic=True)
-    loader = DataLoader(TokenGrids(), batch_size=4, shuffle=False)
-    trainer.fit(task, train_dataloaders=loader, val_dataloaders=DataLoader(TokenGrids(8), batch_size=4),
-                ckpt_path=ckpt_path)
+    trainer.fit(task, datamodule=GridsModule(), ckpt_path=ckpt_path)
     return trainer
+
+
+class GridsModule(BatchSchedule, pl.LightningDataModule):
+    cfg = type("DataConfig", (), {"batch_size": 4})
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TokenGrids(), batch_size=self.train_batch_size(), shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TokenGrids(8), batch_size=4)
 
 
 CURRICULUM = {"steps": [[0, 2], [1, 4], [3, 6]]}
@@ -220,6 +240,18 @@ def test_resume_across_a_size_change_is_exact(tmp_path):
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def test_batch_size_steps_rebuild_the_loader_each_epoch():
+    task, seen = make_task({**CURRICULUM, "batch_sizes": [[0, 4], [2, 8]]}, scheduler=None), SeenSizes()
+    fit(task, 4, [seen])
+    assert seen.batches == {0: {4}, 1: {4}, 2: {8}, 3: {8}}
+    assert seen.sizes == {0: {2}, 1: {4}, 2: {4}, 3: {6}}
+
+
+def test_batch_size_steps_refuse_a_cosine_over_epochs():
+    with pytest.raises(ValueError, match="scheduler.horizon=budget"):
+        make_task({**CURRICULUM, "batch_sizes": [[0, 4], [2, 8]]})
 
 
 def test_curriculum_needs_rrc():

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from seit.data.batch_schedule import BatchSchedule
 from seit.data.dataset_info import DatasetError, TokenDatasetInfo
 from seit.data.shard_reader import read_split
 from seit.data.subset import read_subset
@@ -25,7 +26,7 @@ from seit.data.token_stream import SharedEpoch, TokenStream
 log = logging.getLogger(__name__)
 
 
-class TokenDataModule(pl.LightningDataModule):
+class TokenDataModule(BatchSchedule, pl.LightningDataModule):
     def __init__(self, cfg: DictConfig, *, seed: int = 0):
         """`cfg` is the ``data`` config group."""
         super().__init__()
@@ -75,7 +76,7 @@ class TokenDataModule(pl.LightningDataModule):
     def stream(self, split: str, train: bool) -> TokenStream:
         info = self.load_info()
         rank, world = self._rank_world()
-        batch = self.cfg.batch_size if train else self.cfg.eval_batch_size
+        batch = self.train_batch_size() if train else self.cfg.eval_batch_size
         return TokenStream(info.shard_specs(split), codec=info.codec, keep=self.row_masks(split), batch_size=batch,
                            train=train, rank=rank, world_size=world, num_workers=self.cfg.num_workers, seed=self.seed,
                            shuffle_buffer=self.cfg.shuffle_buffer, epoch=self.epoch, model_dir=str(info.root))

@@ -20,6 +20,7 @@ from timm.data import auto_augment, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset
 
+from seit.data.batch_schedule import BatchSchedule
 from seit.data.embedded import resolve_source
 from seit.data.image_source import ImageRecord, load_image, scan_source
 
@@ -78,7 +79,7 @@ def posterize_zero_bits_black(img: Image.Image, bits_to_keep: int, **kwargs) -> 
     return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(BatchSchedule, pl.LightningDataModule):
     """``auto_augment``: a timm policy for the training images (None: off); ``repeated_aug``: each drawn
     training image this many times per epoch (1: off) - both from the ``aug`` config group."""
 
@@ -125,7 +126,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         order = {"shuffle": train}
         if train and self.repeated_aug != 1:
             order = {"sampler": self.repeat_sampler(ds)}
-        return DataLoader(ds, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
+        return DataLoader(ds, batch_size=self.train_batch_size() if train else self.cfg.eval_batch_size,
                           drop_last=train, num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=self.cfg.pin_memory, **order)
 

@@ -65,6 +65,10 @@ class ClassificationTask(SeitTask):
         if self.curriculum is not None and not self.aug.rrc["enabled"]:
             raise ValueError("task.curriculum trains on smaller crops through RandomResizedCrop: set aug.rrc.enabled=true "
                              "(aug=seit, seitpp and deit have it)")
+        if self.curriculum is not None and self.curriculum.batch_steps and scheduler \
+                and scheduler.get("horizon", "epochs") != "budget":
+            raise ValueError("task.curriculum.batch_sizes changes the steps per epoch, which a cosine over epochs "
+                             "counts in advance: use scheduler.horizon=budget (the LR then follows training time)")
         if self.curriculum is not None and not model.get("dynamic_img_size", True):
             raise ValueError("task.curriculum needs model.dynamic_img_size=true (the position embedding is resampled to "
                              "each stage's grid)")
@@ -121,6 +125,11 @@ class ClassificationTask(SeitTask):
         """The dataset's codebook, then what the config asks to start from: a pre-trained encoder,
         a TokenAdapt, and (Token-EDA) the dataset's synonym table."""
         super().attach_data(datamodule)
+        if self.curriculum is not None and self.curriculum.batch_steps:
+            if not hasattr(datamodule, "set_batch_schedule"):
+                raise ValueError("task.curriculum.batch_sizes needs a data module that takes a batch schedule "
+                                 "(seit.data.batch_schedule.BatchSchedule)")
+            datamodule.set_batch_schedule(self.curriculum.batch_size_at)
         names = getattr(datamodule, "classes", None) if datamodule is not None else None
         if not names and datamodule is not None and hasattr(datamodule, "load_info"):
             names = datamodule.load_info().classes
@@ -158,6 +167,8 @@ class ClassificationTask(SeitTask):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        if self.curriculum is not None and self.curriculum.batch_steps:
+            self.trainer.reload_dataloaders_every_n_epochs = 1  # each epoch's loader takes that epoch's batch
         if self.curriculum is not None:
             rank_zero_info(f"grid-size curriculum (training crop): {self.curriculum.describe()}; validation at "
                            + ("the final size" if self.curriculum.eval_on_final_size else "the current size"))

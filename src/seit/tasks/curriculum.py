@@ -14,14 +14,16 @@ from any checkpoint trains at the size the uninterrupted run did.
 
 Config (``task.curriculum``): ``steps`` [[epoch, size], ...] or ``start`` / ``step`` / ``every``
 (``min(final, start + step * (epoch // every))``); ``eval_on_final_size`` (default true: validate
-at the final size throughout; false: at the current size).
+at the final size throughout; false: at the current size); ``batch_sizes`` [[epoch, batch], ...]:
+optional per-device training batch steps (the paper's ``--decrease-batch-size``), which rebuild
+the training loader every epoch (``seit.data.batch_schedule``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-KEYS = ("steps", "start", "step", "every", "eval_on_final_size")
+KEYS = ("steps", "start", "step", "every", "eval_on_final_size", "batch_sizes")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class GridCurriculum:
     stages: tuple[tuple[int, int], ...]
     final: int
     eval_on_final_size: bool = True
+    batch_steps: tuple[tuple[int, int], ...] = ()  # (first epoch, per-device batch); () = data.batch_size
 
     @classmethod
     def from_config(cls, cfg: dict | None, *, final: int, stride: int) -> "GridCurriculum | None":
@@ -45,7 +48,10 @@ class GridCurriculum:
         if unknown:
             raise ValueError(f"unknown task.curriculum keys {unknown}; known: {list(KEYS)}")
         steps, start = cfg.get("steps"), cfg.get("start")
+        batch_steps = tuple((int(e), int(b)) for e, b in cfg.get("batch_sizes") or ())
         if steps is None and start is None:
+            if batch_steps:
+                raise ValueError("task.curriculum.batch_sizes needs a size schedule (task.curriculum.steps or start)")
             return None
         if steps is not None and start is not None:
             raise ValueError("task.curriculum: give steps or start/step/every, not both")
@@ -62,7 +68,7 @@ class GridCurriculum:
                 size, epoch = size + int(step), epoch + int(every)
             stages.append((epoch, final))
             stages = tuple(stages)
-        curriculum = cls(stages, final, bool(cfg.get("eval_on_final_size", True)))
+        curriculum = cls(stages, final, bool(cfg.get("eval_on_final_size", True)), batch_steps)
         curriculum.check(stride)
         return curriculum
 
@@ -76,19 +82,34 @@ class GridCurriculum:
             if not stride <= size <= self.final or size % stride:
                 raise ValueError(f"task.curriculum: size {size} (epoch {epoch}) must be a multiple of the model's "
                                  f"patch stride {stride} between {stride} and the final crop {self.final}")
+        if self.batch_steps:
+            epochs = [e for e, _ in self.batch_steps]
+            if epochs[0] != 0 or any(b <= a for a, b in zip(epochs, epochs[1:])):
+                raise ValueError(f"task.curriculum.batch_sizes epochs must start at 0 and increase, got {epochs}")
+            if any(b < 1 for _, b in self.batch_steps):
+                raise ValueError(f"task.curriculum.batch_sizes must be >= 1, got {[b for _, b in self.batch_steps]}")
 
     def size_at(self, epoch: int) -> int:
         """The training crop side of ``epoch`` (0-based)."""
         return next(size for first, size in reversed(self.stages) if epoch >= first)
 
+    def batch_size_at(self, epoch: int) -> int | None:
+        """The per-device training batch of ``epoch``; None without batch steps (``data.batch_size``)."""
+        return next((b for first, b in reversed(self.batch_steps) if epoch >= first), None)
+
     def eval_size_at(self, epoch: int) -> int:
         return self.final if self.eval_on_final_size else self.size_at(epoch)
 
     def describe(self) -> str:
-        """'epochs 0-4: 8, 5-9: 16, 10+: 32' (the log line at fit start)."""
-        parts = []
-        for i, (first, size) in enumerate(self.stages):
-            last = self.stages[i + 1][0] - 1 if i + 1 < len(self.stages) else None
-            span = f"{first}+" if last is None else (f"{first}" if last == first else f"{first}-{last}")
-            parts.append(f"{span}: {size}")
-        return "epochs " + ", ".join(parts)
+        """'epochs 0-4: 8, 5-9: 16, 10+: 32' (the log line at fit start; then the batch steps, if any)."""
+        text = "epochs " + spans(self.stages)
+        return text + (f"; batch per device: epochs {spans(self.batch_steps)}" if self.batch_steps else "")
+
+
+def spans(steps: tuple[tuple[int, int], ...]) -> str:
+    parts = []
+    for i, (first, value) in enumerate(steps):
+        last = steps[i + 1][0] - 1 if i + 1 < len(steps) else None
+        span = f"{first}+" if last is None else (f"{first}" if last == first else f"{first}-{last}")
+        parts.append(f"{span}: {value}")
+    return ", ".join(parts)
