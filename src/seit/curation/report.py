@@ -2,8 +2,12 @@
 
     cluster_sizes.png            cluster-size histogram, before and after selection
     keep_rate_vs_complexity.png  DBP: each cluster's kept fraction against its complexity
-    duplicates.png               SemDeDup: the most similar removed points beside the point that
-                                 removed them, decoded back to images by the dataset's tokenizer
+    duplicates.png               SemDeDup, copydedup: the most similar removed points beside the point
+                                 that removed them (copydedup: their component's representative),
+                                 decoded back to images by the dataset's tokenizer
+
+copydedup's graph statistics (components, largest component, edges, removed by relative and by
+self-dedup) go to ``report.json`` under ``copydedup``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def write_report(out: Path, info: TokenDatasetInfo, split: str, store, clusters,
                  loggers: list = ()) -> dict:
     kept = subset.kept
     report: dict = {"method": subset.meta["method"], "num_total": subset.meta["num_total"], "num_kept": subset.meta["num_kept"]}
-    for key in ("eps", "eps_curve", "retrieval", "hierarchy"):
+    for key in ("eps", "eps_curve", "retrieval", "hierarchy", "copydedup"):
         if key in result:
             report[key] = result[key]
     plots = []

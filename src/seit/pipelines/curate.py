@@ -1,7 +1,8 @@
 """``task=curate curate=<method>``: embeddings (task=embed) -> a subset manifest + a report.
 
 Methods: kmeans (cluster only, keeps everything), semdedup, dbp (SemDeDup first when
-``dedup_eps`` or ``dedup_target_kept`` is set), ssp, random, retrieval, hierarchical. The manifest
+``dedup_eps`` or ``dedup_target_kept`` is set), ssp, random, retrieval, hierarchical, copydedup
+(DINOv2's k-NN-graph dedup, also against evaluation splits: run it before the others). The manifest
 feeds training through ``data.subset=<out_dir>``; ``task.write_dataset=PATH`` also writes the kept
 samples as a new token dataset. With several ranks (torchrun/srun), k-means trains and assigns
 distributed over torch.distributed; the selection itself is cheap and runs on rank 0.
@@ -29,7 +30,7 @@ from seit.utils.ranks import rank_world
 from seit.utils.summary import config_hash, write_summary
 
 log = logging.getLogger(__name__)
-METHODS = ("kmeans", "semdedup", "dbp", "ssp", "random", "retrieval", "hierarchical")
+METHODS = ("kmeans", "semdedup", "dbp", "ssp", "random", "retrieval", "hierarchical", "copydedup")
 NEEDS_CLUSTERS = ("kmeans", "semdedup", "dbp", "ssp", "retrieval")
 
 
@@ -95,10 +96,12 @@ def start_from(c: DictConfig, info: TokenDatasetInfo, split: str, n: int) -> np.
 def select(c: DictConfig, store, clusters, alive: np.ndarray) -> dict:
     """{"kept": indices, "score": per-point score (optional), ...report extras}."""
     n = len(store)
-    fraction = float(c.get("keep_fraction", 1.0))
-    if not 0 < fraction <= 1:
-        raise ValueError(f"curate.keep_fraction must be in (0, 1], got {fraction}")
-    budget = round(fraction * n)
+    if c.get("keep_fraction") is None:  # a method without a budget keeps what it keeps among the alive
+        budget = int(alive.sum())
+    elif not 0 < float(c.keep_fraction) <= 1:
+        raise ValueError(f"curate.keep_fraction must be in (0, 1], got {c.keep_fraction}")
+    else:
+        budget = round(float(c.keep_fraction) * n)
     if budget > alive.sum():
         raise ValueError(f"curate.keep_fraction={c.keep_fraction} asks for {budget} samples, but only {alive.sum()} "
                          "are left (curate.start_from)")
@@ -116,6 +119,8 @@ def select(c: DictConfig, store, clusters, alive: np.ndarray) -> dict:
         return _dedup_then_dbp(c, store, clusters, budget, alive)
     if c.method == "retrieval":
         return _retrieval(c, store, clusters)
+    if c.method == "copydedup":
+        return _copydedup(c, store, alive)
     return _hierarchical(c, store, budget)
 
 
@@ -165,6 +170,58 @@ def _seed_rows(c: DictConfig, store) -> tuple[np.ndarray, np.ndarray | None]:
         raise ValueError(f"curate.seed_keys: {len(missing)} keys are not in {store.root} (e.g. {missing[:3]})")
     rows = np.array(sorted(index[k] for k in wanted), np.int64)
     return np.asarray(store.vectors[rows], np.float32), rows
+
+
+REFERENCE_MUST_MATCH = ("dim", "model_kind", "checkpoint_sha256", "whiten")
+
+
+def _reference_rows(c: DictConfig, store) -> np.ndarray | None:
+    """float32 [R, D]: the rows of every ``curate.reference_embeddings`` store, refused unless each was
+    embedded like the pool (same dim, model or thumbnail grid, whitening transform)."""
+    paths = c.get("reference_embeddings")
+    if not paths:
+        return None
+    rows = []
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        ref = open_embeddings(path)
+        diff = [k for k in REFERENCE_MUST_MATCH if ref.meta.get(k) != store.meta.get(k)]
+        if diff:
+            raise ValueError(f"curate.reference_embeddings: {ref.root} differs from {store.root} in "
+                             f"{', '.join(f'{k} ({ref.meta.get(k)} vs {store.meta.get(k)})' for k in diff)}: "
+                             "embed the reference split with the pool's task.features/thumbnail_grid/whiten")
+        if store.meta.get("whiten") and not _same_whitening(ref.root, store.root):
+            raise ValueError(f"curate.reference_embeddings: {ref.root}/whitening.npz is not {store.root}'s: each "
+                             "store fits its own PCA, so their cosines mean nothing; embed both with task.whiten=0")
+        rows.append(np.asarray(ref.vectors, np.float32))
+    return np.concatenate(rows)
+
+
+def _same_whitening(a: Path, b: Path) -> bool:
+    wa, wb = np.load(a / "whitening.npz"), np.load(b / "whitening.npz")
+    return all(np.array_equal(wa[k], wb[k]) for k in ("mean", "projection"))
+
+
+def _copydedup(c: DictConfig, store, alive: np.ndarray) -> dict:
+    from seit.curation.copydedup import copydedup
+
+    rows = np.flatnonzero(alive)
+    pool = np.asarray(store.vectors[rows], np.float32)
+    local, stats = copydedup(pool, _reference_rows(c, store), k=int(c.k), threshold=float(c.threshold),
+                             relative_threshold=float(c.relative_threshold), chunk=int(c.get("chunk", 4096)))
+    n, local_partner = len(store), stats.pop("partner")
+    moved = np.flatnonzero(local_partner >= 0)  # self-removed: replaced by their component's representative
+    partner, m = np.full(n, -1, np.int64), np.full(n, -np.inf, np.float32)
+    partner[rows[moved]] = rows[local_partner[moved]]
+    m[rows[moved]] = np.einsum("ij,ij->i", pool[moved], pool[local_partner[moved]])
+    score = np.full(n, np.nan, np.float32)  # a kept point's cosine to its nearest other survivor
+    score[rows] = stats.pop("nearest")
+    kept = rows[local]
+    after = np.zeros(n, bool)
+    after[kept] = True
+    log.info("copydedup keeps %d of %d (relative dedup removed %d, self-dedup %d)", len(kept), len(rows),
+             stats.get("removed_relative", 0), stats["removed_self"])
+    return {"kept": kept, "score": score, "copydedup": stats, "dedup_m": m, "dedup_partner": partner,
+            "dedup_alive": after}
 
 
 def _retrieval(c: DictConfig, store, clusters) -> dict:
