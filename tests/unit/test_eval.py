@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from seit.data.dataset_info import DatasetError
 from seit.eval.context import EvalContext
 from seit.eval.fewshot import FewShot, draw_shots
-from seit.eval.knn import KNN, knn_predict
+from seit.eval.knn import KNN
+from seit.utils.knn import knn_predict
 from seit.eval.linear import LinearProbe
 from seit.tasks.checkpoint import LoadedModel, load_model
 

@@ -1,6 +1,6 @@
 """``eval=knn``: weighted k-NN on frozen features, the DINO protocol (Caron et al. 2021, §4.1 and
-its eval_knn): cosine similarity of L2-normalised features, the k nearest training samples vote
-with weight exp(sim / T), T = 0.07, k = 10 and 20. The search is faiss (exact inner product)."""
+its eval_knn; ``seit.utils.knn``): the k nearest training samples vote with weight exp(sim / T),
+T = 0.07, k = 10 and 20."""
 
 from __future__ import annotations
 
@@ -8,28 +8,7 @@ import numpy as np
 
 from seit.eval.context import EvalContext
 from seit.eval.result import EvalResult, Table
-
-
-def knn_predict(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, k: int, temperature: float,
-                num_classes: int) -> np.ndarray:
-    """Class scores [Q, num_classes] of each query row from its k nearest training rows.
-
-    ``train`` [N, D], ``query`` [Q, D]: float32, L2-normalised here (cosine similarity).
-    """
-    import faiss
-
-    def unit(x):
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    index = faiss.IndexFlatIP(train.shape[1])
-    index.add(unit(train))
-    k = min(k, len(train))
-    sims, nearest = index.search(unit(query), k)
-    weights = np.exp(sims / temperature)
-    scores = np.zeros((len(query), num_classes), np.float64)
-    np.add.at(scores, (np.repeat(np.arange(len(query)), k), train_labels[nearest].reshape(-1)), weights.reshape(-1))
-    return scores
+from seit.utils.knn import knn_predict
 
 
 class KNN:

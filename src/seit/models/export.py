@@ -7,6 +7,10 @@
   config and codebook fingerprint, used frozen by ``aug.tokenadapt.checkpoint``.
 - ``classifier.safetensors`` (task=train, task=continual): a classifier with its config, eval crop,
   class names and codebook fingerprint, for ``task=eval`` and ``seit.predict``.
+- ``dino.safetensors`` (task=pretrain_dino: the EMA teacher; task=distill: the student's EMA): a
+  ``DinoModel`` (class-token backbone, DINO and iBOT heads) with the config that rebuilds it and the
+  codebook fingerprint. ``model.pretrained`` starts a classifier from its backbone, ``task=eval`` /
+  ``task=embed`` read its class token, and ``task=distill`` takes it as a teacher, heads included.
 
 All are safetensors files (no pickle) written atomically; each reader refuses another kind of
 file, another codebook and another architecture with a one-line error naming the file.
@@ -29,6 +33,7 @@ from seit.utils.io import atomic_save_tensors
 MTM_FILE = "mtm.safetensors"
 TOKENADAPT_FILE = "tokenadapt.safetensors"
 CLASSIFIER_FILE = "classifier.safetensors"
+DINO_FILE = "dino.safetensors"
 # what must agree between a pre-trained encoder and the classifier that loads it
 ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "codebook_size", "codebook_dim")
 RENAMED = {"token_dim": "codebook_dim"}  # config keys of exports written before the rename
@@ -96,6 +101,24 @@ def load_encoder_into(classifier, path: str | Path, codebook_sha256: str | None)
         vit.pos_embed.copy_(sincos_pos(side[0], side[1], vit.embed_dim))
         torch.nn.init.trunc_normal_(vit.head.weight, std=2e-5)
         torch.nn.init.zeros_(vit.head.bias)
+
+
+# -- DINO --------------------------------------------------------------------------------------
+def save_dino(model: torch.nn.Module, path: str | Path, *, config: dict, fingerprint: str | None) -> None:
+    """A ``DinoModel`` with ``config``: {"model": conf/model dict, "heads": task.heads, "input_size",
+    "data_kind", "codebook_size", "codebook_dim"}."""
+    atomic_save_tensors(path, _state(model), {"kind": "dino", "config": json.dumps(config),
+                                              "codebook_sha256": fingerprint or ""})
+
+
+def read_dino(path: str | Path, what: str = "model.pretrained") -> tuple[dict, dict, str | None]:
+    """(state, config, codebook fingerprint or None) of a ``dino.safetensors`` export."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what}: {path} not found (task=pretrain_dino and task=distill write <run>/{DINO_FILE})")
+    state, meta = _read(path, what)
+    if meta.get("kind") != "dino" or "config" not in meta:
+        raise ValueError(f"{what}: {path} is not a DINO export (task=pretrain_dino writes <run>/{DINO_FILE})")
+    return state, json.loads(meta["config"]), meta.get("codebook_sha256") or None
 
 
 # -- TokenAdapt --------------------------------------------------------------------------------

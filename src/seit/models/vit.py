@@ -7,7 +7,9 @@ a module plus a config (``model.mlp_layer: {_target_: ..., _partial_: true}``), 
 ``model.mlp_layer=locality`` is the locality feed-forward (``seit.models.locality``).
 With ``dynamic_img_size`` (default) the position embedding is interpolated to the grid of each
 batch, so one model trains and evaluates on any grid size. The head is SeiT's: global average
-pooling, LayerNorm, linear (no class token, which SeiT prepends but never reads).
+pooling, LayerNorm, linear (no class token, which SeiT prepends but never reads). Self-supervised
+backbones (DINO, ``seit.models.dino``) take ``class_token=true``: features are then the final-norm
+class token, and ``init_values`` turns on LayerScale (DINOv2: 1e-5).
 
 Token input comes in two flavours. ``embedding=codebook`` (SeiT): the frozen codebook map goes
 through the overlapping k4 s2 Stem-Adaptor. ``embedding=learned`` (SeiT++): the (augmented) map is
@@ -65,7 +67,8 @@ class TokenViT(nn.Module):
                  codebook_size: int = 0, codebook_dim: int = 32, patch_size: int = 16, embedding: str = "codebook",
                  token_dropout: float = 0.1, dynamic_img_size: bool = True, embed_layer: Callable | str | None = None,
                  block_fn: Callable | str | None = None, mlp_layer: Callable | str | None = None,
-                 norm_layer: Callable | str | None = None):
+                 norm_layer: Callable | str | None = None, class_token: bool = False,
+                 init_values: float | None = None):
         super().__init__()
         if input not in INPUTS:
             raise ValueError(f"model.input must be one of {INPUTS}, got {input!r}")
@@ -87,7 +90,8 @@ class TokenViT(nn.Module):
         self.vit = VisionTransformer(
             img_size=input_size, patch_size=patch, in_chans=self.embed.out_chans, num_classes=num_classes,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
-            class_token=False, global_pool="avg", fc_norm=True, drop_path_rate=drop_path_rate,
+            class_token=class_token, global_pool="token" if class_token else "avg", fc_norm=not class_token,
+            init_values=init_values, drop_path_rate=drop_path_rate,
             dynamic_img_size=dynamic_img_size, embed_layer=layer(embed_layer, "embed_layer", default_embed),
             block_fn=layer(block_fn, "block_fn", Block), mlp_layer=layer(mlp_layer, "mlp_layer", Mlp),
             norm_layer=layer(norm_layer, "norm_layer"))

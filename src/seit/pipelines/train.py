@@ -28,7 +28,7 @@ from seit.utils.summary import config_hash, finished_run, to_float, write_summar
 
 log = logging.getLogger(__name__)
 DATA_KINDS = ("tokens", "images")
-REPORTED = ("val/acc1", "val/acc5", "val/loss", "val/mtm_acc", "val/psnr", "val/ssim")
+REPORTED = ("val/acc1", "val/acc5", "val/loss", "val/mtm_acc", "val/knn_acc1", "val/psnr", "val/ssim")
 RUN_KEYS = ("name", "metric", "global_batch")  # task.* keys the pipeline reads; the rest go to the module
 
 

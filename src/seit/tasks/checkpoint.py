@@ -4,8 +4,10 @@ prediction read.
 Accepted files:
 
 - a Lightning ``.ckpt`` of ``task=train`` (classifier, tokens or pixels), ``task=continual`` (its
-  slot-ordered head is read back in label order), or ``task=pretrain_mtm`` (encoder only);
-- ``classifier.safetensors`` (``task=train`` / ``task=continual`` export) and ``mtm.safetensors``.
+  slot-ordered head is read back in label order), ``task=pretrain_mtm`` (encoder only), or
+  ``task=pretrain_dino`` / ``task=distill`` (the EMA teacher / the student's EMA, heads included);
+- ``classifier.safetensors`` (``task=train`` / ``task=continual`` export), ``mtm.safetensors`` and
+  ``dino.safetensors``.
 
 Anything else is refused with a one-line error naming the file and what it looks like.
 """
@@ -26,7 +28,7 @@ from seit.models.export import read_classifier
 from seit.tasks.base import build_model
 from seit.utils.checkpoint_io import unreadable
 
-KINDS = ("classifier", "continual", "mtm")
+KINDS = ("classifier", "continual", "mtm", "dino")
 
 
 @dataclass
@@ -40,7 +42,9 @@ class LoadedModel:
     - ``fingerprint``: the codebook sha256 a token model was trained on (None: pixels, or unknown);
     - ``num_classes`` (0: no classifier head), ``classes`` (names in label order, when the file has them);
     - ``crop``: the evaluation view's side (centre crop of the input grid; 0 = the whole input);
-    - ``dim``: the width of ``features``.
+    - ``dim``: the width of ``features``;
+    - ``reads_ids``: ``tokens`` takes ids [B, H, W] (an MTM encoder), not the embedding map;
+    - ``heads``: (DINO head, iBOT head) of a DINO model, else None.
     """
 
     kind: str
@@ -55,6 +59,9 @@ class LoadedModel:
     _features: Callable | None = None
     _logits: Callable | None = None
     _grid: Callable | None = None
+    _tokens: Callable | None = None
+    reads_ids: bool = False
+    heads: tuple | None = None
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         """The evaluation view of an input batch: its centre ``crop`` (the model's training eval view)."""
@@ -77,6 +84,12 @@ class LoadedModel:
         """Per-position features ``[B, dim, h, w]`` of the whole input (no crop), for dense heads;
         differentiable, so a fine-tuned head can train the body through it."""
         return self._grid(x)
+
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled or class features [B, dim], patch features [B, h*w, dim]) of a body input: the
+        embedding map [B, D, h, w] (tokens; ids [B, h, w] when ``reads_ids``) or the normalised image
+        (pixels), at any grid and without the evaluation crop: what a distillation teacher reads."""
+        return self._tokens(x)
 
     def to(self, device) -> "LoadedModel":
         self.net.to(device)
@@ -129,9 +142,13 @@ def vit_model(kind: str, net: nn.Module, path: Path, *, crop: int, fingerprint: 
         h, w = _grid_shape(vit, x)
         return tokens.transpose(1, 2).reshape(len(x), -1, h, w)
 
+    def tokens(x):
+        out = vit.forward_features(net.body_input(x))
+        return vit.forward_head(out, pre_logits=True), out[:, vit.num_prefix_tokens:]
+
     return LoadedModel(kind=kind, input="tokens" if _is_token_model(net) else "pixels", net=net, path=path,
                        dim=vit.embed_dim, fingerprint=fingerprint, num_classes=num_classes, classes=classes, crop=crop,
-                       _features=lambda x: net.features(net.embed(x)), _logits=logits, _grid=grid)
+                       _features=lambda x: net.features(net.embed(x)), _logits=logits, _grid=grid, _tokens=tokens)
 
 
 def _is_token_model(net: nn.Module) -> bool:
@@ -154,6 +171,15 @@ def _from_export(path: Path, what: str) -> LoadedModel:
 
         model, fingerprint = load_mtm(path)
         return _mtm(model, path, fingerprint or None)
+    if kind == "dino":
+        from seit.models.export import read_dino
+        from seit.tasks.dino import build_dino
+
+        state, config, fingerprint = read_dino(path, what)
+        sizes = {k: config[k] for k in ("codebook_size", "codebook_dim")} if config["data_kind"] == "tokens" else {}
+        model = build_dino(config["model"], config["heads"], config["data_kind"], config["input_size"], sizes)
+        model.load_state_dict(state)
+        return dino_model(model, path, fingerprint, config["input_size"])
     if kind == "classifier":
         state, meta = read_classifier(path, what)
         facts = meta["config"]
@@ -164,8 +190,9 @@ def _from_export(path: Path, what: str) -> LoadedModel:
         net.load_state_dict(state)
         return vit_model("classifier", net, path, crop=meta["crop"], fingerprint=meta["codebook_sha256"],
                          num_classes=len(meta["classes"]), classes=meta["classes"])
-    raise ValueError(f"{what}: {path} is a safetensors file of kind {kind!r}; task=eval takes a classifier.safetensors "
-                     "or mtm.safetensors export, or a Lightning .ckpt of task=train, continual or pretrain_mtm")
+    raise ValueError(f"{what}: {path} is a safetensors file of kind {kind!r}; task=eval takes a classifier.safetensors, "
+                     "mtm.safetensors or dino.safetensors export, or a Lightning .ckpt of task=train, continual, "
+                     "pretrain_mtm, pretrain_dino or distill")
 
 
 def _from_lightning(path: Path, hp: dict, state: dict, what: str) -> LoadedModel:
@@ -175,6 +202,12 @@ def _from_lightning(path: Path, hp: dict, state: dict, what: str) -> LoadedModel
         task = MTMTask.from_hparams(hp)
         task.load_state_dict(state)
         return _mtm(task.model, path, task.data.codebook_sha256)
+    if "crops" in hp:
+        from seit.tasks.dino import dino_from_hparams
+
+        model, prefix, size = dino_from_hparams(hp)
+        model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        return dino_model(model, path, hp["data"].get("codebook_sha256"), size)
     if "label_smoothing" in hp:
         if "class_order" in hp:
             from seit.tasks.continual import ContinualTask as cls
@@ -192,7 +225,23 @@ def _from_lightning(path: Path, hp: dict, state: dict, what: str) -> LoadedModel
                      f"task=eval takes {', '.join(KINDS)} checkpoints or their exports")
 
 
-# -- masked token models -----------------------------------------------------------------------
+# -- self-supervised models --------------------------------------------------------------------
+def dino_model(model: nn.Module, path: Path, fingerprint: str | None, crop: int) -> LoadedModel:
+    """A ``DinoModel``: the class token as features (DINO's k-NN and linear protocols), the patch
+    tokens as the dense grid, any grid size."""
+    backbone = model.backbone
+
+    def grid(x):
+        _, patches = model.tokens(backbone.embed(x))
+        h, w = _grid_shape(backbone.vit, x)
+        return patches.transpose(1, 2).reshape(len(x), -1, h, w)
+
+    return LoadedModel(kind="dino", input="tokens" if _is_token_model(backbone) else "pixels", net=model, path=path,
+                       dim=backbone.vit.embed_dim, fingerprint=fingerprint, crop=crop,
+                       _features=lambda x: model.tokens(backbone.embed(x))[0], _grid=grid, _tokens=model.tokens,
+                       heads=(model.dino_head, model.ibot_head))
+
+
 def _mtm(model: nn.Module, path: Path, fingerprint: str | None) -> LoadedModel:
     """The MTM encoder with nothing masked: mean patch output as features; any grid for dense heads
     (the fixed sin-cos positions are recomputed at the input's grid)."""
@@ -200,13 +249,19 @@ def _mtm(model: nn.Module, path: Path, fingerprint: str | None) -> LoadedModel:
 
     model.patch_embed.strict_img_size = False  # any grid (even sides); positions are recomputed below
 
-    def grid(ids):
+    def encode(ids):  # [B, 1 + h*w, E]: the class slot, then the patches
         x = model.patch_embed(ids)  # [B, h*w, E] at stride 2
-        h, w = ids.shape[-2] // 2, ids.shape[-1] // 2
-        x = x + sincos_pos(h, w, x.shape[-1]).to(x)
+        x = x + sincos_pos(ids.shape[-2] // 2, ids.shape[-1] // 2, x.shape[-1]).to(x)
         cls = (model.cls_token + model.pos_embed[:, :1]).expand(len(x), 1, -1)
-        out = model.norm(model.blocks(torch.cat([cls.to(x.dtype), x], 1)))[:, 1:]
-        return out.transpose(1, 2).reshape(len(x), -1, h, w)
+        return model.norm(model.blocks(torch.cat([cls.to(x.dtype), x], 1)))
+
+    def grid(ids):
+        out = encode(ids)[:, 1:]
+        return out.transpose(1, 2).reshape(len(ids), -1, ids.shape[-2] // 2, ids.shape[-1] // 2)
+
+    def tokens(ids):  # the mean patch output stands for the class token, as in ``features``
+        out = encode(ids)[:, 1:]
+        return out.mean(1), out
 
     def features(ids):
         if ids.shape[-1] != model.grid or ids.shape[-2] != model.grid:
@@ -214,7 +269,8 @@ def _mtm(model: nn.Module, path: Path, fingerprint: str | None) -> LoadedModel:
         return model.features(ids)
 
     return LoadedModel(kind="mtm", input="tokens", net=model, path=path, dim=model.config["embed_dim"],
-                       fingerprint=fingerprint, crop=model.grid, _features=features, _grid=grid)
+                       fingerprint=fingerprint, crop=model.grid, _features=features, _grid=grid, _tokens=tokens,
+                       reads_ids=True)
 
 
 def normalized(features: torch.Tensor) -> torch.Tensor:

@@ -292,7 +292,8 @@ def pretrained_kind(path: str | Path) -> str:
     from seit.utils.checkpoint_io import unreadable
 
     with unreadable(path, "model.pretrained"), safe_open(str(path), "pt") as f:
-        return "mtm" if (f.metadata() or {}).get("kind") == "mtm" else "classifier"
+        kind = (f.metadata() or {}).get("kind")
+    return kind if kind in ("mtm", "dino") else "classifier"
 
 
 def architecture(state: dict[str, torch.Tensor], num_heads: int) -> dict:
@@ -303,7 +304,8 @@ def architecture(state: dict[str, torch.Tensor], num_heads: int) -> dict:
     facts = {"input": "tokens" if "embed.codebook" in state else "pixels", "embed_dim": int(width),
              "depth": len(blocks), "num_heads": int(num_heads),
              "mlp_ratio": state["vit.blocks.0.mlp.fc1.weight"].shape[0] / width,
-             "embedding": "learned" if "vit.patch_embed.tokens.weight" in state else "codebook"}
+             "embedding": "learned" if "vit.patch_embed.tokens.weight" in state else "codebook",
+             "init_values (LayerScale)": "vit.blocks.0.ls1.gamma" in state}
     if facts["input"] == "tokens":
         facts["codebook_size"], facts["codebook_dim"] = tuple(state["embed.codebook"].shape)
     else:
@@ -319,6 +321,12 @@ def read_classifier_state(path: str | Path) -> tuple[dict[str, torch.Tensor], di
     from seit.utils.checkpoint_io import unreadable
 
     path = Path(path)
+    if path.suffix == ".safetensors" and pretrained_kind(path) == "dino":
+        from seit.models.export import read_dino
+
+        state, config, fingerprint = read_dino(path, "model.pretrained")
+        body = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        return body, config["model"], fingerprint
     if path.suffix == ".safetensors":
         state, meta = read_classifier(path, "model.pretrained")
         return state, meta["config"]["model"], meta["codebook_sha256"]
@@ -328,6 +336,9 @@ def read_classifier_state(path: str | Path) -> tuple[dict[str, torch.Tensor], di
     if "mask" in hp:
         raise ValueError(f"model.pretrained: {path} is a task=pretrain_mtm checkpoint; start from its export "
                          "<run>/mtm.safetensors instead")
+    if "crops" in hp:
+        raise ValueError(f"model.pretrained: {path} is a task=pretrain_dino / distill checkpoint; start from its export "
+                         "<run>/dino.safetensors instead")
     if "label_smoothing" not in hp or "state_dict" not in ckpt:
         raise ValueError(f"model.pretrained: {path} is not a classifier checkpoint of ours (task=train or continual)")
     prefix = "ema.module." if any(k.startswith("ema.module.") for k in ckpt["state_dict"]) else "model."
@@ -366,14 +377,19 @@ def load_classifier_body(classifier: nn.Module, path: str | Path, codebook_sha25
                              "tokenizer")
     state = {k: v for k, v in source.items() if not k.startswith("vit.head.")}
     pos = "vit.pos_embed"
+    prefix = int("vit.cls_token" in state)
+    if prefix and "vit.cls_token" not in target:  # a DINO backbone into a mean-pool classifier: patches only
+        state.pop("vit.cls_token")
+        state[pos] = state[pos][:, prefix:]
+        prefix = 0
     if pos in state and pos in target and state[pos].shape != target[pos].shape:
-        side = round(state[pos].shape[1] ** 0.5)  # crops are square
+        side = round((state[pos].shape[1] - prefix) ** 0.5)  # crops are square
         state[pos] = resample_abs_pos_embed(state[pos], new_size=list(classifier.vit.patch_embed.grid_size),
-                                            old_size=[side, side], num_prefix_tokens=0)
+                                            old_size=[side, side], num_prefix_tokens=prefix)
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
              if k in target and v.shape != target[k].shape]
     missing, unexpected = classifier.load_state_dict(state, strict=False) if not wrong else ([], [])
-    missing = [k for k in missing if not k.startswith("vit.head.")]
+    missing = [k for k in missing if not k.startswith(("vit.head.", "vit.fc_norm."))]  # fresh pooled-feature norm
     if wrong or missing or unexpected:
         raise ValueError(f"model.pretrained: {path} does not fit the classifier (shapes {wrong[:3]}, missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]})")
