@@ -69,16 +69,26 @@ def test_copydedup_removes_planted_copies_then_semdedup_starts_from_it(tmp_path)
     assert f"{len(got)} of {len(keys)} train samples (copydedup)" in (tmp_path / "train" / "run.log").read_text()
 
 
-def test_reference_embedded_another_way_is_refused(tmp_path):
+def test_reference_stores_whitened_by_the_pool_or_refused(tmp_path):
     images = block_images(tmp_path / "images", classes=3, train=5, val=2)
     base = [*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "model.depth=1"]
-    thumb = ["task=embed", "task.features=thumbnail", "task.thumbnail_grid=2", "task.whiten=4"]
-    run(*base, *thumb, f"task.out_dir={tmp_path}/emb_train", f"hydra.run.dir={tmp_path}/e_train")
-    run(*base, *thumb, "task.split=val", f"task.out_dir={tmp_path}/emb_val", f"hydra.run.dir={tmp_path}/e_val")
-    curate = [*base, "task=curate", "curate=copydedup", f"task.embeddings={tmp_path}/emb_train"]
-    proc = run(*curate, f"curate.reference_embeddings=[{tmp_path}/emb_val]", f"hydra.run.dir={tmp_path}/c1", check=False)
-    assert proc.returncode != 0 and "emb_val/whitening.npz is not" in proc.stdout + proc.stderr
-    run(*base, "task=embed", "task.features=thumbnail", "task.thumbnail_grid=4", "task.split=val",
-        f"task.out_dir={tmp_path}/emb_val4", f"hydra.run.dir={tmp_path}/e_val4")
-    proc = run(*curate, f"curate.reference_embeddings=[{tmp_path}/emb_val4]", f"hydra.run.dir={tmp_path}/c2", check=False)
+
+    def embed(name: str, *extra: str) -> str:
+        run(*base, "task=embed", "task.features=thumbnail", *extra, f"task.out_dir={tmp_path}/{name}",
+            f"hydra.run.dir={tmp_path}/e_{name}")
+        return f"curate.reference_embeddings=[{tmp_path}/{name}]"
+
+    embed("pool", "task.thumbnail_grid=2", "task.whiten=4")
+    curate = [*base, "task=curate", "curate=copydedup", f"task.embeddings={tmp_path}/pool"]
+    proc = run(*curate, embed("val_w", "task.thumbnail_grid=2", "task.whiten=4", "task.split=val"),
+               f"hydra.run.dir={tmp_path}/c1", check=False)
+    assert proc.returncode != 0 and "val_w/whitening.npz is not" in proc.stdout + proc.stderr
+    proc = run(*curate, embed("val_g4", "task.thumbnail_grid=4", "task.split=val"), f"hydra.run.dir={tmp_path}/c2",
+               check=False)
     assert proc.returncode != 0 and "checkpoint_sha256 (thumbnail4 vs thumbnail2)" in proc.stdout + proc.stderr
+    # an unwhitened reference of the same descriptor is whitened with the pool's PCA: the val copies go
+    run(*curate, embed("val_raw", "task.thumbnail_grid=2", "task.split=val"), "curate.relative_threshold=0.99",
+        "curate.threshold=0.99", f"hydra.run.dir={tmp_path}/c3")
+    report = json.loads((tmp_path / "c3" / "report.json").read_text())["copydedup"]
+    assert report["num_reference"] == 6 and report["removed_relative"] == VAL_COPIES
+    assert not any("valcopy" in k for k in kept_keys(tmp_path / "c3"))

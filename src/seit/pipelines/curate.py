@@ -176,24 +176,33 @@ REFERENCE_MUST_MATCH = ("dim", "model_kind", "checkpoint_sha256", "whiten")
 
 
 def _reference_rows(c: DictConfig, store) -> np.ndarray | None:
-    """float32 [R, D]: the rows of every ``curate.reference_embeddings`` store, refused unless each was
-    embedded like the pool (same dim, model or thumbnail grid, whitening transform)."""
+    """float32 [R, D]: the rows of every ``curate.reference_embeddings`` store in the pool's space."""
     paths = c.get("reference_embeddings")
     if not paths:
         return None
-    rows = []
-    for path in [paths] if isinstance(paths, str) else list(paths):
-        ref = open_embeddings(path)
-        diff = [k for k in REFERENCE_MUST_MATCH if ref.meta.get(k) != store.meta.get(k)]
-        if diff:
-            raise ValueError(f"curate.reference_embeddings: {ref.root} differs from {store.root} in "
-                             f"{', '.join(f'{k} ({ref.meta.get(k)} vs {store.meta.get(k)})' for k in diff)}: "
-                             "embed the reference split with the pool's task.features/thumbnail_grid/whiten")
-        if store.meta.get("whiten") and not _same_whitening(ref.root, store.root):
-            raise ValueError(f"curate.reference_embeddings: {ref.root}/whitening.npz is not {store.root}'s: each "
-                             "store fits its own PCA, so their cosines mean nothing; embed both with task.whiten=0")
-        rows.append(np.asarray(ref.vectors, np.float32))
-    return np.concatenate(rows)
+    return np.concatenate([_in_pool_space(open_embeddings(p), store) for p in ([paths] if isinstance(paths, str) else paths)])
+
+
+def _in_pool_space(ref, store) -> np.ndarray:
+    """A reference store's rows, refused unless embedded like the pool (dim, model or thumbnail grid,
+    whitening). task=embed fits its PCA on the split it embeds, so a reference whitened by itself is
+    refused; an unwhitened one of the same descriptor is whitened here with the pool's whitening.npz,
+    exactly as task=embed whitens (float32 (raw - mean) @ projection; copydedup re-normalises)."""
+    x = np.asarray(ref.vectors, np.float32)
+    same_descriptor = all(ref.meta.get(k) == store.meta.get(k) for k in ("model_kind", "checkpoint_sha256"))
+    if same_descriptor and store.meta.get("whiten") and not ref.meta.get("whiten"):
+        w = np.load(store.root / "whitening.npz")
+        if x.shape[1] == w["projection"].shape[0]:
+            return (x - w["mean"]) @ w["projection"]
+    diff = [k for k in REFERENCE_MUST_MATCH if ref.meta.get(k) != store.meta.get(k)]
+    if diff:
+        raise ValueError(f"curate.reference_embeddings: {ref.root} differs from {store.root} in "
+                         f"{', '.join(f'{k} ({ref.meta.get(k)} vs {store.meta.get(k)})' for k in diff)}: "
+                         "embed the reference split with the pool's task.features/thumbnail_grid (and task.whiten=0)")
+    if store.meta.get("whiten") and not _same_whitening(ref.root, store.root):
+        raise ValueError(f"curate.reference_embeddings: {ref.root}/whitening.npz is not {store.root}'s (each store "
+                         "fits its own PCA): embed the reference with task.whiten=0, it is whitened with the pool's")
+    return x
 
 
 def _same_whitening(a: Path, b: Path) -> bool:
