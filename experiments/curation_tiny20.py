@@ -7,7 +7,9 @@
 
 Embeddings (task=embed): ``thumb`` = the token map pooled to 8x8 cells, PCA-whitened to 64 dims
 (a copy detector, for SemDeDup); ``mtm`` = the self-supervised MTM encoder of mtm_tiny20.py
-(seed 0, labels never used), for SSP, DBP and retrieval.
+(seed 0, labels never used), for SSP, DBP and retrieval; ``--semantic NAME=EXPORT`` puts another
+self-supervised backbone there (e.g. ``dino=logs/pretrain_dino/runs/dino20_dino_s0/dino.safetensors``,
+experiments/dino_tiny20.py), its embedding, subsets and runs named ``NAME_*``.
 Training: ``experiment=tiny20_tokens`` at lr 1e-3, the same number of samples seen by every row
 (78k: the full 13k pool for 6 epochs, 50% subsets for 12).
 """
@@ -22,14 +24,22 @@ from pathlib import Path
 import numpy as np
 
 from resumable_runs import OUT, run_once
-from redundant_pool import INJECTED, TOKENS
+from redundant_pool import IMAGES, INJECTED, TOKENIZER, TOKENS
 
 EMB = Path(f"{TOKENS}.embeddings")
 MTM = OUT / "logs" / "pretrain_mtm" / "runs" / "mtm20_mtm_s0" / "mtm.safetensors"
-BASE = ["experiment=tiny20_tokens", f"data.root={TOKENS}"]
+BASE = ["experiment=tiny20_tokens", f"data.root={TOKENS}", f"data.build.source={IMAGES}", f"tokenizer.checkpoint={TOKENIZER}"]
 EPS = (0.15, 0.2, 0.25, 0.3, 0.35)
 DEDUP = ["curate=semdedup", f"task.embeddings={EMB}/thumb", "curate.kmeans.k=100", "curate.probes=3"]
 DEDUP_EPS = 0.25
+
+
+SEMANTIC = {"name": "mtm", "checkpoint": MTM}  # the semantic embedding (--semantic)
+
+
+def tagged(name: str) -> str:
+    """Subsets and runs that depend on the semantic embedding carry its name, unless it is the MTM one."""
+    return name if SEMANTIC["name"] == "mtm" else f"{SEMANTIC['name']}_{name}"
 
 
 def curate_dir(name: str) -> Path:
@@ -37,12 +47,12 @@ def curate_dir(name: str) -> Path:
 
 
 def train_dir(row: str, seed: int) -> Path:
-    return OUT / "logs" / "train" / "runs" / f"cur20_{row}_s{seed}"
+    return OUT / "logs" / "train" / "runs" / f"cur20_{tagged(row) if row != 'full' else row}_s{seed}"
 
 
 def embed_all() -> None:
     for name, extra in (("thumb", ["task.features=thumbnail", "task.thumbnail_grid=8", "task.whiten=64"]),
-                        ("mtm", [f"task.checkpoint={MTM}"])):
+                        (SEMANTIC["name"], [f"task.checkpoint={SEMANTIC['checkpoint']}"])):
         run_once([*BASE, "task=embed", f"task.out_dir={EMB / name}", *extra], OUT / "logs" / "embed" / "runs" / f"cur20_{name}")
 
 
@@ -55,18 +65,19 @@ def curate_all() -> dict[str, Path]:
     run_once([*BASE, "task=curate", *DEDUP, f"task.embeddings={EMB}/mtm", "curate.target_kept=0.7827"],
              curate_dir("semdedup_mtm"))
     dedup = curate_dir(f"semdedup_eps{DEDUP_EPS}")
-    semantic = [f"task.embeddings={EMB}/mtm", "curate.kmeans.k=50"]
+    emb = EMB / SEMANTIC["name"]
+    semantic = [f"task.embeddings={emb}", "curate.kmeans.k=50"]
     rows = {
-        "random": ["curate=random", f"task.embeddings={EMB}/mtm"],
+        "random": ["curate=random", f"task.embeddings={emb}"],
         "ssp": ["curate=ssp", *semantic],
         "dbp": ["curate=dbp", *semantic],
         "semdedup_dbp": ["curate=dbp", *semantic, f"curate.start_from={dedup}"],
-        "semdedup_random": ["curate=random", f"task.embeddings={EMB}/mtm", f"curate.start_from={dedup}"],
+        "semdedup_random": ["curate=random", f"task.embeddings={emb}", f"curate.start_from={dedup}"],
         "semdedup_dbp_easy": ["curate=dbp", *semantic, f"curate.start_from={dedup}", "curate.keep=easy"],
     }
     for name, overrides in rows.items():
-        run_once([*BASE, "task=curate", "curate.keep_fraction=0.5", *overrides], curate_dir(name))
-    return {name: curate_dir(name) for name in rows}
+        run_once([*BASE, "task=curate", "curate.keep_fraction=0.5", *overrides], curate_dir(tagged(name)))
+    return {name: curate_dir(tagged(name)) for name in rows}
 
 
 RETRIEVAL_CLASSES, SEEDS_PER_CLASS = 5, 10
@@ -107,7 +118,7 @@ def retrieval_seeds(labels: dict[str, int]) -> Path:
 def retrieval_all(labels: dict[str, int]) -> None:
     seeds = retrieval_seeds(labels)
     for slug, (_, overrides) in RETRIEVAL.items():
-        for emb in ("mtm", "thumb"):
+        for emb in (SEMANTIC["name"], "thumb"):
             run_once([*BASE, "task=curate", "curate=retrieval", f"task.embeddings={EMB / emb}", f"curate.seed_keys={seeds}",
                       *overrides], curate_dir(f"retrieval_{emb}_{slug}"))
 
@@ -118,7 +129,7 @@ def retrieval_table(labels: dict[str, int]) -> None:
     print(f"| retrieval ({len(seeds)} seeds, {len(targets)} target-class samples in the pool of "
           f"{len(labels) - len(seeds)}) | embedding | retrieved | precision | recall |\n|---|---|---:|---:|---:|")
     for slug, (name, _) in RETRIEVAL.items():
-        for emb in ("mtm", "thumb"):
+        for emb in (SEMANTIC["name"], "thumb"):
             d = curate_dir(f"retrieval_{emb}_{slug}")
             if not (d / "subset.tsv").is_file():
                 continue
@@ -154,7 +165,7 @@ def subset_table() -> None:
     pairs = json.loads(INJECTED.read_text())["pairs"]
     print("| subset | kept | injected pairs with both kept | distinct images |\n|---|---:|---:|---:|")
     for name in ("random", "ssp", "dbp", "semdedup_dbp", "semdedup_random", "semdedup_dbp_easy"):
-        f = curate_dir(name) / "subset.tsv"
+        f = curate_dir(tagged(name)) / "subset.tsv"
         if f.is_file():
             keys = {line.split("\t")[0] for line in f.read_text().splitlines()[1:]}
             both = sum(a in keys and b in keys for a, b in pairs)
@@ -178,8 +189,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--rows", default="random,semdedup_dbp,full,ssp,dbp")
+    parser.add_argument("--semantic", default=None, help="NAME=EXPORT: the semantic embedding's backbone "
+                        "(default: the MTM encoder of mtm_tiny20.py)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
+    if args.semantic:
+        name, _, checkpoint = args.semantic.partition("=")
+        SEMANTIC.update(name=name, checkpoint=Path(checkpoint))
     seeds = [int(s) for s in args.seeds.split(",")]
     labels = labels_by_key()
     if not args.report:

@@ -209,7 +209,7 @@ class ClassificationTask(SeitTask):
         """Start from a pre-trained model (``model.pretrained``): the encoder of an MTM export
         (``mtm.safetensors`` of task=pretrain_mtm; token models with ``embedding=learned``), or the body
         of a classifier of ours (``classifier.safetensors``, or a task=train / task=continual ``.ckpt``;
-        tokens or pixels): see ``load_classifier_body``."""
+        tokens or pixels) or of a DINO backbone (``dino.safetensors``): see ``load_classifier_body``."""
         if pretrained_kind(path) == "mtm":
             if self.input_key != "ids":
                 raise ValueError(f"model.pretrained={path} is an MTM encoder of token ids; it cannot start a pixel "
@@ -353,7 +353,9 @@ def load_classifier_body(classifier: nn.Module, path: str | Path, codebook_sha25
     position embedding is resampled (timm ``resample_abs_pos_embed``) when the crop grids differ.
 
     ``path``: a ``classifier.safetensors`` export or a Lightning ``.ckpt`` of task=train /
-    task=continual (its EMA weights when it has them; ``read_classifier_state``).
+    task=continual (its EMA weights when it has them; ``read_classifier_state``), or a
+    ``dino.safetensors`` backbone (a mean-pool classifier drops its class token, takes the patch
+    positions, and its final LayerNorm as the pooled features' LayerNorm).
     Refused with a one-line ValueError naming ``path``: another architecture (input, width, depth,
     heads, MLP ratio, embedding, codebook or patch size), another codebook than the dataset's
     (``codebook_sha256``), an MTM checkpoint (use its ``mtm.safetensors`` export).
@@ -382,6 +384,9 @@ def load_classifier_body(classifier: nn.Module, path: str | Path, codebook_sha25
         state.pop("vit.cls_token")
         state[pos] = state[pos][:, prefix:]
         prefix = 0
+        for part in ("weight", "bias"):  # its final norm becomes the pooled features' norm (timm has one of the two)
+            if f"vit.norm.{part}" in state and f"vit.norm.{part}" not in target:
+                state[f"vit.fc_norm.{part}"] = state.pop(f"vit.norm.{part}")
     if pos in state and pos in target and state[pos].shape != target[pos].shape:
         side = round((state[pos].shape[1] - prefix) ** 0.5)  # crops are square
         state[pos] = resample_abs_pos_embed(state[pos], new_size=list(classifier.vit.patch_embed.grid_size),
