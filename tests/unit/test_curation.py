@@ -126,6 +126,22 @@ def test_probes_find_duplicates_split_by_a_cluster_boundary():
     assert found[3] >= found[1] and found[3] >= 0.98
 
 
+def test_semdedup_after_an_earlier_step_compares_only_its_survivors():
+    """A copy that an earlier step (curate.start_from) removed must not remove its kept original."""
+    rng = np.random.default_rng(2)
+    base = _unit(rng.normal(size=(200, 8)))
+    copies = _unit(base[:50] + 0.02 * rng.normal(size=(50, 8)))
+    store = _store(np.concatenate([base, copies]))
+    clusters = cluster(store, 5, niter=10, seed=0, backend="torch")
+    alive = np.ones(250, bool)
+    alive[200:] = False  # the earlier step dropped every copy
+    m, _ = semdedup_scores(store, clusters, probes=3, alive=alive)
+    assert keep_mask(m, 0.01)[:200].all()  # each original is now alone: all kept
+    assert np.isneginf(m[200:]).all()
+    m_all, _ = semdedup_scores(store, clusters, probes=3)
+    assert (~keep_mask(m_all, 0.01)[:50] | ~keep_mask(m_all, 0.01)[200:]).mean() > 0.9  # without: pairs found
+
+
 # -- k-means ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_seeded_kmeans_is_deterministic_and_unit_norm(backend):

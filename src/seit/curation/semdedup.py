@@ -43,8 +43,12 @@ def max_earlier_similarity(e: np.ndarray, block: int = 4096) -> tuple[np.ndarray
 
 
 def semdedup_scores(store, clusters: Clusters, block: int = 4096, probes: int = 1, progress=None,
-                    chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+                    chunk: int = 1 << 16, alive: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(M, the earlier point it duplicates most: a store index, -1 for none) for every point.
+
+    ``alive`` (bool [N]): only these points are compared, with each other (an earlier curation step,
+    ``curate.start_from``, removed the rest: a removed copy must not remove its kept original too);
+    the others get M = -inf.
 
     ``probes > 1`` also compares each point inside its next-nearest clusters: a duplicate pair
     split by a cluster boundary is then still found (cost grows about probes^2). "Earlier" is
@@ -69,13 +73,16 @@ def semdedup_scores(store, clusters: Clusters, block: int = 4096, probes: int = 
         lists = [np.concatenate([lists[j], *extra[j]]) for j in range(clusters.k)]
         lists = [members[np.argsort(rank[members], kind="stable")] for members in lists]
     for members in lists:
+        count = len(members)
+        if alive is not None:
+            members = members[alive[members]]
         if len(members) > 1:
             mj, arg = max_earlier_similarity(read_rows(store.vectors, members), block)
             better = mj > m[members]
             m[members[better]] = mj[better]
             partner[members[better]] = members[arg[better]]
         if progress is not None:
-            progress(len(members))
+            progress(count)
     return m, partner
 
 

@@ -132,9 +132,10 @@ def _dedup_then_dbp(c: DictConfig, store, clusters, budget: int, alive: np.ndarr
     if eps is not None or target is not None:
         bar = tqdm(total=len(store), desc="SemDeDup", unit="pt", disable=None)
         m, partner = semdedup_scores(store, clusters, int(c.get("block", 4096)), int(c.get("probes", 1)),
-                                     progress=bar.update)
+                                     progress=bar.update, alive=alive)
         bar.close()
-        eps = float(eps) if eps is not None else calibrate_eps(m, float(target))
+        # target_kept: a share of the points still in play (all, or curate.start_from's survivors)
+        eps = float(eps) if eps is not None else calibrate_eps(m[alive], float(target))
         alive = alive & keep_mask(m, eps)
         out.update(eps=eps, dedup_m=m, dedup_partner=partner, dedup_alive=alive,
                    eps_curve={f"{e:g}": float(keep_mask(m, e).mean()) for e in (1e-3, 0.01, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)})
