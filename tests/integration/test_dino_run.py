@@ -88,13 +88,19 @@ def test_dino_on_pixels_through_the_same_task(tmp_path):
     assert load_file(s["dino_export"])["backbone.vit.patch_embed.proj.weight"].shape[1] == 3
 
 
-@pytest.mark.parametrize("experiment", ["dino_vits_tokens", "dino_vitb_tokens"])
-def test_imagenet_recipes_run_in_seconds(tmp_path, experiment):
+def test_imagenet_recipes_run_in_seconds(tmp_path):
     images = make_image_folder(tmp_path / "images", train=16, val=6)
-    run(*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", f"experiment={experiment}", *SMALL_CROPS,
-        "model.depth=1", "task.global_batch=null", f"hydra.run.dir={tmp_path}/run")
-    s = summary(tmp_path, "run")
-    assert s["global_step"] == 3
-    hp = torch.load(s["last_ckpt_path"], weights_only=True)["hyper_parameters"]
-    assert hp["heads"]["prototypes"] == 65536 and hp["model"]["init_values"] == 1e-5
-    assert hp["teacher"]["momentum"] == 0.994 and hp["weight_decay_end"] == 0.2
+    base = [*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", *SMALL_CROPS, "model.depth=1", "task.global_batch=null"]
+    exports = {}
+    for experiment in ("dino_vits_tokens", "dino_vitb_tokens"):
+        run(*base, f"experiment={experiment}", f"hydra.run.dir={tmp_path}/{experiment}")
+        s = summary(tmp_path, experiment)
+        assert s["global_step"] == 3
+        hp = torch.load(s["last_ckpt_path"], weights_only=True)["hyper_parameters"]
+        assert hp["heads"]["prototypes"] == 65536 and hp["model"]["init_values"] == 1e-5
+        assert hp["teacher"]["momentum"] == 0.994 and hp["weight_decay_end"] == 0.2
+        exports[experiment] = s["dino_export"]
+    run(*base, "experiment=distill_vits_tokens", f"task.teacher.checkpoint={exports['dino_vitb_tokens']}",
+        f"hydra.run.dir={tmp_path}/distill")
+    hp = torch.load(summary(tmp_path, "distill")["last_ckpt_path"], weights_only=True)["hyper_parameters"]
+    assert hp["model"]["embed_dim"] == 384 and hp["model"]["drop_path_rate"] == 0.0 and hp["masks"]["probability"] == 0

@@ -338,3 +338,23 @@ def test_distill_from_a_classifier_uses_fresh_frozen_heads(tmp_path):
     before = {k: v.clone() for k, v in task.state_dict().items() if k.startswith("teacher")}
     fit(task, 1)
     assert all(torch.equal(v, before[k]) for k, v in task.state_dict().items() if k.startswith("teacher"))
+
+
+def test_a_dino_checkpoint_and_its_export_load_as_the_same_backbone(tmp_path):
+    from seit.tasks.checkpoint import load_model
+
+    torch.manual_seed(0)
+    task = make_task()
+    trainer = fit(task, 1)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    task.export(tmp_path)
+    ids = batch()["ids"]
+    from_ckpt, from_export = load_model(tmp_path / "last.ckpt"), load_model(tmp_path / "dino.safetensors")
+    assert from_ckpt.kind == from_export.kind == "dino" and from_ckpt.dim == 16 and from_ckpt.crop == 8
+    with torch.no_grad():
+        want = task.teacher.eval().tokens(task.source({"ids": ids[:, 1:9, 1:9]}))[0]
+        assert torch.equal(from_ckpt.features(ids), from_export.features(ids))
+        assert torch.allclose(from_export.features(ids), want, atol=1e-6)  # the EMA teacher, on the centre crop
+        assert from_export.grid_features(ids).shape == (4, 16, 5, 5)
+    with pytest.raises(ValueError, match="without a classifier head"):
+        from_export.logits(ids)

@@ -173,7 +173,7 @@ def _from_export(path: Path, what: str) -> LoadedModel:
         return _mtm(model, path, fingerprint or None)
     if kind == "dino":
         from seit.models.export import read_dino
-        from seit.tasks.dino import build_dino
+        from seit.tasks.dino_build import build_dino
 
         state, config, fingerprint = read_dino(path, what)
         sizes = {k: config[k] for k in ("codebook_size", "codebook_dim")} if config["data_kind"] == "tokens" else {}
@@ -203,7 +203,7 @@ def _from_lightning(path: Path, hp: dict, state: dict, what: str) -> LoadedModel
         task.load_state_dict(state)
         return _mtm(task.model, path, task.data.codebook_sha256)
     if "crops" in hp:
-        from seit.tasks.dino import dino_from_hparams
+        from seit.tasks.dino_build import dino_from_hparams
 
         model, prefix, size = dino_from_hparams(hp)
         model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

@@ -43,7 +43,8 @@ from seit.augment.rrc import token_rrc
 from seit.models.dino import (DinoHead, DinoModel, SoftmaxCenter, block_masks, dino_loss, ibot_loss, koleo_loss,
                               mask_ratios, sinkhorn_knopp)
 from seit.models.export import DINO_FILE, save_dino
-from seit.tasks.base import SeitTask, build_model
+from seit.tasks.base import SeitTask
+from seit.tasks.dino_build import build_dino, global_crop_size
 from seit.utils.budget import TrainingBudget
 from seit.utils.knn import knn_predict
 
@@ -54,36 +55,6 @@ INPUT_KEYS = {"tokens": "ids", "images": "images"}
 def cosine_ramp(start: float, end: float, progress: float) -> float:
     """start at progress 0 -> end at progress >= 1, along half a cosine (DINO's schedules)."""
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
-
-
-def build_dino(model: dict, heads: dict, data_kind: str, input_size: int, sizes: dict) -> DinoModel:
-    """A ``DinoModel`` from a ``conf/model`` config (forced to a class token) and ``task.heads``."""
-    if (model.get("input", "tokens") == "tokens") != (data_kind == "tokens"):
-        raise ValueError(f"model.input={model.get('input')!r} does not fit data.kind={data_kind!r}")
-    if model.get("pretrained"):
-        raise ValueError("model.pretrained: DINO pre-training and distillation start the student from random init "
-                         "(a teacher for task=distill is task.teacher.checkpoint)")
-    backbone = build_model({**model, "class_token": True}, input_size=input_size, num_classes=0, **sizes)
-    width = backbone.vit.embed_dim
-    h = dict(heads)
-    ibot_prototypes = h.pop("ibot_prototypes", None) or h["prototypes"]
-    return DinoModel(backbone, DinoHead(width, **h), DinoHead(width, **{**h, "prototypes": ibot_prototypes}))
-
-
-def global_crop_size(crops: dict, aug: dict, input_grid: int) -> int:
-    """The global crops' side: ``crops.global_size``, else ``aug.crop``, else the whole input grid."""
-    return int(crops.get("global_size") or aug.get("crop") or input_grid)
-
-
-def dino_from_hparams(hp: dict) -> tuple[DinoModel, str, int]:
-    """(an empty ``DinoModel``, the state-dict prefix of the network a run exports, its global crop size)
-    from a pretrain_dino / distill checkpoint's hyper-parameters, without loading a distillation teacher."""
-    data = hp["data"]
-    size = global_crop_size(hp["crops"], hp["aug"], data["input_grid"])
-    sizes = {"codebook_size": data["codebook_size"], "codebook_dim": data["codebook_dim"]} \
-        if data["kind"] == "tokens" else {}
-    prefix = "ema.module." if hp["teacher"].get("checkpoint") else "teacher."
-    return build_dino(hp["model"], hp["heads"], data["kind"], size, sizes), prefix, size
 
 
 class DinoTask(SeitTask):
