@@ -146,10 +146,11 @@ def test_a_masked_patch_reads_the_mask_token():
     mask = torch.zeros(4, 4, 4, dtype=torch.bool)
     mask[:, 0, 0] = True
     with torch.no_grad():
-        task.student.mask_token.fill_(3.0)
+        token = 3 * torch.randn(task.student.mask_token.shape, generator=torch.Generator().manual_seed(0))
+        task.student.mask_token.copy_(token)  # not constant: LayerNorm would cancel a constant vector
         _, a = task.student.tokens(x, mask)
         _, b = task.student.tokens(x)
-        task.student.mask_token.fill_(-3.0)
+        task.student.mask_token.copy_(-token)
         _, c = task.student.tokens(x, mask)
     assert not torch.allclose(a[:, 0], b[:, 0]) and not torch.allclose(a[:, 0], c[:, 0])
 
@@ -289,6 +290,8 @@ def test_bad_settings_are_refused():
         make_task(aug={**TASK["aug"], "mix": {"cutmix_alpha": 1.0}})
     with pytest.raises(ValueError, match="teacher.checkpoint"):
         make_task(DistillTask)
+    with pytest.raises(ValueError, match="task=distill"):
+        make_task(teacher={**TASK["teacher"], "checkpoint": "teacher.safetensors"})
 
 
 def test_distill_teacher_stays_frozen_bit_for_bit(tmp_path):

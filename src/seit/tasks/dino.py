@@ -65,6 +65,9 @@ class DinoTask(SeitTask):
                  freeze_last_layer_epochs: float = 1.0, knn: dict | None = None, seed: int = 0,
                  ema_decay: float = 0.0, compile: bool = False):
         super().__init__(data=data, optim=optim, scheduler=scheduler, seed=seed, ema_decay=ema_decay, compile=compile)
+        if teacher.get("checkpoint") and type(self) is DinoTask:
+            raise ValueError("task.teacher.checkpoint: pre-training's teacher is the student's EMA; a frozen teacher is "
+                             "task=distill (experiment=distill_tokens)")
         self.input_key = INPUT_KEYS[self.data.kind]
         self.aug = AugConfig.from_dict(aug)
         self.check_aug()
@@ -268,9 +271,10 @@ class DinoTask(SeitTask):
         labels = torch.cat(self._val_labels)
         self._val_features, self._val_labels = [], []
         if self.trainer.world_size > 1:
-            feats = self.all_gather(feats).flatten(0, 1)
-            labels = self.all_gather(labels).flatten(0, 1)
-        if labels.min() < 0 or self.data.num_classes < 2:
+            feats, labels = self.gather_rows(feats), self.gather_rows(labels)
+        labelled = labels >= 0  # unlabelled samples (label -1) are left out of the monitor
+        feats, labels = feats[labelled], labels[labelled]
+        if len(labels) < 2 or self.data.num_classes < 2:
             rank_zero_warn("val/knn_acc1 needs labelled val samples; run with task.metric=null to keep the last checkpoint")
             return
         knn = self.hparams.knn or {"k": 20, "temperature": 0.07}
@@ -279,6 +283,15 @@ class DinoTask(SeitTask):
         acc = float((scores.argmax(1) == y).mean())
         self.log("val/knn_acc1", acc, prog_bar=True, sync_dist=False)
         self.log("val/feature_std", float(np.std(f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12), 0).mean()))
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``x`` [n, ...], in rank order; ranks may hold different n (uneven val splits)."""
+        n = torch.tensor([x.shape[0]], device=x.device)
+        counts = self.all_gather(n).flatten()
+        padded = torch.zeros((int(counts.max()),) + x.shape[1:], dtype=x.dtype, device=x.device)
+        padded[:x.shape[0]] = x
+        rows = self.all_gather(padded)
+        return torch.cat([rows[r, :int(c)] for r, c in enumerate(counts)])
 
     # -- what the base class asks ---------------------------------------------------------------
     def optimized_module(self) -> nn.Module:
