@@ -161,7 +161,7 @@ WARMUP_COSINE = {"_target_": "seit.tasks.schedule.warmup_cosine", "_partial_": T
 
 def make_task(curriculum: dict | None, scheduler: dict | None = WARMUP_COSINE) -> ClassificationTask:
     task = ClassificationTask(
-        model={"_target_": "seit.models.vit.TokenViT", "input": "tokens", "embed_dim": 16, "depth": 1,
+        model={"_target_": "seit.models.vit.TokenViT", "input": "tokens", "embed_dim": 16, "depth": 2,
                "num_heads": 2, "mlp_layer": "locality", "drop_path_rate": 0.1},
         aug={"crop": 6, "rrc": {"enabled": True}, "mix": {"cutmix_alpha": 1.0}},
         data={"kind": "tokens", "num_classes": 3, "input_grid": 8, "batch_size": 4, "codebook_size": 16,

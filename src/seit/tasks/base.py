@@ -8,7 +8,9 @@ checkpoints keep plain hyper-parameters and load with ``weights_only=True``. The
 - ``data_kind``: the representation the objective learns from (``tokens``, ``images`` or None);
   a mismatch is refused at construction with the config that fits;
 - ``step_generator``: the random draws of a step come from (seed, rank, global step) only, so a
-  resumed run augments and masks every step as the uninterrupted run did;
+  resumed run augments and masks every step as the uninterrupted run did; the global RNGs that
+  dropout and drop-path draw from are seeded the same way for each training batch (and restored
+  after it), so they repeat on resume too;
 - a model EMA (timm ``ModelEmaV3``) updated once per optimizer step, not per accumulated micro-batch;
 - ``torch.compile`` of ``compiled_modules()`` in place (parameter names, hence checkpoints, unchanged);
 - the dataset's frozen codebook installed into ``codebook_embeddings()`` (``attach``) and checked
@@ -27,7 +29,7 @@ import pytorch_lightning as pl
 import torch
 from timm.utils import ModelEmaV3
 
-from seit.augment.pipeline import step_seed
+from seit.augment.pipeline import global_rngs_seeded, step_seed
 from seit.data.dataset_info import DatasetError
 from seit.utils.validate import DATA_HINT
 
@@ -135,6 +137,19 @@ class SeitTask(pl.LightningModule):
         rank = self.global_rank if self._trainer is not None else 0
         self._generator.manual_seed(step_seed(self.hparams.seed, rank, self.global_step if step is None else step))
         return self._generator
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Seed the global RNGs (dropout, drop-path) from (seed, rank, step, batch) for this batch's
+        forward and backward; ``on_train_batch_end`` gives their previous state back."""
+        rank = self.global_rank if self._trainer is not None else 0
+        seed = step_seed(self.hparams.seed, rank, self.global_step) * 1_000_003 + batch_idx  # micro-batches apart
+        self._seeded_rngs = global_rngs_seeded(seed % 2**63, self.device)
+        self._seeded_rngs.__enter__()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if getattr(self, "_seeded_rngs", None) is not None:
+            self._seeded_rngs.__exit__(None, None, None)
+            self._seeded_rngs = None
 
     def on_train_epoch_start(self) -> None:
         dm = self.trainer.datamodule

@@ -38,7 +38,7 @@ import torch.nn as nn
 from pytorch_lightning.utilities import rank_zero_warn
 
 from seit.augment.crop import center_crop
-from seit.augment.pipeline import AugConfig, color_choice, global_rngs_seeded
+from seit.augment.pipeline import AugConfig, color_choice
 from seit.augment.rrc import token_rrc
 from seit.models.dino import (DinoHead, DinoModel, SoftmaxCenter, block_masks, dino_loss, ibot_loss, koleo_loss,
                               mask_ratios, sinkhorn_knopp)
@@ -205,10 +205,8 @@ class DinoTask(SeitTask):
             dino_t, ibot_t = self.teacher_heads()
             t_dino = self.targets(dino_t(t_cls), self.dino_center, temp).chunk(2)
             t_ibot = self.targets(ibot_t(t_patch[selected]), self.ibot_center, temp)
-        # drop-path draws from the global RNGs: seeded from this step's generator, so resume repeats it
-        with global_rngs_seeded(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)), x.device):
-            s_cls, s_patch = self.student.tokens(globals_, masks if self.masks_student() else None)
-            s_all = s_cls if locals_ is None else torch.cat([s_cls, self.student.tokens(locals_)[0]])
+        s_cls, s_patch = self.student.tokens(globals_, masks if self.masks_student() else None)
+        s_all = s_cls if locals_ is None else torch.cat([s_cls, self.student.tokens(locals_)[0]])
         s_dino = self.student.dino_head(s_all).chunk(2 + (c["local_number"] if locals_ is not None else 0))
         counts = selected.sum(1, keepdim=True).clamp_min(1).float()
         weight = (1.0 / counts).expand_as(selected)[selected]
