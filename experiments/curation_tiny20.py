@@ -61,9 +61,9 @@ def curate_all() -> dict[str, Path]:
         run_once([*BASE, "task=curate", *DEDUP, f"curate.eps={eps}"], curate_dir(f"semdedup_eps{eps}"))
     # the same without probing the neighbouring clusters: pairs split by a boundary go unseen
     run_once([*BASE, "task=curate", *DEDUP, f"curate.eps={DEDUP_EPS}", "curate.probes=1"], curate_dir("semdedup_probes1"))
-    # the semantic MTM embedding instead of the copy descriptor, eps calibrated to remove as many
-    run_once([*BASE, "task=curate", *DEDUP, f"task.embeddings={EMB}/mtm", "curate.target_kept=0.7827"],
-             curate_dir("semdedup_mtm"))
+    # the semantic embedding instead of the copy descriptor, eps calibrated to remove as many
+    run_once([*BASE, "task=curate", *DEDUP, f"task.embeddings={EMB / SEMANTIC['name']}", "curate.target_kept=0.7827"],
+             curate_dir(f"semdedup_{SEMANTIC['name']}"))
     dedup = curate_dir(f"semdedup_eps{DEDUP_EPS}")
     emb = EMB / SEMANTIC["name"]
     semantic = [f"task.embeddings={emb}", "curate.kmeans.k=50"]
@@ -144,7 +144,7 @@ def dedup_table() -> None:
     print("| eps | probes | removed | injected pairs found | removed that are not injected (of removed / of clean images) |")
     print("|---:|---:|---:|---:|---:|")
     runs = [(eps, 3, curate_dir(f"semdedup_eps{eps}")) for eps in EPS] + [(DEDUP_EPS, 1, curate_dir("semdedup_probes1"))]
-    runs.append(("MTM embedding, calibrated", 3, curate_dir("semdedup_mtm")))
+    runs.append((f"{SEMANTIC['name']} embedding, calibrated", 3, curate_dir(f"semdedup_{SEMANTIC['name']}")))
     for eps, probes, d in runs:
         if not (d / "subset.json").is_file():
             continue
