@@ -32,7 +32,7 @@ MTM = ["experiment=tiny20_tokens", "aug.crop=14", "model.embedding=learned", "op
 TASK_DIR = {"dino": "pretrain_dino", "mtm": "pretrain_mtm", "random": "pretrain_dino", "distill": "distill",
             "scratch": "pretrain_dino"}
 EXPORT = {"mtm": "mtm.safetensors"}
-PRETRAIN = ("dino", "mtm", "random", "scratch")
+PRETRAIN = ("dino", "mtm", "random")
 EVAL = ["experiment=tiny20_tokens", "task=eval", "eval=[knn,linear,fewshot]"]
 COLUMNS = (("k-NN top-1 (k=20)", "eval/knn/acc1_k20"), ("linear top-1", "eval/linear/acc1"),
            ("5-shot top-1", "eval/fewshot/acc1_5shot"))
@@ -68,10 +68,11 @@ def overrides(row: str, seed: int, args) -> list[str]:
 
 
 def jobs(args) -> list[list[tuple[list[str], Path]]]:
-    """Three waves: pre-training (and the scratch student), distillation, evaluation."""
+    """Three waves: pre-training, the students (distilled and scratch of one seed side by side, so they
+    share the machine alike), evaluation."""
     seeds = [int(s) for s in args.seeds.split(",")]
     pretrain = [(overrides(r, s, args), run_dir(r, s)) for r in PRETRAIN for s in seeds]
-    distill = [(overrides("distill", s, args), run_dir("distill", s)) for s in seeds]
+    distill = [(overrides(r, s, args), run_dir(r, s)) for s in seeds for r in ("distill", "scratch")]
     evals = [([*EVAL, f"task.checkpoint={export(r, s)}", f"seed={s}"], eval_dir(r, s))
              for r in ("dino", "mtm", "random", "distill", "scratch") for s in seeds]
     return [pretrain, distill, evals]
