@@ -9,7 +9,8 @@ k=20 T=0.07, the linear-probe grid, 5-shot), on the 1,000 val images. Rows, per 
   dino      experiment=dino_tokens (micro ViT + class token, 2 x 14x14 global + 4 x 6x6 local crops)
   mtm       experiments/mtm_tiny20.py's MTM recipe (micro ViT, learned id embedding)
   random    the dino_tokens network at init (one step at lr 1e-12, so the run writes its export)
-  distill   experiment=distill_tokens: the dino row of the same seed, frozen, into the nano ViT
+  distill   experiment=distill_tokens: the --teacher row of the same seed (default mtm: the better
+            backbone of the two at this budget; its features through fresh frozen heads), into the nano ViT
   scratch   the nano ViT with the same objective (experiment=dino_tokens model=nano) from scratch
 dino and mtm get --budget seconds of training (``trainer.max_time``, schedules over the budget:
 ``scheduler.horizon=budget``); distill and scratch get --student-budget.
@@ -61,7 +62,7 @@ def overrides(row: str, seed: int, args) -> list[str]:
         "dino": ["experiment=dino_tokens", *budget],
         "mtm": [*MTM, *budget],
         "random": ["experiment=dino_tokens", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "optim.lr=1e-12"],
-        "distill": ["experiment=distill_tokens", f"task.teacher.checkpoint={export('dino', seed)}", *student],
+        "distill": ["experiment=distill_tokens", f"task.teacher.checkpoint={export(args.teacher, seed)}", *student],
         "scratch": ["experiment=dino_tokens", "model=nano", *student],
     }
     return [*rows[row], f"seed={seed}"]
@@ -95,7 +96,7 @@ def cell(values: list[float]) -> str:
 def report(args) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     names = {"dino": "DINO on tokens (micro)", "mtm": "MTM on tokens (micro)", "random": "random init (micro)",
-             "distill": "nano, distilled from DINO micro", "scratch": "nano, DINO from scratch"}
+             "distill": "nano, distilled from the --teacher row", "scratch": "nano, DINO from scratch"}
     print("| backbone | " + " | ".join(c[0] for c in COLUMNS) + " | training: seconds, steps per seed |")
     print("|---|" + "---:|" * (len(COLUMNS) + 1))
     for row, name in names.items():
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--budget", type=int, default=900, help="training seconds of each dino / mtm run")
     parser.add_argument("--student-budget", type=int, default=600, help="training seconds of each distill / scratch run")
+    parser.add_argument("--teacher", default="mtm", choices=("dino", "mtm"), help="the distillation teacher's row")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one torch thread each)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
