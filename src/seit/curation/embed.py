@@ -6,7 +6,8 @@
     OUT/.progress/       one record per finished shard, so an interrupted run resumes shard by shard
 
 Any checkpoint of ours embeds: a classifier ``.ckpt`` (pooled pre-logits features), an MTM
-``.ckpt`` or ``mtm.safetensors`` export (the encoder's mean patch output, nothing masked). Inputs
+``.ckpt`` or ``mtm.safetensors`` export (the encoder's mean patch output, nothing masked), a DINO
+``.ckpt`` or ``dino.safetensors`` (the class token). Inputs
 are the evaluation view (the model's centre crop). ``features=thumbnail`` needs no model: the
 codebook map average-pooled to a g x g grid, a copy-detection descriptor (DINOv2 dedups with a
 copy detector, not with its semantic embedding). ``whiten=d`` PCA-whitens to d dims (fitted on a
