@@ -97,7 +97,7 @@ def labels_by_key() -> dict[str, int]:
     from seit.data.shard_reader import read_shard
 
     info = TokenDatasetInfo.open(TOKENS)
-    return {k: int(lab) for p in info.shard_paths("train") for c in read_shard(p, info.load_codec())
+    return {k: int(lab) for spec in info.shard_specs("train") for c in read_shard(spec, info.load_codec())
             for k, lab in zip(c.keys, c.labels)}
 
 

@@ -61,7 +61,7 @@ def overrides(row: str, seed: int, args) -> list[str]:
     rows = {
         "dino": ["experiment=dino_tokens", *budget],
         "mtm": [*MTM, *budget],
-        "random": ["experiment=dino_tokens", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "optim.lr=1e-12"],
+        "random": ["experiment=dino_tokens", "trainer.max_epochs=1", "trainer.max_steps=1", "optim.lr=1e-12"],
         "distill": ["experiment=distill_tokens", f"task.teacher.checkpoint={export(args.teacher, seed)}", *student],
         "scratch": ["experiment=dino_tokens", "model=nano", *student],
     }
