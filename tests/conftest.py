@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image
 
@@ -109,3 +110,14 @@ def as_before_codebook_dim_rename(path: Path) -> dict:
     old = {("embed_dim" if k == "codebook_dim" else k): v for k, v in config.items()}
     save_file(load_file(str(path)), str(path), metadata={**meta, "config": json.dumps(old, sort_keys=True)})
     return config
+
+
+class StopAfterEpoch(pl.Callback):
+    """Stops a Lightning fit at the end of epoch ``epoch`` (resume tests stop part-way, then resume)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True

@@ -10,6 +10,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from conftest import StopAfterEpoch
+
 from seit.models.dino import (DinoHead, SoftmaxCenter, block_masks, dino_loss, ibot_loss, koleo_loss, mask_ratios,
                               sinkhorn_knopp)
 from seit.tasks.dino import DinoTask, DistillTask, cosine_ramp
@@ -213,15 +215,6 @@ class GridsModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(Grids(9, seed=1), batch_size=4)
-
-
-class StopAfterEpoch(pl.Callback):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 def fit(task, epochs: int, callbacks=(), ckpt_path=None) -> pl.Trainer:

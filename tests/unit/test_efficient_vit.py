@@ -10,6 +10,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 
+from conftest import StopAfterEpoch
+
 from seit.data.batch_schedule import BatchSchedule
 from seit.models.locality import LocalityMlp, track_grid
 from seit.models.vit import TokenViT
@@ -182,15 +184,6 @@ class SeenSizes(pl.Callback):
         x, _ = pl_module.train_batch(batch)
         self.sizes.setdefault(trainer.current_epoch, set()).add(x.shape[-1])
         self.batches.setdefault(trainer.current_epoch, set()).add(x.shape[0])
-
-
-class StopAfterEpoch(pl.Callback):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 def fit(task, max_epochs: int, callbacks=(), ckpt_path=None) -> pl.Trainer:
