@@ -26,6 +26,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from seit.utils.knn import flat_ip_index
+
 
 @dataclass
 class Graph:
@@ -46,13 +48,14 @@ def _normalised(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def knn_graph(x: np.ndarray, k: int, threshold: float, chunk: int = 4096) -> Graph:
+def knn_graph(x: np.ndarray, k: int, threshold: float, chunk: int = 4096, device: str = "auto") -> Graph:
     """x float [N, D] (re-normalised here: cosine = inner product) -> the graph of edges i~j where j is
     among the k nearest other rows of i (or i of j) and cos(i, j) > threshold. k is capped at N - 1.
+    ``device``: the exact search runs on faiss's GPU index when faiss-gpu is installed and
+    ``device`` is auto or cuda (``seit.utils.knn.flat_ip_index``), else on the CPU.
 
     Raises ValueError for k < 1 or a threshold outside [-1, 1].
     """
-    import faiss
 
     if k < 1:
         raise ValueError(f"curate.k must be >= 1, got {k}")
@@ -64,7 +67,7 @@ def knn_graph(x: np.ndarray, k: int, threshold: float, chunk: int = 4096) -> Gra
     nearest = np.full(n, -np.inf, np.float32)
     if k < 1:
         return Graph(np.zeros((0, 2), np.int64), np.zeros(0, np.float32), np.arange(n, dtype=np.int64), nearest)
-    index = faiss.IndexFlatIP(x.shape[1])
+    index = flat_ip_index(x.shape[1], device, k=k + 1)
     index.add(x)
     t = np.float32(threshold)
     rows, cols, sims = [], [], []
@@ -93,26 +96,27 @@ def first_of_component(label: np.ndarray) -> np.ndarray:
     return first
 
 
-def self_dedup(x: np.ndarray, k: int = 64, threshold: float = 0.6, chunk: int = 4096) -> tuple[np.ndarray, Graph]:
+def self_dedup(x: np.ndarray, k: int = 64, threshold: float = 0.6, chunk: int = 4096,
+               device: str = "auto") -> tuple[np.ndarray, Graph]:
     """(kept row indices into x, ascending: one per component, its lowest index; the graph)."""
-    graph = knn_graph(x, k, threshold, chunk)
+    graph = knn_graph(x, k, threshold, chunk, device)
     return np.sort(first_of_component(graph.label)), graph
 
 
 def relative_dedup(pool: np.ndarray, reference: np.ndarray, k: int = 64, threshold: float = 0.45,
-                   chunk: int = 4096) -> tuple[np.ndarray, Graph]:
+                   chunk: int = 4096, device: str = "auto") -> tuple[np.ndarray, Graph]:
     """(bool [len(pool)]: pool rows in no component with a reference row; the joint graph, pool rows
     first). pool float [N, D], reference float [R, D], both in the same embedding space."""
     if pool.shape[1] != reference.shape[1]:
         raise ValueError(f"pool rows are {pool.shape[1]}-d, reference rows {reference.shape[1]}-d")
-    graph = knn_graph(np.concatenate([pool, reference]).astype(np.float32, copy=False), k, threshold, chunk)
+    graph = knn_graph(np.concatenate([pool, reference]).astype(np.float32, copy=False), k, threshold, chunk, device)
     tainted = np.zeros(graph.num_components, bool)
     tainted[graph.label[len(pool):]] = True
     return ~tainted[graph.label[:len(pool)]], graph
 
 
 def copydedup(pool: np.ndarray, reference: np.ndarray | None = None, *, k: int = 64, threshold: float = 0.6,
-              relative_threshold: float = 0.45, chunk: int = 4096) -> tuple[np.ndarray, dict]:
+              relative_threshold: float = 0.45, chunk: int = 4096, device: str = "auto") -> tuple[np.ndarray, dict]:
     """Relative dedup against ``reference`` (when given), then self-dedup of the survivors.
 
     pool float [N, D], reference float [R, D] or None: rows in one embedding space (cosine).
@@ -125,7 +129,7 @@ def copydedup(pool: np.ndarray, reference: np.ndarray | None = None, *, k: int =
     stats: dict = {"k": int(k), "threshold": float(threshold), "num_pool": int(n)}
     survivors = np.arange(n)
     if reference is not None and len(reference):
-        clean, joint = relative_dedup(pool, reference, k, relative_threshold, chunk)
+        clean, joint = relative_dedup(pool, reference, k, relative_threshold, chunk, device)
         survivors = np.flatnonzero(clean)
         ref_components = np.unique(joint.label[n:])
         stats.update(relative_threshold=float(relative_threshold), num_reference=int(len(reference)),
@@ -135,7 +139,7 @@ def copydedup(pool: np.ndarray, reference: np.ndarray | None = None, *, k: int =
     nearest = np.full(n, -np.inf, np.float32)
     kept = survivors
     if len(survivors):
-        local, graph = self_dedup(np.asarray(pool)[survivors], k, threshold, chunk)
+        local, graph = self_dedup(np.asarray(pool)[survivors], k, threshold, chunk, device)
         kept = survivors[local]
         partner[survivors] = survivors[first_of_component(graph.label)[graph.label]]
         partner[kept] = -1

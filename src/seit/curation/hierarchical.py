@@ -7,6 +7,10 @@ centroids towards a uniform cover of the support. Sampling top-down with an equa
 cluster then yields a subset balanced over concepts rather than over raw frequency.
 
 Everything is spherical: inputs and centroids are unit vectors and "closest" means highest cosine.
+
+Level 1 may read a memmap (the float16 embeddings store): its k-means, resampling and assignment
+then stream the rows a block at a time (torch Lloyd, ``seit.utils.kmeans.Rows``), so memory is a
+block plus the centroids and the level's O(N) labels, never the N x d float32 matrix.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from seit.curation.kmeans import assign_chunk
-from seit.utils.kmeans import kmeans
+from seit.utils.kmeans import CHUNK, Rows, kmeans
 
 STRATEGIES = ("random", "closest")
 
@@ -42,10 +46,13 @@ class Hierarchy:
         return sizes
 
 
-def _nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's nearest centroid and its cosine (``assign_chunk`` streams the rows in blocks)."""
-    label, sim = assign_chunk(x, centroids)
-    return label[:, 0], sim[:, 0]
+def _nearest(x: Rows, centroids: np.ndarray, device: str, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's nearest centroid and its cosine, the rows read ``chunk`` at a time."""
+    label, sim = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
+    for start, block in x.blocks(chunk):
+        lab, s = assign_chunk(block, centroids, device=device)
+        label[start:start + len(block)], sim[start:start + len(block)] = lab[:, 0], s[:, 0]
+    return label, sim
 
 
 def _groups(label: np.ndarray, sim: np.ndarray, k: int) -> list[np.ndarray]:
@@ -60,16 +67,16 @@ def _seed(seed: int, level: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, level, step]).generate_state(1)[0] >> 1)
 
 
-def _cluster_level(x, k, r, steps, niter, seed, level, backend, init):
+def _cluster_level(x: Rows, k, r, steps, niter, seed, level, backend, init, device, chunk):
     """Algorithm 1 for one level: k-means, then ``steps`` times re-fit on the r closest per cluster."""
-    centroids = kmeans(x, k, niter=niter, seed=_seed(seed, level, 0), spherical=True, init=init, backend=backend)
-    label, sim = _nearest(x, centroids)
+    fit = dict(niter=niter, spherical=True, init=init, backend=backend, device=device, chunk=chunk)
+    centroids = kmeans(x, k, seed=_seed(seed, level, 0), **fit)
+    label, sim = _nearest(x, centroids, device, chunk)
     for step in range(1, steps + 1):
         groups = _groups(label, sim, len(centroids))
         pick = np.sort(np.concatenate([g[:r] for g in groups]))
-        centroids = kmeans(x[pick], min(k, len(pick)), niter=niter, seed=_seed(seed, level, step), spherical=True,
-                           init=init, backend=backend)
-        label, sim = _nearest(x, centroids)  # re-assign all of the level's inputs, not just R
+        centroids = kmeans(x.subset(pick), min(k, len(pick)), seed=_seed(seed, level, step), **fit)
+        label, sim = _nearest(x, centroids, device, chunk)  # re-assign all of the level's inputs, not just R
     groups = _groups(label, sim, len(centroids))
     keep = [j for j, g in enumerate(groups) if len(g)]  # drop empty clusters: every node non-empty
     return [groups[j] for j in keep], centroids[keep]
@@ -83,26 +90,34 @@ def _per_level(value, n_levels: int, name: str) -> list:
     return [value] * n_levels
 
 
-def hierarchical_kmeans(x: np.ndarray, ks: list[int], resampling_steps: list[int] | int = 10,
+def hierarchical_kmeans(x: np.ndarray | Rows, ks: list[int], resampling_steps: list[int] | int = 10,
                         sample_sizes: list[int | None] | None = None, niter: int = 20, seed: int = 0,
-                        backend: str = "auto", init: str = "kmeans++") -> Hierarchy:
+                        backend: str = "auto", init: str = "kmeans++", device: str = "auto",
+                        chunk: int = CHUNK) -> Hierarchy:
     """Build the tree bottom-up: level t clusters level t-1's centroids into ``ks[t]`` clusters.
 
-    ``sample_sizes[t]`` is r_t, the members per cluster kept for each re-fit (None: half the mean
-    cluster size). A level above the first gets at most as many clusters as it has inputs, since
-    empty clusters below may have been dropped. ``init``: k-means++ (the paper; it keeps a small
-    group from being merged at a coarse level) or random (cheaper on a huge first level).
+    ``x``: the ``[N, d]`` unit points: an in-RAM array, or a memmap (e.g. ``Embeddings.vectors``,
+    float16) or ``Rows``, which level 1 streams ``chunk`` rows at a time; with ``backend="auto"``
+    a memmap is clustered by torch Lloyd on ``device`` (faiss would need it in RAM), an in-RAM
+    array by faiss. ``sample_sizes[t]`` is r_t, the members per cluster kept for each re-fit (None:
+    half the mean cluster size). A level above the first gets at most as many clusters as it has
+    inputs, since empty clusters below may have been dropped. ``init``: k-means++ (the paper; it
+    keeps a small group from being merged at a coarse level; on a memmap it reads the rows once per
+    centroid) or random (cheaper on a huge first level).
+
+    Raises ValueError for a malformed x, ks, resampling_steps or sample_sizes.
     """
-    x = np.asarray(x)
-    if x.ndim != 2 or len(x) == 0:
-        raise ValueError(f"x must be a non-empty [N, d] array, got shape {x.shape}")
+    rows = x if isinstance(x, Rows) else Rows(x) if isinstance(x, np.memmap) else None
+    shape = (len(rows), rows.dim) if rows is not None else np.shape(x)
+    if len(shape) != 2 or shape[0] == 0:
+        raise ValueError(f"x must be a non-empty [N, d] array, got shape {shape}")
     ks = list(ks)
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty list of positive cluster counts, got {ks}")
     if any(b > a for a, b in zip(ks, ks[1:])):
         raise ValueError(f"ks must be non-increasing (each level clusters the one below), got {ks}")
-    if ks[0] > len(x):
-        raise ValueError(f"ks[0]={ks[0]} exceeds the {len(x)} points")
+    if ks[0] > shape[0]:
+        raise ValueError(f"ks[0]={ks[0]} exceeds the {shape[0]} points")
     steps = _per_level(resampling_steps, len(ks), "resampling_steps")
     if any(int(s) < 0 for s in steps):
         raise ValueError(f"resampling_steps must be >= 0, got {resampling_steps}")
@@ -111,14 +126,14 @@ def hierarchical_kmeans(x: np.ndarray, ks: list[int], resampling_steps: list[int
         raise ValueError(f"sample_sizes must be None or >= 1, got {sample_sizes}")
 
     levels, centroids = [], []
-    inputs = np.ascontiguousarray(x, dtype=np.float32)
+    inputs = rows if rows is not None else Rows(np.ascontiguousarray(x, dtype=np.float32))
     for t, (k, m, r) in enumerate(zip(ks, steps, sizes)):
         k = min(int(k), len(inputs))
         r = max(1, round(0.5 * len(inputs) / k)) if r is None else int(r)
-        groups, c = _cluster_level(inputs, k, r, int(m), niter, seed, t, backend, init)
+        groups, c = _cluster_level(inputs, k, r, int(m), niter, seed, t, backend, init, device, chunk)
         levels.append(groups)
         centroids.append(c)
-        inputs = c  # the next level clusters this level's centroids
+        inputs = Rows(c)  # the next level clusters this level's centroids
     return Hierarchy(levels, centroids)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from seit.utils.kmeans import kmeans, sample_indices
+from seit.utils.knn import torch_device
 from seit.utils.nearest import nearest_code
 
 
@@ -23,13 +24,14 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def assign_chunk(x: np.ndarray, centroids: np.ndarray, top: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def assign_chunk(x: np.ndarray, centroids: np.ndarray, top: int = 1, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """(labels [n, top] int64, cosine similarities [n, top] float32) of the ``top`` nearest of the
     unit ``centroids`` [k, d] float32 to the rows of ``x`` [n, d] (normalised here), best first.
 
-    Any n: ``nearest_code`` scores a bounded block of rows at a time, on the GPU when torch sees one.
+    Any n: ``nearest_code`` scores a bounded block of rows at a time, on ``torch_device(device)``
+    (the GPU when torch sees one, unless ``device="cpu"``).
     """
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch_device(device)
     x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     label, score = nearest_code(x, torch.from_numpy(centroids).to(dev), metric="cosine", top=top, with_scores=True)
     return label.numpy(), score.numpy()
@@ -69,23 +71,24 @@ class Clusters:
 
 
 def cluster(store, k: int, niter: int = 50, seed: int = 0, sample_per_centroid: int = 256, backend: str = "auto",
-            chunk: int = 1 << 16, progress=None) -> Clusters:
+            chunk: int = 1 << 16, progress=None, device: str = "auto") -> Clusters:
     """k-means on a sample of ``store`` (an Embeddings), then assign every row, streamed in chunks.
 
     The sample is ``sample_per_centroid * k`` rows (faiss's default cap, 256); with several ranks
-    each trains on its share of it and assigns its contiguous slice of the rows.
+    each trains on its share of it and assigns its contiguous slice of the rows. ``device``
+    (``curate.device``: auto | cpu | cuda) is where the k-means and the assignment run.
     """
     n = len(store)
     rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
     idx = sample_indices(n, sample_per_centroid * k, seed)
     part = np.array_split(idx, world)[rank]
     centroids = kmeans(np.asarray(store.vectors[part], dtype=np.float32), k, niter=niter, seed=seed,
-                       spherical=True, backend=backend)
+                       spherical=True, backend=backend, device=device)
     label, sim = np.empty(n, np.int64), np.empty(n, np.float32)
     lo, hi = round(n * rank / world), round(n * (rank + 1) / world)
     for start in range(lo, hi, chunk):
         stop = min(start + chunk, hi)
-        lab, s = assign_chunk(store.vectors[start:stop], centroids)
+        lab, s = assign_chunk(store.vectors[start:stop], centroids, device=device)
         label[start:stop], sim[start:stop] = lab[:, 0], s[:, 0]
         if progress is not None:
             progress(stop - start)

@@ -5,7 +5,10 @@ Methods: kmeans (cluster only, keeps everything), semdedup, dbp (SemDeDup first 
 (DINOv2's k-NN-graph dedup, also against evaluation splits: run it before the others). The manifest
 feeds training through ``data.subset=<out_dir>``; ``task.write_dataset=PATH`` also writes the kept
 samples as a new token dataset. With several ranks (torchrun/srun), k-means trains and assigns
-distributed over torch.distributed; the selection itself is cheap and runs on rank 0.
+distributed over torch.distributed, and SemDeDup's in-cluster scoring is split over the ranks by
+cluster (rank 0 merges it: the same result as one rank); the selection itself is cheap and runs
+on rank 0. ``curate.device`` (auto | cpu | cuda) is where the dense maths runs: torch on cuda and
+faiss's GPU index (faiss-gpu installed) when there is a GPU, unless it says cpu.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from seit.curation.kmeans import cluster
 from seit.curation.manifest import read_subset, write_subset
 from seit.curation.report import write_report
 from seit.data.dataset_info import TokenDatasetInfo
+from seit.utils.knn import torch_device
 from seit.utils.ranks import rank_world
 from seit.utils.summary import config_hash, write_summary
 
@@ -43,18 +47,23 @@ def curate(cfg: DictConfig) -> dict:
     store = open_embeddings(t.embeddings)
     store.check_against(info, t.split)
     start = time.perf_counter()
-    _init_distributed()
+    device = str(c.get("device", "auto"))
+    torch_device(device)  # an unknown name, or cuda without a GPU, fails here with the key named
+    if c.method in NEEDS_CLUSTERS:  # the rest runs on rank 0 alone: no collective may wait for the others
+        _init_distributed(device)
     rank, _ = rank_world()
     clusters = None
     if c.method in NEEDS_CLUSTERS:
         k = c.kmeans
         bar = tqdm(total=len(store), desc="k-means: assign", unit="pt", disable=rank != 0 or None)
         clusters = cluster(store, int(k.k), int(k.niter), int(k.seed), int(k.sample_per_centroid), str(k.backend),
-                           progress=bar.update)
+                           progress=bar.update, device=device)
         bar.close()
+    alive = start_from(c, info, t.split, len(store))
+    dedup = _dedup_scores(c, store, clusters, alive, rank) if _wants_dedup(c) else None  # every rank its clusters
     if rank != 0:
         return {}
-    result = select(c, store, clusters, start_from(c, info, t.split, len(store)))
+    result = select(c, store, clusters, alive, dedup)
     out = Path(t.out_dir)
     score = result.pop("score", clusters.sim if clusters is not None else None)
     params = OmegaConf.to_container(c, resolve=True)
@@ -93,8 +102,9 @@ def start_from(c: DictConfig, info: TokenDatasetInfo, split: str, n: int) -> np.
     return alive
 
 
-def select(c: DictConfig, store, clusters, alive: np.ndarray) -> dict:
-    """{"kept": indices, "score": per-point score (optional), ...report extras}."""
+def select(c: DictConfig, store, clusters, alive: np.ndarray, dedup: tuple | None = None) -> dict:
+    """{"kept": indices, "score": per-point score (optional), ...report extras}. ``dedup``: SemDeDup's
+    (M, partner) when already scored (over the ranks, ``_dedup_scores``); else scored here when needed."""
     n = len(store)
     if c.get("keep_fraction") is None:  # a method without a budget keeps what it keeps among the alive
         budget = int(alive.sum())
@@ -116,7 +126,7 @@ def select(c: DictConfig, store, clusters, alive: np.ndarray) -> dict:
 
         return {"kept": ssp_select(clusters, budget, str(c.keep), alive)}
     if c.method in ("semdedup", "dbp"):
-        return _dedup_then_dbp(c, store, clusters, budget, alive)
+        return _dedup_then_dbp(c, store, clusters, budget, alive, dedup)
     if c.method == "retrieval":
         return _retrieval(c, store, clusters)
     if c.method == "copydedup":
@@ -124,16 +134,32 @@ def select(c: DictConfig, store, clusters, alive: np.ndarray) -> dict:
     return _hierarchical(c, store, budget)
 
 
-def _dedup_then_dbp(c: DictConfig, store, clusters, budget: int, alive: np.ndarray) -> dict:
-    from seit.curation.semdedup import calibrate_eps, keep_mask, semdedup_scores
+def _wants_dedup(c: DictConfig) -> bool:
+    """SemDeDup runs: curate=semdedup, or dbp with dedup_eps / dedup_target_kept set."""
+    if c.method == "semdedup":
+        return c.get("eps") is not None or c.get("target_kept") is not None
+    return c.method == "dbp" and (c.get("dedup_eps") is not None or c.get("dedup_target_kept") is not None)
+
+
+def _dedup_scores(c: DictConfig, store, clusters, alive: np.ndarray, rank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """SemDeDup's (M, partner); with several ranks each scores its share of the clusters (all ranks
+    call this) and rank 0 gets the merged result."""
+    from seit.curation.semdedup import semdedup_scores
+
+    bar = tqdm(total=len(store), desc="SemDeDup", unit="pt", disable=rank != 0 or None)
+    out = semdedup_scores(store, clusters, int(c.get("block", 4096)), int(c.get("probes", 1)), progress=bar.update,
+                          alive=alive, device=str(c.get("device", "auto")))
+    bar.close()
+    return out
+
+
+def _dedup_then_dbp(c: DictConfig, store, clusters, budget: int, alive: np.ndarray, dedup: tuple | None = None) -> dict:
+    from seit.curation.semdedup import calibrate_eps, keep_mask
 
     out: dict = {}
     eps, target = (c.eps, c.target_kept) if c.method == "semdedup" else (c.get("dedup_eps"), c.get("dedup_target_kept"))
     if eps is not None or target is not None:
-        bar = tqdm(total=len(store), desc="SemDeDup", unit="pt", disable=None)
-        m, partner = semdedup_scores(store, clusters, int(c.get("block", 4096)), int(c.get("probes", 1)),
-                                     progress=bar.update, alive=alive)
-        bar.close()
+        m, partner = dedup if dedup is not None else _dedup_scores(c, store, clusters, alive)
         # target_kept: a share of the points still in play (all, or curate.start_from's survivors)
         eps = float(eps) if eps is not None else calibrate_eps(m[alive], float(target))
         alive = alive & keep_mask(m, eps)
@@ -217,7 +243,8 @@ def _copydedup(c: DictConfig, store, alive: np.ndarray) -> dict:
     rows = np.flatnonzero(alive)
     pool = np.asarray(store.vectors[rows], np.float32)
     local, stats = copydedup(pool, _reference_rows(c, store), k=int(c.k), threshold=float(c.threshold),
-                             relative_threshold=float(c.relative_threshold), chunk=int(c.get("chunk", 4096)))
+                             relative_threshold=float(c.relative_threshold), chunk=int(c.get("chunk", 4096)),
+                             device=str(c.get("device", "auto")))
     n, local_partner = len(store), stats.pop("partner")
     moved = np.flatnonzero(local_partner >= 0)  # self-removed: replaced by their component's representative
     partner, m = np.full(n, -1, np.int64), np.full(n, -np.inf, np.float32)
@@ -240,9 +267,10 @@ def _retrieval(c: DictConfig, store, clusters) -> dict:
     seeds, seed_rows = _seed_rows(c, store)
     pool = np.setdiff1d(np.arange(len(store)), seed_rows if seed_rows is not None else [])
     if c.mode == "sample":
-        kept, stats = sample_based(seeds, store, pool, int(c.k))
+        kept, stats = sample_based(seeds, store, pool, int(c.k), device=str(c.get("device", "auto")))
     elif c.mode == "cluster":
-        kept, stats = cluster_based(seeds, clusters, pool, int(c.min_seeds), int(c.per_cluster), int(c.seed))
+        kept, stats = cluster_based(seeds, clusters, pool, int(c.min_seeds), int(c.per_cluster), int(c.seed),
+                                    device=str(c.get("device", "auto")))
     else:
         raise ValueError(f"curate.mode must be sample or cluster, got {c.mode!r}")
     return {"kept": kept, "retrieval": {**stats, "num_seeds": int(len(seeds))}}
@@ -251,20 +279,28 @@ def _retrieval(c: DictConfig, store, clusters) -> dict:
 def _hierarchical(c: DictConfig, store, budget: int) -> dict:
     from seit.curation.hierarchical import balanced_sample, hierarchical_kmeans
 
-    x = np.asarray(store.vectors, np.float32)  # the levels re-cluster centroids; level 1 needs every point
+    # in_memory: float32 N x d in RAM and faiss (fast); else level 1 streams the float16 memmap
+    x = np.asarray(store.vectors, np.float32) if c.get("in_memory", False) else store.vectors
     h = hierarchical_kmeans(x, list(c.levels), resampling_steps=int(c.resampling_steps), niter=int(c.niter),
-                            seed=int(c.seed), backend=str(c.backend), init=str(c.init))
+                            seed=int(c.seed), backend=str(c.backend), init=str(c.init),
+                            device=str(c.get("device", "auto")), chunk=int(c.get("chunk", 1 << 16)))
     kept = balanced_sample(h, budget, seed=int(c.seed), strategy=str(c.leaf_sampling))
     top = h.flat_sizes(len(h.levels) - 1)
     return {"kept": kept, "hierarchy": {"levels": [len(lv) for lv in h.levels], "top_sizes": top.tolist()}}
 
 
-def _init_distributed() -> None:
+def _init_distributed(device: str = "auto") -> None:
+    """One process group for k-means and SemDeDup: nccl when the maths runs on cuda (each rank on
+    its LOCAL_RANK's GPU), else gloo."""
     rank, world = rank_world()
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch_device(device).type == "cuda"
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+            torch.cuda.set_device(local % torch.cuda.device_count())
+        dist.init_process_group("nccl" if cuda else "gloo")
 
 
 def _loggers(cfg: DictConfig) -> list:
