@@ -2,6 +2,8 @@
 
     python experiments/bench_curation.py                 # N = 1M, k = 1000
     python experiments/bench_curation.py --n 20000 --k 100
+    python experiments/bench_curation.py --device cuda --points 200000 --json OUT.json   # bench_gpu_paths
+    python experiments/bench_curation.py --hierarchical memmap --points 500000           # or: ram
 
 The embeddings are written as a task=embed store (float16 memmap) and read back the way task=curate
 reads them: k-means trains on a sample of 256 points per centroid and assigns every point in
@@ -18,6 +20,7 @@ import json
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from seit.curation.dbp import dbp_select  # noqa: E402
 from seit.curation.embed import open_embeddings  # noqa: E402
 from seit.curation.kmeans import assign_chunk, cluster  # noqa: E402
 from seit.curation.semdedup import calibrate_eps, keep_mask, semdedup_scores  # noqa: E402
+from seit.utils.knn import faiss_gpus, torch_device  # noqa: E402
 
 
 def peak_rss_gib() -> float:
@@ -55,14 +59,107 @@ def synthetic_store(root: Path, n: int, d: int, k_true: int, seed: int = 0, chun
                                                       "dataset": "synthetic", "split": "train"}))
 
 
+def bench_gpu_paths(device: str, points: int, dim: int = 128, seeds: int = 1000, knn_k: int = 4) -> dict:
+    """Wall seconds of the device-dependent curation paths on ``points`` synthetic ``dim``-d embeddings
+    (a float16 store in a temp dir): spherical k-means (k = points / 2000) with the assignment of every
+    point, SemDeDup's in-cluster scoring, and retrieval's k-NN of ``seeds`` seeds over the pool, each on
+    ``device`` (auto | cpu | cuda, as ``curate.device``). Returns a JSON-able dict of the settings and times."""
+    import torch
+
+    from seit.curation.retrieval import knn_pool
+    from seit.curation.semdedup import max_earlier_similarity
+
+    dev = torch_device(device)
+    k = max(2, points // 2000)
+    out = {"device": str(dev), "torch_device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "faiss_gpus": faiss_gpus(device), "points": points, "dim": dim, "k": k, "seeds": seeds, "knn_k": knn_k}
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic_store(Path(tmp), points, dim, k_true=2 * k)
+        store = open_embeddings(tmp)
+        max_earlier_similarity(np.eye(4, dim, dtype=np.float32), device=device)  # warm-up: CUDA context, kernels
+        t0 = time.perf_counter()
+        clusters = cluster(store, k, niter=10, seed=0, device=device)
+        out["kmeans_s"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        m, _ = semdedup_scores(store, clusters, device=device)
+        out["semdedup_s"] = round(time.perf_counter() - t0, 3)
+        out["semdedup_largest_cluster"] = int(clusters.sizes.max())
+        out["semdedup_kept_at_eps_0.05"] = round(float(keep_mask(m, 0.05).mean()), 4)
+        q = np.asarray(store.vectors[np.linspace(0, points - 1, seeds).astype(np.int64)], np.float32)
+        t0 = time.perf_counter()
+        knn_pool(q, store, np.arange(points), knn_k, device=device)
+        out["retrieval_knn_s"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+class PeakAnon:
+    """Peak anonymous resident memory (RssAnon in /proc/self/status, sampled every 5 ms): what the
+    process allocated, not the page cache a memmap maps (which ru_maxrss also counts)."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _sample(self) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def bench_hierarchical(mode: str, points: int, dim: int = 256, levels=(100, 20), steps: int = 2, niter: int = 10) -> dict:
+    """task=curate curate=hierarchical's clustering on a float16 store of ``points`` x ``dim``: ``mode``
+    "ram" loads float32 N x D and clusters with faiss (the old path, curate.in_memory=true), "memmap"
+    streams the store (torch Lloyd). Run each mode in its own process for a clean peak."""
+    from seit.curation.hierarchical import hierarchical_kmeans
+
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic_store(Path(tmp), points, dim, k_true=200)
+        store = open_embeddings(tmp)
+        with PeakAnon() as base:
+            pass
+        with PeakAnon() as peak:
+            t0 = time.perf_counter()
+            x = np.asarray(store.vectors, np.float32) if mode == "ram" else store.vectors
+            h = hierarchical_kmeans(x, list(levels), resampling_steps=steps, niter=niter, seed=0, init="kmeans++")
+            wall = time.perf_counter() - t0
+    return {"mode": mode, "points": points, "dim": dim, "levels": list(levels), "resampling_steps": steps,
+            "niter": niter, "wall_s": round(wall, 2), "peak_anon_mib": round(peak.peak / 2**20, 1),
+            "anon_before_mib": round(base.peak / 2**20, 1), "float32_matrix_mib": round(points * dim * 4 / 2**20, 1),
+            "top_sizes": h.flat_sizes(len(h.levels) - 1).tolist()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default=None, help="time bench_gpu_paths on this device (auto | cpu | cuda)")
+    parser.add_argument("--points", type=int, default=200_000)
+    parser.add_argument("--json", default=None, help="write the result dict here")
+    parser.add_argument("--hierarchical", choices=("ram", "memmap"), default=None)
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--niter", type=int, default=20)
     parser.add_argument("--keep", type=float, default=0.5)
     args = parser.parse_args()
+    if args.device or args.hierarchical:
+        result = (bench_gpu_paths(args.device, args.points) if args.device
+                  else bench_hierarchical(args.hierarchical, args.points, args.dim))
+        print(json.dumps(result, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
