@@ -29,8 +29,8 @@ def test_a_rank_that_waits_too_long_says_for_what(tmp_path, monkeypatch):
 
 def test_local_rank_0_builds_a_missing_dataset_and_nothing_without_a_source(tmp_path, monkeypatch):
     built = []
-    monkeypatch.setattr(tk, "tokenize", built.append)
+    monkeypatch.setattr(tk, "tokenize", lambda cfg, rank, world: built.append((cfg, rank, world)))
     tk.prepare_token_dataset(_cfg(tmp_path / "none", source=None))
     assert built == []
     tk.prepare_token_dataset(cfg := _cfg(tmp_path / "ds"))
-    assert built == [cfg]
+    assert built == [(cfg, 0, 1)]  # one process, also when launched with several ranks

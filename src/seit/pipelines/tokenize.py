@@ -13,10 +13,19 @@ source and settings.
 A codec with a per-dataset model (``ctx-rans``) gets it fitted before the first shard, from the
 ids of the first ``data.build.codec_fit_samples`` shuffled training images, and saved once in the
 dataset dir; a resumed run reuses that file (its sha256 is part of the plan).
+
+Several ranks (``torchrun --nproc_per_node N run.py task=tokenize``, or srun): rank 0 takes the
+dataset's lock, plans, fits what needs fitting and then writes ``.progress/launch.json``; every
+rank then encodes the shards ``i % world == rank`` on its own device (``tokenizer.device``, the
+node's GPU ``LOCAL_RANK``) and rank 0 writes dataset.json once every shard's progress record is
+there. The plan does not depend on the rank count, so the bytes equal a one-process run's, and a
+rerun with any number of ranks resumes where a dead rank stopped. No process group is needed: the
+ranks meet through the dataset directory, as ``task=embed``'s do.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -27,24 +36,28 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seit.data.codec import MODEL_CODECS
+from seit.data.codec import MODEL_CODECS, get_codec
 from seit.data.codec_ctx import MODEL_FILE, CtxModel
 from seit.data.dataset_info import (CODEBOOK_FILE, INFO_FILE, SYNONYMS_FILE, DatasetError, TokenDatasetInfo,
                                     save_codebook, save_synonyms, write_dataset_info)
 from seit.data.embedded import resolve_source, source_id
 from seit.data.image_source import IMAGE_EXTS, ImageReadError, ImageRecord, SourceListing, list_source, load_image
 from seit.data.storage_report import format_report, storage_report
-from seit.pipelines.tokenize_plan import (PLAN_FILE, PROGRESS_DIR, check_finished, check_planned, exclusive,
-                                          listing_hash, plan_shards, settings, shuffle, start_plan, validate_settings)
+from seit.pipelines.tokenize_plan import (PLAN_FILE, PROGRESS_DIR, check_finished, check_planned, differences,
+                                          exclusive, listing_hash, plan_shards, settings, shuffle, start_plan,
+                                          validate_settings)
 from seit.pipelines.tokenize_rebuild import rebuild_shards  # noqa: F401  (part of task=tokenize's API)
-from seit.pipelines.tokenize_shards import encode_records, run_shards
+from seit.pipelines.tokenize_shards import encode_records, run_shards, shard_jobs
 from seit.tokenizers import PatchKMeansTokenizer, Tokenizer, load_tokenizer
+from seit.tokenizers.base import ImageEncoder, encode_device, encode_precision
 from seit.tokenizers.codebook_tools import synonyms
 from seit.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
+from seit.utils.ranks import launch_id, local_rank, rank_world, wait_for
 
 log = logging.getLogger(__name__)
 _IGNORED_LISTED = 20
 BUILD_WAIT_S = 24 * 3600  # how long the other ranks of a node wait for local rank 0 to build the dataset
+LAUNCH_FILE = "launch.json"  # rank 0's go-ahead to the other ranks of a multi-rank tokenize
 
 
 def tokenizer_path(cfg) -> Path:
@@ -123,7 +136,7 @@ def obtain_tokenizer(cfg, train_records: list[ImageRecord]) -> tuple[Tokenizer, 
 
 
 # --- driver -----------------------------------------------------------------------------------
-def codec_model(root: Path, tokenizer: Tokenizer, records: list[ImageRecord], total: int, build, recorded: str | None) -> str:
+def codec_model(root: Path, encoder: ImageEncoder, records: list[ImageRecord], total: int, build, recorded: str | None) -> str:
     """Fit the codec model on the first records' ids and save it in root, unless a resumed run did; its sha256.
 
     ``total``: how many samples it will code, which sets how large a model pays for itself.
@@ -133,8 +146,8 @@ def codec_model(root: Path, tokenizer: Tokenizer, records: list[ImageRecord], to
     if not path.is_file():
         sample = records[: build.codec_fit_samples]
         log.info("fitting the %s codec model on the ids of %d images", build.codec, len(sample))
-        ids = encode_records(tokenizer, sample, build.skip_bad_images)[0]
-        model = CtxModel.fit(ids, tokenizer.codebook_size, total_samples=total)
+        ids = encode_records(encoder, sample, build.skip_bad_images, build.workers)[0]
+        model = CtxModel.fit(ids, encoder.tokenizer.codebook_size, total_samples=total)
         atomic_write_bytes(path, model.to_bytes())  # canonical: the same ids give the same file
     sha = sha256_file(path)
     if recorded and sha != recorded:
@@ -171,7 +184,7 @@ def prepare_token_dataset(cfg) -> None:
     if not cfg.data.build.source:
         return
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        tokenize(cfg)
+        tokenize(cfg, rank=0, world=1)  # one process per node: the training ranks are not tokenize's
         return
     deadline = time.monotonic() + BUILD_WAIT_S
     while not info.is_file():
@@ -200,10 +213,25 @@ def check_built_as_configured(cfg) -> None:
                                f"data.build.source={wanted} (built with {built}); build these under another data.root")
 
 
-def tokenize(cfg) -> dict:
-    """Build (or finish building) the token dataset at cfg.data.root; returns its dataset.json."""
-    with exclusive(Path(cfg.data.root)):
-        return _tokenize(cfg)
+def tokenize(cfg, rank: int | None = None, world: int | None = None) -> dict:
+    """Build (or finish building) the token dataset at cfg.data.root; returns its dataset.json (rank 0;
+    the other ranks return {} once their shards are written). ``rank``/``world`` default to the
+    launcher's (torchrun, srun)."""
+    if rank is None or world is None:
+        rank, world = rank_world()
+    if rank:
+        return _follow(cfg, rank, world)
+    root = Path(cfg.data.root)
+    with exclusive(root):
+        if world > 1:
+            for stale in [root / PROGRESS_DIR / LAUNCH_FILE, *(root / PROGRESS_DIR).glob("rank-*.error")]:
+                stale.unlink(missing_ok=True)  # an earlier launch's go-ahead or failures
+        try:
+            return _tokenize(cfg, world)
+        except BaseException as exc:
+            if world > 1 and (root / PROGRESS_DIR).is_dir():  # the other ranks stop at once, with the reason
+                atomic_write_json(root / PROGRESS_DIR / LAUNCH_FILE, {"launch": launch_id(), "error": str(exc)})
+            raise
 
 
 def _finished(cfg, root: Path) -> dict:
@@ -217,10 +245,12 @@ def _finished(cfg, root: Path) -> dict:
     return info.meta
 
 
-def _listing(cfg) -> tuple[str, SourceListing]:
+def _listing(cfg, quiet: bool = False) -> tuple[str, SourceListing]:
     source = os.path.abspath(resolve_source(str(cfg.data.build.source), cfg.paths.cache_dir))
     listing = list_source(source)
     shuffle(listing, cfg.data.build.shuffle_seed)
+    if quiet:  # a rank > 0: rank 0 has said it
+        return source, listing
     if listing.ignored:
         log.warning("%d file(s) in %s are not tokenized (not %s images, or beside the class folders), e.g. %s; "
                     "listed in dataset.json", len(listing.ignored), source, "/".join(sorted(IMAGE_EXTS)),
@@ -247,7 +277,20 @@ def _warn_labels(source: str, listing: SourceListing) -> None:
                     "empty_classes in dataset.json)", source, "; ".join(empty))
 
 
-def _tokenize(cfg) -> dict:
+def _planned(root: Path) -> dict:
+    path = root / PROGRESS_DIR / PLAN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _encoder(cfg, tokenizer: Tokenizer, planned: str | None) -> ImageEncoder:
+    """The tokenizer on ``tokenizer.device`` (this node's GPU ``LOCAL_RANK`` under several ranks), in
+    ``tokenizer.precision``; ids come back on the CPU."""
+    device = encode_device(cfg.tokenizer.get("device"), local_rank())
+    precision = encode_precision(cfg.tokenizer.get("precision"), tokenizer, device, planned)
+    return ImageEncoder(tokenizer, torch.device("cpu"), device, precision)
+
+
+def _tokenize(cfg, world: int = 1) -> dict:
     root = Path(cfg.data.root)
     build = cfg.data.build
     if (root / INFO_FILE).is_file():
@@ -264,31 +307,38 @@ def _tokenize(cfg) -> dict:
     if synonyms_k < build.synonyms_k:
         log.warning("the codebook has %d codes: %d synonyms per code, not data.build.synonyms_k=%d",
                     tokenizer.codebook_size, synonyms_k, build.synonyms_k)
-
-    plan = start_plan(root, {**settings(cfg), "listing_sha256": listing_hash(splits),
-                             "codebook_sha256": tokenizer.fingerprint})
+    encoder_precision = (_planned(root).get("tokenizer") or {}).get("precision")
+    fingerprint, codebook = tokenizer.fingerprint, tokenizer.codebook.cpu()
+    encoder = _encoder(cfg, tokenizer, encoder_precision)  # moves the tokenizer to its device
+    plan = start_plan(root, {**settings(cfg, encoder.precision), "listing_sha256": listing_hash(splits),
+                             "codebook_sha256": fingerprint})
     margin = float(getattr(tokenizer, "copy_margin", 0.0))
     progress = root / PROGRESS_DIR
     codec_fields = {}
     if build.codec in MODEL_CODECS:
-        sha = codec_model(root, tokenizer, first, sum(map(len, splits.values())), build, plan.get("codec_model_sha256"))
+        sha = codec_model(root, encoder, first, sum(map(len, splits.values())), build, plan.get("codec_model_sha256"))
         if "codec_model_sha256" not in plan:
             plan = {**plan, "codec_model_sha256": sha}
             atomic_write_json(progress / PLAN_FILE, plan)
         codec_fields = {"codec_model": MODEL_FILE}
-    fingerprint = save_codebook(root / CODEBOOK_FILE, tokenizer.codebook)
+    fingerprint = save_codebook(root / CODEBOOK_FILE, codebook)
     synonym_fields = {}
     if synonyms_k:
-        save_synonyms(root / SYNONYMS_FILE, synonyms(tokenizer.codebook, synonyms_k))
+        save_synonyms(root / SYNONYMS_FILE, synonyms(codebook, synonyms_k))
         synonym_fields = {"synonyms_file": SYNONYMS_FILE, "synonyms_k": synonyms_k}
 
-    done = run_shards(cfg, root, plan_shards(splits, build.shard_size), tok_path, tokenizer, margin)
+    jobs = shard_jobs(cfg, root, plan_shards(splits, build.shard_size))
+    if world > 1:
+        atomic_write_json(progress / LAUNCH_FILE, {"launch": launch_id(), "world": world})
+    done = run_shards(jobs, encoder, get_codec(build.codec, model_dir=root), build, 0, world)
+    if world > 1:
+        done = _gather(jobs, done, world, build.rank_stall_s)
     skipped = [s for r in done for s in r.pop("skipped_samples")]
     fields = dict(
         shards=done, grid=tokenizer.grid, codebook_size=tokenizer.codebook_size,
         codebook_dim=tokenizer.codebook_dim, codec=build.codec, chunk_size=build.chunk_size,
         codebook_sha256=fingerprint, classes=listing.classes, image_size=tokenizer.image_size,
-        tokenizer={"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve()),
+        tokenizer={"kind": tokenizer.kind, "checkpoint": str(tok_path.resolve()), "device": encoder.encode_device.type,
                    **({"copy_margin": margin} if margin else {})},
         skipped={"count": len(skipped), "samples": skipped}, source=source,
         source_bytes=sum(_size(r) for recs in splits.values() for r in recs),
@@ -305,6 +355,81 @@ def _tokenize(cfg) -> dict:
     shutil.rmtree(progress)
     print_summary(meta)
     return meta
+
+
+def _gather(jobs: list[dict], own: list[dict], world: int, stall_s: float) -> list[dict]:
+    """Every shard's record in plan order, once the other ranks have written theirs.
+
+    Raises (one line) when a rank reports its failure, or when no shard has finished for ``stall_s``
+    seconds (``data.build.rank_stall_s``: a rank died or hangs); the finished shards stay, so the same
+    command resumes with any number of ranks.
+    """
+    progress = Path(jobs[0]["progress"]).parent if jobs else None
+    missing = [j for j in jobs if not Path(j["progress"]).is_file()]
+    deadline, left = time.monotonic() + stall_s, len(missing)
+    while missing:
+        for error in sorted(progress.glob("rank-*.error")):
+            raise RuntimeError(f"tokenize {error.stem} failed: {json.loads(error.read_text())['error']}; "
+                               "rerun the same command to resume (finished shards are kept)")
+        if len(missing) < left:
+            deadline, left = time.monotonic() + stall_s, len(missing)
+        if time.monotonic() > deadline:
+            ranks = sorted({jobs.index(j) % world for j in missing})
+            raise TimeoutError(f"no shard finished in {stall_s:.0f}s (data.build.rank_stall_s) and {len(missing)} of "
+                               f"{len(jobs)} are missing ({Path(missing[0]['path']).name}, …) from rank(s) {ranks}: a "
+                               "rank died or hangs; rerun the same command to resume (finished shards are kept)")
+        time.sleep(1.0)
+        missing = [j for j in missing if not Path(j["progress"]).is_file()]
+    mine = {r["name"]: r for r in own}
+    return [mine.get(Path(j["path"]).name) or json.loads(Path(j["progress"]).read_text()) for j in jobs]
+
+
+def _follow(cfg, rank: int, world: int) -> dict:
+    """A rank > 0: once its rank 0 has planned the build, encode and write the shards ``i % world == rank``."""
+    root, build = Path(cfg.data.root), cfg.data.build
+    if (root / INFO_FILE).is_file():
+        return {}
+    validate_settings(cfg)
+    progress, launch = root / PROGRESS_DIR, launch_id()
+
+    def go() -> dict | None:
+        try:
+            state = json.loads((progress / LAUNCH_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return state if state.get("launch") == launch else None
+
+    wait_for(lambda: (root / INFO_FILE).is_file() or go() is not None, f"rank 0 to plan {root}", BUILD_WAIT_S)
+    state = go()
+    if state is None:  # finished by rank 0 alone: nothing left for this rank
+        return {}
+    if state.get("error"):
+        raise RuntimeError(f"rank 0 failed: {state['error']}")
+    try:
+        return _follow_planned(cfg, root, rank, world, _planned(root))
+    except BaseException as exc:
+        atomic_write_json(progress / f"rank-{rank}.error", {"error": str(exc)})
+        raise
+
+
+def _follow_planned(cfg, root: Path, rank: int, world: int, plan: dict) -> dict:
+    build = cfg.data.build
+    _, listing = _listing(cfg, quiet=True)
+    if listing_hash(listing.splits) != plan["listing_sha256"]:
+        raise DatasetError(f"rank {rank} lists other images in data.build.source={build.source} than rank 0 did "
+                           "(a source that differs between nodes, or changed during the run)")
+    first = listing.splits.get("train") or next(iter(listing.splits.values()))
+    tokenizer, _ = obtain_tokenizer(cfg, first)
+    if tokenizer.fingerprint != plan["codebook_sha256"]:
+        raise DatasetError(f"rank {rank} loaded a tokenizer with another codebook than rank 0's plan records")
+    encoder = _encoder(cfg, tokenizer, plan["tokenizer"]["precision"])
+    diff = differences(plan, settings(cfg, encoder.precision))
+    if diff:
+        raise DatasetError(f"rank {rank} was started with other settings than rank 0: {'; '.join(diff)}")
+    jobs = shard_jobs(cfg, root, plan_shards(listing.splits, build.shard_size))
+    done = run_shards(jobs, encoder, get_codec(build.codec, model_dir=root), build, rank, world)
+    log.info("rank %d of %d: %d shards written or verified; rank 0 writes %s", rank, world, len(done), INFO_FILE)
+    return {}
 
 
 def _size(record: ImageRecord) -> int:

@@ -19,13 +19,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from seit.data.codec import CODECS, MODEL_CODECS
 from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError, upgraded
 from seit.data.embedded import source_id
 from seit.data.image_source import ImageRecord, SourceListing
-from seit.tokenizers import PatchKMeansTokenizer
+from seit.tokenizers import TOKENIZERS, PatchKMeansTokenizer
+from seit.tokenizers.base import PRECISIONS, encode_device, encode_precision
 from seit.utils.io import atomic_write_json
+from seit.utils.ranks import local_rank
 
 PROGRESS_DIR = ".progress"
 PLAN_FILE = "plan.json"
@@ -56,6 +59,8 @@ def validate_settings(cfg) -> None:
     _int("data.build.shard_size", b.shard_size, 1, "an integer > 0")
     _int("data.build.chunk_size", b.chunk_size, 1, "an integer > 0")
     _int("data.build.workers", b.workers, 0, "an integer >= 0")
+    stall = b.get("rank_stall_s", 1800)
+    _require("data.build.rank_stall_s", stall, isinstance(stall, (int, float)) and stall > 0, "a number of seconds > 0")
     _int("data.build.shuffle_seed", b.shuffle_seed, 0, "an integer >= 0")
     _require("data.build.codec", b.codec, b.codec in CODECS, f"one of {sorted(CODECS)}")
     _int("data.build.codec_fit_samples", b.codec_fit_samples, 1, "an integer > 0")
@@ -71,6 +76,11 @@ def validate_settings(cfg) -> None:
 
 def _validate_tokenizer(t) -> None:
     _int("tokenizer.image_size", t.image_size, 1, "an integer > 0")
+    encode_device(t.get("device"), local_rank())  # a device this machine lacks is named before any work
+    _require("tokenizer.precision", t.get("precision"), t.get("precision") in (None, *PRECISIONS), f"one of {PRECISIONS}")
+    kind = TOKENIZERS.get(t.kind)
+    if t.get("precision") == "bf16" and kind is not None and not kind.bf16:
+        encode_precision("bf16", kind, torch.device("cpu"))  # raises, naming the tokenizer
     margin = t.get("copy_margin") or 0.0
     _require("tokenizer.copy_margin", margin, isinstance(margin, (int, float)) and margin >= 0, "a number >= 0")
     if t.get("checkpoint"):
@@ -87,11 +97,19 @@ def _validate_tokenizer(t) -> None:
              f">= tokenizer.codebook_size={t.codebook_size} (k-means needs a patch per code)")
 
 
-def settings(cfg) -> dict:
-    """The settings a finished dataset is compared against (the plan without what the inputs turned out to be)."""
+def settings(cfg, precision: str | None = None) -> dict:
+    """The settings a finished dataset is compared against (the plan without what the inputs turned out to be).
+
+    ``precision``: what the encoder runs in (fp32, bf16), as resolved for this machine; without it an
+    explicit ``tokenizer.precision`` is compared and ``auto`` accepts what the dataset was built in.
+    The device is not a setting: one kind of device gives the same bytes on any number of ranks.
+    """
     b, t = cfg.data.build, cfg.tokenizer
     # a given checkpoint is compared by its codebook (the plan's codebook_sha256, check_built_by), not its path
     tok = {"image_size": int(t.image_size), "copy_margin": float(t.get("copy_margin") or 0.0)}
+    precision = precision or (t.get("precision") if t.get("precision") not in (None, "auto") else None)
+    if precision:
+        tok["precision"] = precision
     if not t.get("checkpoint"):
         tok.update({k: t[k] for k in _FIT_KEYS})
     out = {"source": source_id(str(b.source)), "shard_size": b.shard_size, "chunk_size": b.chunk_size,
@@ -111,7 +129,7 @@ def upgraded_plan(plan: dict) -> dict:
 
 
 # tokenizer settings recorded only since they exist: a plan without one was built with this value
-_UNRECORDED = {"copy_margin": 0.0}
+_UNRECORDED = {"copy_margin": 0.0, "precision": "fp32"}
 
 
 def differences(old: dict, new: dict) -> list[str]:

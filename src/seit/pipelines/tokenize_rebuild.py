@@ -14,19 +14,26 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from seit.data.codec import get_codec
 from seit.data.dataset_info import INFO_FILE, SHARD_DIR, DatasetError
 from seit.data.image_source import list_source
 from seit.pipelines.tokenize_plan import exclusive, listing_hash, plan_shards, records_hash, shuffle
 from seit.pipelines.tokenize_shards import make_shard
 from seit.tokenizers import Tokenizer, load_tokenizer
+from seit.tokenizers.base import ImageEncoder, encode_device
 from seit.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 
-def rebuild_shards(root: Path, names: list[str]) -> list[dict]:
+def rebuild_shards(root: Path, names: list[str], device: str | None = None) -> list[dict]:
     """Re-make the named shards of a finished dataset from the source and settings its dataset.json records.
+
+    The tokenizer runs in the precision the build recorded, on ``device`` (see ``encode_device``;
+    None: the kind of device the build recorded, the CPU for builds that record none): the bytes
+    match on the kind of device the dataset was built on.
 
     Each new shard must hash to the sha256 dataset.json records before it replaces the file (then
     atomically); otherwise a DatasetError names the shard and the old file stays. Returns the
@@ -40,13 +47,16 @@ def rebuild_shards(root: Path, names: list[str]) -> list[dict]:
         if meta["tokenizer"].get("copy_margin"):
             tokenizer.copy_margin = float(meta["tokenizer"]["copy_margin"])
         codec = get_codec(meta["codec"], model_dir=root)
+        precision = (plan.get("tokenizer") or {}).get("precision", "fp32")
+        encoder = ImageEncoder(tokenizer, torch.device("cpu"), encode_device(device or meta["tokenizer"].get("device", "cpu"),
+                                                                              what="the rebuild's device"), precision)
         recorded = {s["name"]: s for s in meta["shards"]}
         out = []
         for name in names:
             split, records = shards[name]
             job = {"path": str(root / SHARD_DIR / name), "split": split, "records": records,
                    "chunk_size": plan["chunk_size"], "skip_bad_images": recorded[name].get("skipped", 0) > 0}
-            data, record = make_shard(tokenizer, codec, job)
+            data, record = make_shard(encoder, codec, job)
             record.pop("skipped_samples")
             if record["sha256"] != recorded[name]["sha256"]:
                 raise DatasetError(f"rebuilding shard {name} of {root} gave sha256 {record['sha256'][:12]}…, not the "

@@ -1,105 +1,125 @@
-"""Tokenize's shard work: encode a shard's images, in worker processes or in the driver.
+"""Tokenize's shard work: decode images in DataLoader workers, encode on the tokenizer's device,
+write each shard atomically with its progress record.
 
-Workers are spawned processes that load the tokenizer and codec once; each call writes one
-shard atomically, then its progress record. They die with the driver (PR_SET_PDEATHSIG on
-Linux), so a killed run leaves no process finishing shards behind it.
+Images are decoded and resized in ``data.build.workers`` DataLoader processes (they die with the
+driver). The driver encodes batches of ``ENCODE_BATCH`` images on the encoder's device (a GPU, in
+bf16 where the tokenizer allows it) and hands each finished shard to a writer thread, which codes
+it (the codecs release the GIL), writes it atomically and then its progress record, while the
+next batches encode. Batches are cut from each shard's own start, so a shard's bytes depend on its
+images, the device kind and the precision, never on which rank wrote it or how many ranks there
+were. Each rank takes the shards ``i % world == rank`` of the plan.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import os
-import signal
-import sys
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from seit.data.codec import Codec, get_codec
+from seit.data.codec import Codec
 from seit.data.dataset_info import SHARD_DIR
 from seit.data.image_source import ImageReadError, ImageRecord, load_image
 from seit.data.parity import parity_path_for, write_parity
 from seit.data.shard_writer import encode_shard
 from seit.pipelines.tokenize_plan import PROGRESS_DIR, records_hash
-from seit.tokenizers import Tokenizer, load_tokenizer
+from seit.tokenizers.base import ImageEncoder
 from seit.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
-_ENCODE_BATCH = 64
-_PR_SET_PDEATHSIG = 1
+ENCODE_BATCH = 64  # images per encoder call; also how a shard is cut, so it is part of the bytes
+_WRITES_IN_FLIGHT = 2  # finished shards held for the writer: bounds the ids kept in memory
 
 
-_WORKER_TOKENIZER: Tokenizer | None = None
-_WORKER_CODEC: Codec | None = None
+class ShardBatches(Dataset):
+    """Item i: batch i's images decoded and resized, uint8 ``[n, 3, S, S]`` (None when none was
+    readable), the positions in the batch of the images that were, and where the unreadable ones are.
 
+    An unreadable image without ``skip_bad_images`` comes back as ``error`` (its one-line message):
+    raised in the driver, so the error is not wrapped in a worker's traceback.
+    """
 
-def _die_with_parent(parent_pid: int) -> None:
-    """A killed driver takes its workers along: none finishes a shard into a run nobody watches."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
+    def __init__(self, batches: list[list[ImageRecord]], image_size: int, skip_bad_images: bool):
+        self.batches, self.image_size, self.skip_bad_images = batches, image_size, skip_bad_images
 
+    def __len__(self) -> int:
+        return len(self.batches)
 
-def _init_worker(path: str, image_size: int, copy_margin: float, codec: str, model_dir: str,
-                 parent_pid: int | None = None) -> None:
-    global _WORKER_TOKENIZER, _WORKER_CODEC
-    if parent_pid is not None:
-        _die_with_parent(parent_pid)
-    torch.set_num_threads(1)
-    _WORKER_TOKENIZER = load_tokenizer(path)
-    _WORKER_TOKENIZER.image_size = image_size
-    if copy_margin:
-        _WORKER_TOKENIZER.copy_margin = copy_margin
-    _WORKER_CODEC = get_codec(codec, model_dir=model_dir)
-
-
-def encode_records(tokenizer: Tokenizer, records: list[ImageRecord], skip_bad_images: bool):
-    """ids [n,H,W], labels, keys of the readable records, and where the unreadable ones are."""
-    ids, labels, keys, skipped = [], [], [], []
-    for start in range(0, len(records), _ENCODE_BATCH):
-        batch, batch_records = [], []
-        for rec in records[start : start + _ENCODE_BATCH]:
+    def __getitem__(self, i: int) -> dict:
+        images, kept, skipped = [], [], []
+        for j, rec in enumerate(self.batches[i]):
             try:
-                batch.append(load_image(rec, tokenizer.image_size))
+                images.append(load_image(rec, self.image_size))
             except ImageReadError as exc:
-                if not skip_bad_images:
-                    raise ImageReadError(f"{exc} (pass data.build.skip_bad_images=true to skip and count such images)") from None
+                if not self.skip_bad_images:
+                    return {"error": f"{exc} (pass data.build.skip_bad_images=true to skip and count such images)"}
                 skipped.append(rec.where)
                 continue
-            batch_records.append(rec)
-        if batch:
-            with torch.inference_mode():
-                ids.append(tokenizer.encode(torch.from_numpy(np.stack(batch)).float() / 255).numpy())
-            labels += [r.label for r in batch_records]
-            keys += [r.key for r in batch_records]
-    ids = np.concatenate(ids) if ids else np.zeros((0, *tokenizer.grid), np.uint16)
+            kept.append(j)
+        return {"error": None, "images": torch.from_numpy(np.stack(images)) if images else None, "kept": kept,
+                "skipped": skipped}
+
+
+def cut(records: list[ImageRecord]) -> list[list[ImageRecord]]:
+    """A shard's (or any record list's) encoder batches, from its start."""
+    return [records[s : s + ENCODE_BATCH] for s in range(0, len(records), ENCODE_BATCH)]
+
+
+def decoded(batches: list[list[ImageRecord]], image_size: int, skip_bad_images: bool, workers: int):
+    """``ShardBatches`` items in order, decoded by ``workers`` processes (0: here)."""
+    loader = DataLoader(ShardBatches(batches, image_size, skip_bad_images), batch_size=None, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+    for item in loader:
+        if item["error"]:
+            raise ImageReadError(item["error"])
+        yield item
+
+
+def encode_records(encoder: ImageEncoder, records: list[ImageRecord], skip_bad_images: bool, workers: int = 0):
+    """ids ``[n, H, W]`` (uint16 when the codebook fits), labels, keys of the readable records, and where
+    the unreadable ones are."""
+    ids, labels, keys, skipped = [], [], [], []
+    batches = cut(records)
+    for batch, item in zip(batches, decoded(batches, encoder.tokenizer.image_size, skip_bad_images, workers)):
+        skipped += item["skipped"]
+        if item["images"] is None:
+            continue
+        ids.append(encoder(item["images"]).numpy())
+        labels += [batch[j].label for j in item["kept"]]
+        keys += [batch[j].key for j in item["kept"]]
+    ids = np.concatenate(ids) if ids else np.zeros((0, *encoder.tokenizer.grid), np.uint16)
     return ids, np.asarray(labels, np.int64), keys, skipped
 
 
-def make_shard(tokenizer: Tokenizer, codec: Codec, job: dict) -> tuple[bytes, dict]:
+def shard_bytes(job: dict, ids: np.ndarray, labels: np.ndarray, keys: list[str], skipped: list[str], codec: Codec,
+                codebook_size: int) -> tuple[bytes, dict]:
     """A shard's bytes and its progress record (its dataset.json entry plus where the skipped images are).
 
     The entry also holds ``records_sha256`` (of the planned keys and labels, so a later rebuild
     can check that the source still assigns this shard the same images) and ``unlabelled`` (how
     many of its samples have label -1).
     """
-    ids, labels, keys, skipped = encode_records(tokenizer, job["records"], job["skip_bad_images"])
     data, record = encode_shard(Path(job["path"]).name, ids, labels, keys, split=job["split"], codec=codec,
-                                codebook_size=tokenizer.codebook_size, chunk_size=job["chunk_size"],
-                                skipped=len(skipped))
+                                codebook_size=codebook_size, chunk_size=job["chunk_size"], skipped=len(skipped))
     return data, {**record.to_dict(), "unlabelled": int((labels < 0).sum()),
                   "records_sha256": records_hash(job["records"]), "skipped_samples": skipped}
 
 
-def _encode_shard(job: dict) -> dict:
-    data, record = make_shard(_WORKER_TOKENIZER, _WORKER_CODEC, job)
+def make_shard(encoder: ImageEncoder, codec: Codec, job: dict, workers: int = 0) -> tuple[bytes, dict]:
+    """One shard's bytes and record, from its images (the rebuild from source)."""
+    ids, labels, keys, skipped = encode_records(encoder, job["records"], job["skip_bad_images"], workers)
+    return shard_bytes(job, ids, labels, keys, skipped, codec, encoder.tokenizer.codebook_size)
+
+
+def _write(job: dict, parts: tuple, codec: Codec, codebook_size: int) -> dict:
+    data, record = shard_bytes(job, *parts, codec, codebook_size)
     atomic_write_bytes(job["path"], data)
     if job["parity"]:
         path = Path(job["path"])
@@ -108,34 +128,63 @@ def _encode_shard(job: dict) -> dict:
     return record
 
 
-def run_shards(cfg, root: Path, shards: dict, tok_path: Path, tokenizer: Tokenizer, margin: float) -> list[dict]:
-    """Write the shards not yet done (a finished one is re-checked against its record); all records, in order."""
+def shard_jobs(cfg, root: Path, shards: dict) -> list[dict]:
+    """Every planned shard as a job: its split, records, output path and progress record path."""
     build, progress = cfg.data.build, root / PROGRESS_DIR
-    jobs, done = [], []
-    for name, (split, records) in shards.items():
-        job = {"path": str(root / SHARD_DIR / name), "progress": str(progress / f"{name}.json"), "split": split,
-               "records": records, "chunk_size": build.chunk_size, "skip_bad_images": build.skip_bad_images,
-               "parity": float(build.get("parity") or 0.0)}
+    return [{"path": str(root / SHARD_DIR / name), "progress": str(progress / f"{name}.json"), "split": split,
+             "records": records, "chunk_size": build.chunk_size, "skip_bad_images": build.skip_bad_images,
+             "parity": float(build.get("parity") or 0.0)} for name, (split, records) in shards.items()]
+
+
+def run_shards(jobs: list[dict], encoder: ImageEncoder, codec: Codec, build, rank: int = 0, world: int = 1) -> list[dict]:
+    """Write this rank's shards (``i % world == rank``) that are not yet done; a finished one is
+    re-checked against its record. Returns this rank's records (the finished ones included), in plan
+    order. ``build``: ``data.build`` (``workers``, ``skip_bad_images``)."""
+    mine = [job for i, job in enumerate(jobs) if i % world == rank]
+    todo, done = [], []
+    for job in mine:
         record = finished_shard(Path(job["path"]), Path(job["progress"]))
-        (done.append(record) if record else jobs.append(job))
+        (done.append(record) if record else todo.append(job))
     if done:
-        log.info("resuming: %d of %d shards already written", len(done), len(shards))
-    bar = tqdm(total=sum(len(r) for _, r in shards.values()), initial=sum(d["count"] + d["skipped"] for d in done),
-               desc="tokenize", unit="img")
-    init = (str(tok_path), tokenizer.image_size, margin, build.codec, str(root))
-    if build.workers > 0 and len(jobs) > 1:
-        with ProcessPoolExecutor(build.workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(*init, os.getpid())) as pool:
-            for record in pool.map(_encode_shard, jobs):
-                done.append(record)
-                bar.update(record["count"] + record["skipped"])
-    else:
-        _init_worker(*init)
-        for job in jobs:
-            done.append(_encode_shard(job))
-            bar.update(done[-1]["count"] + done[-1]["skipped"])
+        log.info("resuming: %d of %d shards%s already written", len(done), len(mine),
+                 f" of rank {rank}" if world > 1 else "")
+    images = sum(len(j["records"]) for j in todo)
+    where = f" (rank {rank} of {world})" if world > 1 else ""
+    bar = tqdm(total=sum(len(j["records"]) for j in mine), initial=sum(d["count"] + d["skipped"] for d in done),
+               desc=f"tokenize{where} on {encoder.encode_device.type} {encoder.precision}", unit="img",
+               disable=None if rank == 0 else True)
+    start = time.perf_counter()
+    batches = [(k, b) for k, job in enumerate(todo) for b in cut(job["records"])]
+    size = encoder.tokenizer.image_size
+    parts: dict[int, list] = {}
+    pending: deque[Future] = deque()
+    left = {k: len(cut(job["records"])) for k, job in enumerate(todo)}
+    with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as writer:
+        for (k, batch), item in zip(batches, decoded([b for _, b in batches], size, build.skip_bad_images,
+                                                     build.workers)):
+            ids, labels, keys, skipped = parts.setdefault(k, [[], [], [], []])
+            skipped += item["skipped"]
+            if item["images"] is not None:
+                ids.append(encoder(item["images"]).numpy())
+                labels += [batch[j].label for j in item["kept"]]
+                keys += [batch[j].key for j in item["kept"]]
+            bar.update(len(batch))
+            left[k] -= 1
+            if left[k]:
+                continue
+            ids, labels, keys, skipped = parts.pop(k)
+            ids = np.concatenate(ids) if ids else np.zeros((0, *encoder.tokenizer.grid), np.uint16)
+            while len(pending) >= _WRITES_IN_FLIGHT:
+                done.append(pending.popleft().result())
+            pending.append(writer.submit(_write, todo[k], (ids, np.asarray(labels, np.int64), keys, skipped), codec,
+                                         encoder.tokenizer.codebook_size))
+        done += [f.result() for f in pending]
     bar.close()
-    order = {name: i for i, name in enumerate(shards)}
+    wall = time.perf_counter() - start
+    if images:
+        log.info("tokenized %d images in %.1fs (%.1f img/s) on %s in %s%s", images, wall, images / wall,
+                 encoder.encode_device, encoder.precision, where)
+    order = {Path(job["path"]).name: i for i, job in enumerate(mine)}
     return sorted(done, key=lambda r: order[r["name"]])
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from seit.tokenizers.base import Tokenizer
+from seit.tokenizers.base import Tokenizer, encode_device
 from seit.utils.io import atomic_save_tensors
 from seit.utils.nearest import nearest_code
 
@@ -339,7 +339,8 @@ class TamingVQGAN(nn.Module):
         """x in [-1, 1] -> code ids [B, H/f, W/f]."""
         h = self.encode_latents(x)
         b, d, gh, gw = h.shape
-        ids = self.quantize.nearest(h.permute(0, 2, 3, 1).reshape(-1, d))
+        with torch.autocast(h.device.type, enabled=False):  # under bf16 autocast the code search stays fp32
+            ids = self.quantize.nearest(h.float().permute(0, 2, 3, 1).reshape(-1, d))
         return ids.reshape(b, gh, gw)
 
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -499,6 +500,7 @@ def load_taming_checkpoint(path: str | os.PathLike, config: Mapping) -> TamingVQ
 
 class TamingVQGANTokenizer(Tokenizer):
     kind = "taming_vqgan"
+    bf16 = True
 
     def __init__(self, model: TamingVQGAN, batch_size: int = 32):
         self.model = model.eval().requires_grad_(False)
@@ -556,8 +558,8 @@ class TamingVQGANTokenizer(Tokenizer):
 def from_taming_checkpoint(path: str | os.PathLike, cfg: Mapping) -> TamingVQGANTokenizer:
     """A tokenizer from an original taming checkpoint; ``cfg`` is conf/tokenizer/taming_vqgan.yaml
     (or taming's own model config). Optional ``cfg.batch_size`` bounds the encode/decode batch and
-    ``cfg.device`` ("cpu", "cuda", ...) is where the model runs; ids and images come back on the
-    device of the inputs."""
+    ``cfg.device`` ("cpu", "cuda", "auto", ...; see ``encode_device``) is where the model runs; ids and
+    images come back on the device of the inputs."""
     extra = _plain(cfg)
     tok = TamingVQGANTokenizer(load_taming_checkpoint(path, cfg), batch_size=extra.get("batch_size") or 32)
-    return tok.to(extra["device"]) if extra.get("device") else tok
+    return tok.to(encode_device(extra.get("device"))) if extra.get("device") else tok

@@ -22,6 +22,7 @@ from seit.utils.io import atomic_save_tensors
 class VQTokenizer(Tokenizer):
     kind = "vq"
     any_size = True  # fully convolutional: any image size that is a multiple of the downsampling
+    bf16 = True
 
     def __init__(self, model: VQModel, image_size: int):
         self.model = model.eval()

@@ -221,7 +221,9 @@ class VQModel(nn.Module):
         return (self.decoder(z_q) + 1) / 2, ids, stats
 
     def encode(self, images: torch.Tensor, copy_margin: float = 0.0) -> torch.Tensor:
-        return self.quantizer.lookup(self.encoder(images * 2 - 1), copy_margin)
+        z = self.encoder(images * 2 - 1)
+        with torch.autocast(z.device.type, enabled=False):  # under bf16 autocast the code search stays fp32
+            return self.quantizer.lookup(z.float(), copy_margin)
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         return ((self.decoder(self.quantizer.embed_ids(ids)) + 1) / 2).clamp(0, 1)
