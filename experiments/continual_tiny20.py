@@ -29,9 +29,13 @@ def run_dir(rep: str, budget: str, method: str, seed: int):
     return OUT / "logs" / "continual" / "runs" / f"cl20_{rep}_{budget}_{method}_s{seed}"
 
 
+def overrides(rep: str, budget: str, method: str, seed: int) -> list[str]:
+    """The run.py overrides of one run of the protocol (experiments/gpu_suite.py reuses them)."""
+    return [f"experiment=continual_{rep}", f"task.memory.budget={budget}", f"task.method={method}", f"seed={seed}"]
+
+
 def run(rep: str, budget: str, method: str, seed: int) -> None:
-    run_once([f"experiment=continual_{rep}", f"task.memory.budget={budget}", f"task.method={method}",
-              f"seed={seed}"], run_dir(rep, budget, method, seed))
+    run_once(overrides(rep, budget, method, seed), run_dir(rep, budget, method, seed))
 
 
 def load(rep: str, budget: str, method: str, seeds) -> list[dict]:

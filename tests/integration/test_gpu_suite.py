@@ -1,0 +1,71 @@
+"""experiments/gpu_suite.py --smoke: every stage runs (or says why not) and the report is written.
+
+The suite makes its own toy data (synthetic JPEGs, a k-means token dataset, a small VQGAN), so the
+test needs neither ../shared nor a GPU. On this CPU the GPU tokenize row must say it had no CUDA
+device, and the MFU must be null; the long schedules either finish their toy runs or name what cut them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+STAGES = ("throughput", "tokenize", "loader", "long_mtm", "long_ablation", "long_continual")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_suite")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "experiments/gpu_suite.py", "--smoke", "--budget", "100", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "gpu_suite.json").read_text()), proc
+
+
+def test_every_stage_has_numbers_or_a_reason(smoke):
+    out, report, _ = smoke
+    assert set(STAGES) <= set(report["stages"])
+    for name in STAGES:
+        stage = report["stages"][name]
+        assert stage["status"] in ("ok", "partial", "skipped", "failed"), (name, stage)
+        if stage["status"] != "ok":
+            assert stage.get("reason"), f"{name}: {stage['status']} without a reason"
+        assert stage["status"] != "failed", (name, stage.get("reason"), stage.get("log_tail"))
+    assert report["wall_s"] <= report["budget_s"] + 15, "the suite ran past its budget"
+
+
+def test_measured_rows_are_numbers(smoke):
+    _, report, _ = smoke
+    rows = report["stages"]["throughput"]["rows"]
+    for key in ("tokens", "pixels", "pixels_jpeg"):
+        assert rows[key]["status"] == "ok", rows[key]
+        assert rows[key]["img_per_s"] > 0
+        assert rows[key]["mfu"] is None  # no GPU peak on a CPU
+    assert rows["tokens"]["flops_per_img"] > 0 and rows["pixels"]["flops_per_img"] > 0
+    tok = report["stages"]["tokenize"]["rows"]
+    assert tok["gpu"]["status"] == "skipped" and "CUDA" in tok["gpu"]["reason"]
+    assert tok["cpu"]["status"] == "ok" and tok["cpu"]["img_per_s"] > 0
+    loader = report["stages"]["loader"]["rows"]["tiny20_patch_kmeans_s64p4k512"]
+    assert loader["status"] == "ok" and loader["samples_per_s"] > 0 and loader["workers"] == 2
+    for name in STAGES[3:]:
+        for run in report["stages"][name].get("runs", []):
+            assert run["state"], run
+            if run["state"] == "finished":
+                assert any(k in run for k in ("val/acc1", "val/mtm_acc", "final_accuracy")), run
+
+
+def test_markdown_and_skips_are_reported(smoke):
+    out, report, proc = smoke
+    md = (out / "gpu_suite.md").read_text()
+    for title in ("1. Train throughput", "2. Tokenize", "3. Token loader", "4a. MTM", "4b. Augmentation", "4c. Class"):
+        assert title in md
+    assert "| token ViT-B |" in md
+    for line in report["skipped"]:
+        assert line.split(":")[0] in STAGES
+    assert "gpu: no CUDA device" in md and "gpu_suite.md" in proc.stdout
