@@ -4,6 +4,7 @@
     python experiments/bench_curation.py --n 20000 --k 100
     python experiments/bench_curation.py --device cuda --points 200000 --json OUT.json   # bench_gpu_paths
     python experiments/bench_curation.py --hierarchical memmap --points 500000           # or: ram
+    python experiments/bench_curation.py --semdedup-ranks 2 --points 100000             # 1 vs 2 gloo ranks
 
 The embeddings are written as a task=embed store (float16 memmap) and read back the way task=curate
 reads them: k-means trains on a sample of 256 points per centroid and assigns every point in
@@ -133,12 +134,55 @@ def bench_hierarchical(mode: str, points: int, dim: int = 256, levels=(100, 20),
         with PeakAnon() as peak:
             t0 = time.perf_counter()
             x = np.asarray(store.vectors, np.float32) if mode == "ram" else store.vectors
-            h = hierarchical_kmeans(x, list(levels), resampling_steps=steps, niter=niter, seed=0, init="kmeans++")
+            h = hierarchical_kmeans(x, list(levels), resampling_steps=steps, niter=niter, seed=0, init="kmeans++",
+                                    chunk=16384)
             wall = time.perf_counter() - t0
     return {"mode": mode, "points": points, "dim": dim, "levels": list(levels), "resampling_steps": steps,
             "niter": niter, "wall_s": round(wall, 2), "peak_anon_mib": round(peak.peak / 2**20, 1),
             "anon_before_mib": round(base.peak / 2**20, 1), "float32_matrix_mib": round(points * dim * 4 / 2**20, 1),
             "top_sizes": h.flat_sizes(len(h.levels) - 1).tolist()}
+
+
+def _semdedup_rank(rank: int, world: int, port: int, root: str, k: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    store = open_embeddings(root)
+    clusters = cluster(store, k, niter=10, seed=0, backend="torch", device="cpu")
+    dist.barrier()
+    t0 = time.perf_counter()
+    m, partner = semdedup_scores(store, clusters, device="cpu")
+    wall = time.perf_counter() - t0
+    if rank == 0:
+        np.savez(out, m=m, partner=partner, wall=wall)
+    dist.destroy_process_group()
+
+
+def bench_semdedup_ranks(points: int, world: int = 2, dim: int = 128) -> dict:
+    """SemDeDup scoring on 1 process and on ``world`` gloo ranks (clusters split by cost), same
+    clusters (torch k-means, distributed over the ranks too); checks the results are identical."""
+    import os
+
+    import torch
+
+    k = max(2, points // 2000)
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic_store(Path(tmp), points, dim, k_true=2 * k)
+        store = open_embeddings(tmp)
+        clusters = cluster(store, k, niter=10, seed=0, backend="torch", device="cpu")
+        t0 = time.perf_counter()
+        m1, p1 = semdedup_scores(store, clusters, device="cpu")
+        one = time.perf_counter() - t0
+        out = str(Path(tmp) / "ranks.npz")
+        torch.multiprocessing.spawn(_semdedup_rank, args=(world, 29900 + os.getpid() % 90, tmp, k, out), nprocs=world)
+        r = np.load(out)
+        same = bool(np.array_equal(r["m"], m1) and np.array_equal(r["partner"], p1))
+    return {"points": points, "dim": dim, "k": k, "world": world, "one_rank_s": round(one, 2),
+            f"{world}_ranks_s": round(float(r["wall"]), 2), "identical": same,
+            "removed_at_eps_0.05": int((~keep_mask(m1, 0.05)).sum())}
 
 
 def main() -> None:
@@ -147,15 +191,20 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=200_000)
     parser.add_argument("--json", default=None, help="write the result dict here")
     parser.add_argument("--hierarchical", choices=("ram", "memmap"), default=None)
+    parser.add_argument("--semdedup-ranks", type=int, default=0, help="compare SemDeDup on 1 and this many gloo ranks")
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--niter", type=int, default=20)
     parser.add_argument("--keep", type=float, default=0.5)
     args = parser.parse_args()
-    if args.device or args.hierarchical:
-        result = (bench_gpu_paths(args.device, args.points) if args.device
-                  else bench_hierarchical(args.hierarchical, args.points, args.dim))
+    if args.device or args.hierarchical or args.semdedup_ranks:
+        if args.device:
+            result = bench_gpu_paths(args.device, args.points)
+        elif args.hierarchical:
+            result = bench_hierarchical(args.hierarchical, args.points, args.dim)
+        else:
+            result = bench_semdedup_ranks(args.points, args.semdedup_ranks)
         print(json.dumps(result, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

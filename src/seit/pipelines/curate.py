@@ -283,7 +283,7 @@ def _hierarchical(c: DictConfig, store, budget: int) -> dict:
     x = np.asarray(store.vectors, np.float32) if c.get("in_memory", False) else store.vectors
     h = hierarchical_kmeans(x, list(c.levels), resampling_steps=int(c.resampling_steps), niter=int(c.niter),
                             seed=int(c.seed), backend=str(c.backend), init=str(c.init),
-                            device=str(c.get("device", "auto")), chunk=int(c.get("chunk", 1 << 16)))
+                            device=str(c.get("device", "auto")), chunk=int(c.get("chunk", 16384)))
     kept = balanced_sample(h, budget, seed=int(c.seed), strategy=str(c.leaf_sampling))
     top = h.flat_sizes(len(h.levels) - 1)
     return {"kept": kept, "hierarchy": {"levels": [len(lv) for lv in h.levels], "top_sizes": top.tolist()}}
