@@ -96,14 +96,3 @@ def test_a_rank_that_never_comes_is_named_and_one_process_finishes(reference):
 
     run(*_tokenize(tmp, images, "three"))  # the same command on one process resumes
     assert _shards(tmp / "three") == _shards(one)
-
-
-def test_device_and_precision_errors_are_one_line(reference, tmp_path):
-    tmp, images, _ = reference
-    proc = run(*_tokenize(tmp_path, images, "four"), "tokenizer.precision=bf16", check=False)
-    assert proc.returncode != 0
-    assert "tokenizer.precision=bf16: the patch_kmeans tokenizer encodes in fp32 only" in proc.stderr
-    if not __import__("torch").cuda.is_available():
-        proc = run(*_tokenize(tmp_path, images, "five"), "tokenizer.device=cuda", check=False)
-        assert proc.returncode != 0 and "tokenizer.device=cuda: no CUDA device here" in proc.stderr
-    assert not (tmp_path / "four").exists() and not (tmp_path / "five").exists()

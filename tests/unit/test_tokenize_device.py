@@ -131,7 +131,17 @@ def test_rank_zero_names_the_missing_rank_and_tells_the_others(tmp_path):
     with pytest.raises(TimeoutError, match=r"no shard finished in 0s .* 2 of 4 are missing \(train-000001.tar, …\) "
                                            r"from rank\(s\) \[1\]: a rank died or hangs; rerun"):
         tk.tokenize(cfg, rank=0, world=2)
-    launch = json.loads((tmp_path / "ds" / ".progress" / "launch.json").read_text())
+    launch = json.loads((tmp_path / ".ds.launch.json").read_text())
     assert "no shard finished" in launch["error"]  # a rank 1 that starts late stops with rank 0's reason
     with pytest.raises(RuntimeError, match="rank 0 failed: no shard finished"):
         tk.tokenize(cfg, rank=1, world=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_absent_device_or_a_bf16_refusal_comes_before_any_work(tmp_path):
+    for key, value, message in (("device", "cuda", "tokenizer.device=cuda: no CUDA device here"),
+                                ("precision", "bf16", "tokenizer.precision=bf16: the patch_kmeans tokenizer")):
+        cfg = _cfg(tmp_path / key, **{key: value})
+        with pytest.raises(ValueError, match=message):
+            tk.tokenize(cfg, rank=0, world=1)
+        assert not (tmp_path / key / "ds").exists() and not (tmp_path / key / "ds.tokenizer.safetensors").exists()

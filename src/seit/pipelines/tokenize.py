@@ -15,7 +15,7 @@ ids of the first ``data.build.codec_fit_samples`` shuffled training images, and 
 dataset dir; a resumed run reuses that file (its sha256 is part of the plan).
 
 Several ranks (``torchrun --nproc_per_node N run.py task=tokenize``, or srun): rank 0 takes the
-dataset's lock, plans, fits what needs fitting and then writes ``.progress/launch.json``; every
+dataset's lock, plans, fits what needs fitting and then writes ``.<root>.launch.json`` beside it; every
 rank then encodes the shards ``i % world == rank`` on its own device (``tokenizer.device``, the
 node's GPU ``LOCAL_RANK``) and rank 0 writes dataset.json once every shard's progress record is
 there. The plan does not depend on the rank count, so the bytes equal a one-process run's, and a
@@ -57,7 +57,6 @@ from seit.utils.ranks import launch_id, local_rank, rank_world, wait_for
 log = logging.getLogger(__name__)
 _IGNORED_LISTED = 20
 BUILD_WAIT_S = 24 * 3600  # how long the other ranks of a node wait for local rank 0 to build the dataset
-LAUNCH_FILE = "launch.json"  # rank 0's go-ahead to the other ranks of a multi-rank tokenize
 
 
 def tokenizer_path(cfg) -> Path:
@@ -213,6 +212,11 @@ def check_built_as_configured(cfg) -> None:
                                f"data.build.source={wanted} (built with {built}); build these under another data.root")
 
 
+def launch_file(root: Path) -> Path:
+    """Rank 0's go-ahead (or failure) to the other ranks of its launch; beside the dataset dir, with its lock."""
+    return root.parent / f".{root.name}.launch.json"
+
+
 def tokenize(cfg, rank: int | None = None, world: int | None = None) -> dict:
     """Build (or finish building) the token dataset at cfg.data.root; returns its dataset.json (rank 0;
     the other ranks return {} once their shards are written). ``rank``/``world`` default to the
@@ -224,13 +228,13 @@ def tokenize(cfg, rank: int | None = None, world: int | None = None) -> dict:
     root = Path(cfg.data.root)
     with exclusive(root):
         if world > 1:
-            for stale in [root / PROGRESS_DIR / LAUNCH_FILE, *(root / PROGRESS_DIR).glob("rank-*.error")]:
+            for stale in [launch_file(root), *(root / PROGRESS_DIR).glob("rank-*.error")]:
                 stale.unlink(missing_ok=True)  # an earlier launch's go-ahead or failures
         try:
             return _tokenize(cfg, world)
         except BaseException as exc:
-            if world > 1 and (root / PROGRESS_DIR).is_dir():  # the other ranks stop at once, with the reason
-                atomic_write_json(root / PROGRESS_DIR / LAUNCH_FILE, {"launch": launch_id(), "error": str(exc)})
+            if world > 1:  # the other ranks stop at once, with the reason
+                atomic_write_json(launch_file(root), {"launch": launch_id(), "error": str(exc)})
             raise
 
 
@@ -329,7 +333,7 @@ def _tokenize(cfg, world: int = 1) -> dict:
 
     jobs = shard_jobs(cfg, root, plan_shards(splits, build.shard_size))
     if world > 1:
-        atomic_write_json(progress / LAUNCH_FILE, {"launch": launch_id(), "world": world})
+        atomic_write_json(launch_file(root), {"launch": launch_id(), "world": world})
     done = run_shards(jobs, encoder, get_codec(build.codec, model_dir=root), build, 0, world)
     if world > 1:
         done = _gather(jobs, done, world, build.rank_stall_s)
@@ -394,7 +398,7 @@ def _follow(cfg, rank: int, world: int) -> dict:
 
     def go() -> dict | None:
         try:
-            state = json.loads((progress / LAUNCH_FILE).read_text())
+            state = json.loads(launch_file(root).read_text())
         except (OSError, ValueError):
             return None
         return state if state.get("launch") == launch else None

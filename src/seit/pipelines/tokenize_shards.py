@@ -3,7 +3,8 @@ write each shard atomically with its progress record.
 
 Images are decoded and resized in ``data.build.workers`` DataLoader processes (they die with the
 driver). The driver encodes batches of ``ENCODE_BATCH`` images on the encoder's device (a GPU, in
-bf16 where the tokenizer allows it) and hands each finished shard to a writer thread, which codes
+bf16 where the tokenizer allows it; on the CPU the workers encode too, one thread each, so every
+core both decodes and encodes) and hands each finished shard to a writer thread, which codes
 it (the codecs release the GIL), writes it atomically and then its progress record, while the
 next batches encode. Batches are cut from each shard's own start, so a shard's bytes depend on its
 images, the device kind and the precision, never on which rank wrote it or how many ranks there
@@ -41,13 +42,16 @@ _WRITES_IN_FLIGHT = 2  # finished shards held for the writer: bounds the ids kep
 class ShardBatches(Dataset):
     """Item i: batch i's images decoded and resized, uint8 ``[n, 3, S, S]`` (None when none was
     readable), the positions in the batch of the images that were, and where the unreadable ones are.
+    With an ``encoder`` (a CPU one), the item holds their ids ``[n, H, W]`` instead of the images.
 
     An unreadable image without ``skip_bad_images`` comes back as ``error`` (its one-line message):
     raised in the driver, so the error is not wrapped in a worker's traceback.
     """
 
-    def __init__(self, batches: list[list[ImageRecord]], image_size: int, skip_bad_images: bool):
+    def __init__(self, batches: list[list[ImageRecord]], image_size: int, skip_bad_images: bool,
+                 encoder: ImageEncoder | None = None):
         self.batches, self.image_size, self.skip_bad_images = batches, image_size, skip_bad_images
+        self.encoder = encoder
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -63,8 +67,11 @@ class ShardBatches(Dataset):
                 skipped.append(rec.where)
                 continue
             kept.append(j)
-        return {"error": None, "images": torch.from_numpy(np.stack(images)) if images else None, "kept": kept,
-                "skipped": skipped}
+        images = torch.from_numpy(np.stack(images)) if images else None
+        out = {"error": None, "images": images, "kept": kept, "skipped": skipped}
+        if self.encoder is not None and images is not None:
+            out.update(images=None, ids=self.encoder(images))
+        return out
 
 
 def cut(records: list[ImageRecord]) -> list[list[ImageRecord]]:
@@ -72,14 +79,21 @@ def cut(records: list[ImageRecord]) -> list[list[ImageRecord]]:
     return [records[s : s + ENCODE_BATCH] for s in range(0, len(records), ENCODE_BATCH)]
 
 
-def decoded(batches: list[list[ImageRecord]], image_size: int, skip_bad_images: bool, workers: int):
-    """``ShardBatches`` items in order, decoded by ``workers`` processes (0: here)."""
-    loader = DataLoader(ShardBatches(batches, image_size, skip_bad_images), batch_size=None, num_workers=workers,
-                        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+def encoded(batches: list[list[ImageRecord]], encoder: ImageEncoder, skip_bad_images: bool, workers: int):
+    """Per batch, in order: its ids (numpy ``[n, H, W]``, None when no image was readable), the positions
+    of the readable images, and where the unreadable ones are. ``workers`` processes decode (0: here);
+    a CPU encoder runs in them as well."""
+    in_workers = workers > 0 and encoder.encode_device.type == "cpu"
+    dataset = ShardBatches(batches, encoder.tokenizer.image_size, skip_bad_images, encoder if in_workers else None)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+                        pin_memory=encoder.encode_device.type == "cuda")
     for item in loader:
         if item["error"]:
             raise ImageReadError(item["error"])
-        yield item
+        ids = item.get("ids")
+        if ids is None and item["images"] is not None:
+            ids = encoder(item["images"])
+        yield (ids.numpy() if ids is not None else None), item["kept"], item["skipped"]
 
 
 def encode_records(encoder: ImageEncoder, records: list[ImageRecord], skip_bad_images: bool, workers: int = 0):
@@ -87,13 +101,13 @@ def encode_records(encoder: ImageEncoder, records: list[ImageRecord], skip_bad_i
     the unreadable ones are."""
     ids, labels, keys, skipped = [], [], [], []
     batches = cut(records)
-    for batch, item in zip(batches, decoded(batches, encoder.tokenizer.image_size, skip_bad_images, workers)):
-        skipped += item["skipped"]
-        if item["images"] is None:
+    for batch, (batch_ids, kept, batch_skipped) in zip(batches, encoded(batches, encoder, skip_bad_images, workers)):
+        skipped += batch_skipped
+        if batch_ids is None:
             continue
-        ids.append(encoder(item["images"]).numpy())
-        labels += [batch[j].label for j in item["kept"]]
-        keys += [batch[j].key for j in item["kept"]]
+        ids.append(batch_ids)
+        labels += [batch[j].label for j in kept]
+        keys += [batch[j].key for j in kept]
     ids = np.concatenate(ids) if ids else np.zeros((0, *encoder.tokenizer.grid), np.uint16)
     return ids, np.asarray(labels, np.int64), keys, skipped
 
@@ -155,19 +169,18 @@ def run_shards(jobs: list[dict], encoder: ImageEncoder, codec: Codec, build, ran
                disable=None if rank == 0 else True)
     start = time.perf_counter()
     batches = [(k, b) for k, job in enumerate(todo) for b in cut(job["records"])]
-    size = encoder.tokenizer.image_size
     parts: dict[int, list] = {}
     pending: deque[Future] = deque()
     left = {k: len(cut(job["records"])) for k, job in enumerate(todo)}
     with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as writer:
-        for (k, batch), item in zip(batches, decoded([b for _, b in batches], size, build.skip_bad_images,
-                                                     build.workers)):
+        stream = encoded([b for _, b in batches], encoder, build.skip_bad_images, build.workers)
+        for (k, batch), (batch_ids, kept, batch_skipped) in zip(batches, stream):
             ids, labels, keys, skipped = parts.setdefault(k, [[], [], [], []])
-            skipped += item["skipped"]
-            if item["images"] is not None:
-                ids.append(encoder(item["images"]).numpy())
-                labels += [batch[j].label for j in item["kept"]]
-                keys += [batch[j].key for j in item["kept"]]
+            skipped += batch_skipped
+            if batch_ids is not None:
+                ids.append(batch_ids)
+                labels += [batch[j].label for j in kept]
+                keys += [batch[j].key for j in kept]
             bar.update(len(batch))
             left[k] -= 1
             if left[k]:
