@@ -64,7 +64,9 @@ class ImageInputs:
         self.tokenize_device = torch.device("cpu")
         if ctx.model.input == "tokens":  # the run's one tokenizer: put where this evaluator wants it
             want = ctx.device if str(tokenize_device) == "auto" else torch.device("cpu")
-            self.encoder = ImageEncoder(ctx.tokenizer(), ctx.device, want)
+            tokenizer = ctx.tokenizer()  # needs the token dataset, whose build says the precision
+            built = ((ctx.info().meta.get("build") or {}).get("tokenizer") or {}).get("precision", "fp32")
+            self.encoder = ImageEncoder(tokenizer, ctx.device, want, precision=built)
             self.tokenize_device = self.encoder.encode_device
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
