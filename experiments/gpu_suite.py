@@ -38,7 +38,8 @@ and every stage that did not finish says why. ``--budget`` (default 480 s) inclu
    memory, ER, tokens and pixels (``continual_tiny20.py``'s protocol, 2 seeds). Runs still going at
    the end get SIGTERM (run.py saves last.ckpt) and are listed with the epochs they validated; a
    later suite run with the same ``--work`` resumes them and keeps the finished ones.
-   ``--curation``: also ``bench_curation.py --device cuda`` when that script offers it.
+   ``--curation``: before them, ``bench_curation.py --device cuda --points N --json`` (k-means,
+   SemDeDup and retrieval on the GPU; needs faiss, which the wheels above do not hold).
 
 What ``--data DIR`` holds (``--pack DIR`` copies it from this checkout: 43 MiB):
 
@@ -895,17 +896,27 @@ def stage_long(st: Stage, args, data: Data, kind: str) -> None:
 
 # --- optional: curation on the GPU (bench_curation.py, when it offers --device) -----------------
 def curation_hook(args, budget: float) -> dict:
+    """``bench_curation.py --device cuda --points N --json OUT`` (k-means, SemDeDup, retrieval k-NN on
+    the GPU; that script is another part of #20), in ``budget`` seconds. It imports faiss."""
     script = ROOT / "experiments" / "bench_curation.py"
     text = script.read_text() if script.is_file() else ""
     if "--device" not in text or "--json" not in text:
-        return {"status": "skipped", "reason": "experiments/bench_curation.py has no --device/--json yet"}
+        return {"stage": "curation", "status": "skipped", "reason": "experiments/bench_curation.py has no --device/--json"}
+    if budget < 20:
+        return {"stage": "curation", "status": "skipped", "reason": f"no time left ({budget:.0f} s)"}
     out = Path(args.out) / "stages" / "curation.json"
-    cmd = [sys.executable, str(script), "--device", "cuda", "--points", "1000000", "--json", str(out)]
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, str(script), "--device", "cuda", "--points", str(args.curation_points), "--json", str(out)]
+    t0 = time.monotonic()
     try:
-        subprocess.run(cmd, cwd=ROOT, timeout=budget, check=True, capture_output=True)
-        return {"status": "ok", **read_json(out)}
-    except (subprocess.SubprocessError, OSError) as exc:
-        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+        proc = subprocess.run(cmd, cwd=ROOT, timeout=budget, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"stage": "curation", "status": "skipped", "reason": f"killed at its time limit ({budget:.0f} s)"}
+    result = {"stage": "curation", "wall_s": round(time.monotonic() - t0, 1), "command": " ".join(cmd[1:])}
+    if proc.returncode or not out.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {**result, "status": "failed", "reason": f"exit code {proc.returncode}: {tail[0][:300]}"}
+    return {**result, "status": "ok", "reason": None, **read_json(out)}
 
 
 # --- orchestration ----------------------------------------------------------------------------
@@ -950,13 +961,14 @@ class Child:
         self.path, self.log = parts / f"{stage}.json", parts / f"{stage}.log"
         self.path.unlink(missing_ok=True)
         self.t0, self.proc = time.monotonic(), None
-        if budget >= (8 if args.smoke else 30):
+        if budget >= (8 if args.smoke else 15):
             cmd = [sys.executable, __file__, "--child", stage, "--child-budget", f"{budget:.1f}", *args.passthrough]
             with open(self.log, "w") as fh:
                 self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
     def result(self) -> dict:
         if self.proc is None:
+            print(f"[{self.stage}] skipped: {self.budget:.0f} s left", flush=True)
             return {"stage": self.stage, "status": "skipped", "reason": f"no time left ({self.budget:.0f} s)"}
         try:
             rc = self.proc.wait(max(0.0, self.t0 + self.budget + 10 - time.monotonic()))
@@ -1018,7 +1030,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenize-images", type=int, default=None, help="images tokenized on the GPU (4096; smoke 16)")
     p.add_argument("--cpu-tokenize-images", type=int, default=None, help="images tokenized on the CPU (8; smoke 4)")
     p.add_argument("--tokenadapt", default=None, help="a tokenadapt.safetensors: adds the ablation's TokenAdapt row")
-    p.add_argument("--curation", action="store_true", help="also time bench_curation.py --device cuda (if it offers it)")
+    p.add_argument("--curation", action="store_true",
+                   help="also time bench_curation.py --device cuda before the long schedules (needs faiss)")
+    p.add_argument("--curation-points", type=int, default=1_000_000, help="synthetic embeddings for --curation")
     p.add_argument("--pack", default=None, metavar="DIR", help="copy what --data needs into DIR and exit")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-budget", type=float, default=None, help=argparse.SUPPRESS)
@@ -1026,6 +1040,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.pack:
         pack(Path(args.pack))
         return
+    if args.data:
+        args.data = str(Path(args.data).resolve())  # the children run from the repo root
     args.out = str(Path(args.out or ROOT / "logs" / ("gpu_suite_smoke" if args.smoke else "gpu_suite")).resolve())
     args.budget = args.budget or (150.0 if args.smoke else 480.0)
     args.jobs = args.jobs or (1 if args.smoke else 2)
@@ -1042,6 +1058,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "stages").mkdir(parents=True, exist_ok=True)
     args.passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
     args.passthrough += ["--out", args.out, "--work", args.work, "--jobs", str(args.jobs),
+                         *(["--data", args.data] if args.data else []),
                          "--tokenize-images", str(args.tokenize_images),
                          "--cpu-tokenize-images", str(args.cpu_tokenize_images)]
     env = environment(args)
@@ -1065,14 +1082,15 @@ def main(argv: list[str] | None = None) -> None:
             left = deadline - time.monotonic()
             results[stage] = Child(stage, args, min(left, SMOKE_SECONDS[stage] if args.smoke else
                                                     SHARES[stage] * args.budget)).result()
+    if args.curation:
+        results["curation"] = curation_hook(args, min(deadline - time.monotonic(), 0.1 * args.budget))
+        print(f"[curation] {results['curation']['status']}: {results['curation'].get('reason')}", flush=True)
     # The long schedules run side by side in all the time left (--jobs runs each): small models that
     # leave the GPU mostly idle, so three stages at once finish more runs than three in a row.
     children = [Child(stage, args, deadline - time.monotonic()) for stage in STAGES
                 if stage.startswith("long_") and stage in chosen]
     for child in children:
         results[child.stage] = child.result()
-    if args.curation:
-        results["curation"] = curation_hook(args, max(0.0, deadline - time.monotonic()))
     report = {"suite": "experiments/gpu_suite.py", **env, "wall_s": round(time.monotonic() - start, 1),
               "stages": results, "skipped": skipped_lines(results)}
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
@@ -1103,8 +1121,9 @@ def markdown(rep: dict) -> str:
              f"timm {rep.get('timm')}, {rep['cpus']} CPU cores; wall {rep['wall_s']:.0f} s of a {rep['budget_s']:.0f} s "
              f"budget{' (--smoke: toy sizes, not results)' if rep['smoke'] else ''}.", ""]
     t = st.get("throughput", {})
-    lines += [f"**1. Train throughput** (batch {t.get('batch')}, {t.get('precision')}, torch.compile "
-              f"{t.get('compile_backend')}; FLOPs of forward + backward by FlopCounterMode; MFU against "
+    setup = (f"batch {t.get('batch')}, {t.get('precision')}, torch.compile {t.get('compile_backend')}; "
+             if t.get("batch") else "")
+    lines += [f"**1. Train throughput** ({setup}FLOPs of forward + backward by FlopCounterMode; MFU against "
               f"{fmt(t.get('peak_bf16_tflops'))} TFLOP/s dense bf16)", "",
               "| model | input | img/s | step ms | GFLOP/img | TFLOP/s | MFU | peak GiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key, r in (t.get("rows") or {}).items():
@@ -1168,7 +1187,14 @@ def markdown(rep: dict) -> str:
             lines.append(f"| {run['run']} | {fmt(run.get('epochs_done'))} / {run['epochs_planned']} | {fmt(acc, '.1f')} | "
                          f"{cl} | {run['state']} |")
     if "curation" in st:
-        lines += ["", f"**Curation on the GPU** (bench_curation.py): {json.dumps(st['curation'])[:400]}"]
+        c = st["curation"]
+        lines += ["", "**Curation on the GPU** (experiments/bench_curation.py)", ""]
+        if c.get("status") == "ok":
+            lines += [f"`{c.get('command')}`: {c.get('points'):,} points, d={c.get('dim')}, k={c.get('k')}", "",
+                      "| k-means s | SemDeDup s | retrieval k-NN s |", "|---:|---:|---:|",
+                      f"| {fmt(c.get('kmeans_s'))} | {fmt(c.get('semdedup_s'))} | {fmt(c.get('retrieval_knn_s'))} |"]
+        else:
+            lines.append(f"{c.get('status')}: {c.get('reason')}")
     if rep["skipped"]:
         lines += ["", "Skipped or cut short:", "", *[f"- {s}" for s in rep["skipped"]]]
     return "\n".join(lines) + "\n"
