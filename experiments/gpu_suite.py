@@ -1179,7 +1179,8 @@ def markdown(rep: dict) -> str:
         if not runs or isinstance(runs[0], dict) and "epochs_planned" not in runs[0]:
             lines.append(f"{r.get('status')}: {r.get('reason')}")
             continue
-        lines += ["| run | epochs done / planned | top-1 (val) | avg incr. / final | state |", "|---|---:|---:|---:|---|"]
+        lines += ["| run | epochs validated / planned | val top-1 (mtm: masked-token acc.) | avg incr. / final acc. | state |",
+                  "|---|---:|---:|---:|---|"]
         for run in runs:
             acc = run.get("val/acc1", run.get("val/mtm_acc"))
             cl = (f"{run['average_incremental_accuracy']:.1f} / {run['final_accuracy']:.1f}"
