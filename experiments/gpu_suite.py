@@ -24,7 +24,8 @@ and every stage that did not finish says why. ``--budget`` (default 480 s) inclu
 2. ``tokenize``: ``seit.pipelines.tokenize.tokenize`` with a VQGAN-f16-sized encoder (taming's
    ImageNet f16 layout, random weights saved as a bare state dict) on ``--tokenize-images``
    tiny-imagenet-20 JPEGs (resized to 256 px) on the GPU, after a warm-up build, against the CPU
-   path on 1 + ``--cpu-tokenize-images`` images (about 3 s per image per core). End to end
+   path on 1 + ``--cpu-tokenize-images`` images in one worker, i.e. one core (about 3 s per image;
+   all cores estimated as that x cores). End to end
    (decode, encode, codec, shards), and per image: the difference of a small and a big build,
    which leaves out the fixed costs (checkpoint conversion, codec fit) that dominate a few images.
 3. ``loader``: samples/s of the token loader (``TokenDataModule``, 2 workers, batch 256, host to
@@ -593,7 +594,10 @@ def stage_tokenize(st: Stage, args, data: Data, work: Path) -> None:
         plan.append(("gpu", "cuda", min(64, args.tokenize_images // 2), args.tokenize_images, cpus))
     else:
         st.data["rows"]["gpu"] = {"status": "skipped", "reason": "no CUDA device"}
-    plan.append(("cpu", "cpu", 1, 1 + args.cpu_tokenize_images, min(2, cpus)))
+    # The CPU path with one worker: it decodes and encodes with one thread (the pipeline's CPU mode,
+    # one encoding worker per core), so the rate is per core; all cores are estimated as rate x cores
+    # (a few images make one ENCODE_BATCH, which only one worker would encode anyway).
+    plan.append(("cpu", "cpu", 1, 1 + args.cpu_tokenize_images, 1))
     for key, device, small, big, workers in plan:
         if st.left() < (5 if args.smoke else 20):
             st.data["rows"][key] = {"status": "skipped", "reason": f"no time left in the stage ({st.left():.0f} s)"}
@@ -602,7 +606,7 @@ def stage_tokenize(st: Stage, args, data: Data, work: Path) -> None:
             if device == "cuda":  # warm-up build on other images: CUDA context, cuDNN autotuning
                 warm = image_subset(source, work / f"tok_src_warm{small}", small, offset=big)
                 timed_tokenize(tokenize_config(ckpt, warm, work / "tok_warm", device, workers, extra, small))
-            threads = torch.get_num_threads()
+            threads = 1 if device == "cpu" and workers > 0 else torch.get_num_threads()  # workers run 1 thread
             t_small = timed_tokenize(tokenize_config(ckpt, image_subset(source, work / f"tok_src_{small}", small),
                                                      work / f"tok_{key}_small", device, workers, extra, small))
             if st.left() < (3 if args.smoke else 10):
@@ -615,6 +619,8 @@ def stage_tokenize(st: Stage, args, data: Data, work: Path) -> None:
                 "wall_s": round(t_big, 2), "img_per_s": round(big / t_big, 2), "small_images": small,
                 "small_wall_s": round(t_small, 2), "img_per_s_marginal": round(marginal, 2) if marginal else None,
                 "fixed_s": round(t_small - small / marginal, 2) if marginal else None}
+            if device == "cpu" and marginal:
+                st.data["rows"][key]["all_cores_img_per_s_estimate"] = round(marginal * cpus, 2)
         except Exception as exc:
             st.data["rows"][key] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:400]}
         st.save()
@@ -622,6 +628,9 @@ def stage_tokenize(st: Stage, args, data: Data, work: Path) -> None:
     for rate in ("img_per_s_marginal", "img_per_s"):
         if rows.get("gpu", {}).get(rate) and rows.get("cpu", {}).get(rate):
             st.data["gpu_over_cpu" + rate[len("img_per_s"):]] = round(rows["gpu"][rate] / rows["cpu"][rate], 1)
+    if rows.get("gpu", {}).get("img_per_s_marginal") and rows.get("cpu", {}).get("all_cores_img_per_s_estimate"):
+        st.data["gpu_over_all_cores_estimate"] = round(rows["gpu"]["img_per_s_marginal"] /
+                                                       rows["cpu"]["all_cores_img_per_s_estimate"], 1)
     ok = [r for r in rows.values() if r.get("status") == "ok"]
     st.set(status="ok" if len(ok) == len(rows) else ("partial" if ok else "skipped"),
            reason=None if len(ok) == len(rows) else "; ".join(f"{k}: {r.get('reason')}" for k, r in rows.items()
@@ -1143,7 +1152,7 @@ def markdown(rep: dict) -> str:
     lines += ["", f"**2. Tokenize** ({k.get('encoder')}; {k.get('source')}; {k.get('codec')}; "
               "seit.pipelines.tokenize end to end: decode, encode, codec, shards; per image = the difference of a "
               "small and a big build, without the fixed costs)", "",
-              "| path | images | decode workers | torch threads | wall s | img/s end to end | fixed s | img/s per image |",
+              "| path | images | decode workers | encoder threads | wall s | img/s end to end | fixed s | img/s per image |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in (k.get("rows") or {}).items():
         if r.get("status") == "ok":
@@ -1151,9 +1160,15 @@ def markdown(rep: dict) -> str:
                          f"{r['img_per_s']:,.2f} | {fmt(r.get('fixed_s'), '.1f')} | {fmt(r.get('img_per_s_marginal'), ',.2f')} |")
         else:
             lines.append(f"| {key} | {r.get('status')}: {r.get('reason')} | | | | | | |")
+    cpu = (k.get("rows") or {}).get("cpu", {})
+    if cpu.get("all_cores_img_per_s_estimate"):
+        lines.append(f"\nThe CPU row is one core (one worker decodes and encodes, one thread); all "
+                     f"{rep['cpus']} cores would give about {cpu['all_cores_img_per_s_estimate']:,.1f} img/s "
+                     "(x cores, an estimate).")
     if k.get("gpu_over_cpu_marginal") or k.get("gpu_over_cpu"):
-        lines.append(f"\nGPU over CPU: **x{fmt(k.get('gpu_over_cpu_marginal'))}** per image, "
-                     f"x{fmt(k.get('gpu_over_cpu'))} end to end.")
+        lines.append(f"\nGPU over one CPU core: **x{fmt(k.get('gpu_over_cpu_marginal'))}** per image, "
+                     f"x{fmt(k.get('gpu_over_cpu'))} end to end; over all cores (estimate): "
+                     f"x{fmt(k.get('gpu_over_all_cores_estimate'))}.")
     if k.get("status") not in ("ok", "partial"):
         lines.append(f"\n{k.get('status')}: {k.get('reason')}")
     ld = st.get("loader", {})
