@@ -36,3 +36,21 @@ def test_ranks_without_a_shared_id_are_refused(tmp_path, monkeypatch):
         run_dir(str(tmp_path), None)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     assert run_dir(str(tmp_path), None) == f"{tmp_path}/torchrun-abc"
+
+
+def test_slurm_layout_follows_the_trainer():
+    from omegaconf import OmegaConf
+
+    from seit.utils.config import slurm_layout
+
+    def layout(**trainer):
+        t = OmegaConf.create({"accelerator": "auto", "devices": 1, **trainer})
+        return tuple(slurm_layout(w, t) for w in ("nodes", "tasks_per_node", "gpus_per_node"))
+
+    assert layout() == (1, 1, None)  # the default trainer: one task, no GPU asked for
+    assert layout(accelerator="gpu", devices=1) == (1, 1, 1)
+    assert layout(strategy="ddp", accelerator="cpu", devices=2, num_nodes=1) == (1, 2, None)
+    assert layout(strategy="ddp", accelerator="gpu", devices=8, num_nodes=2) == (2, 8, 8)
+    assert layout(strategy="ddp_find_unused_parameters_true", accelerator="gpu", devices=[0, 1]) == (1, 2, 2)
+    with pytest.raises(ValueError, match="trainer.devices=auto: a SLURM job runs one task per device"):
+        layout(strategy="ddp", devices="auto")

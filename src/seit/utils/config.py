@@ -80,7 +80,38 @@ def vq_downsample(ch_mult) -> int:
     return 2 ** (len(ch_mult) - 1)
 
 
-RESOLVERS = {"vq_downsample": vq_downsample, "wandb_mode": wandb_mode, "run_dir": run_dir, "new_dir": new_dir,
+def slurm_layout(what: str, trainer) -> int | None:
+    """A SLURM launcher's ``nodes``, ``tasks_per_node`` or ``gpus_per_node`` for a trainer config.
+
+    A distributed trainer (a ``ddp`` strategy) runs ``devices`` tasks on each of ``num_nodes``
+    nodes, one per device, as Lightning's SLURM environment expects; any other trainer is one task
+    on one node. GPUs are asked for only when ``accelerator`` is ``gpu``/``cuda``, one per task (else
+    None: the batch script then names no GPUs at all, which every partition accepts).
+    Raises ValueError (naming the key) when the tasks cannot be counted (``devices=auto`` or -1).
+    """
+    distributed = "ddp" in str(trainer.get("strategy") or "")
+    if what == "nodes":
+        return int(trainer.get("num_nodes") or 1) if distributed else 1
+    devices = trainer.get("devices", 1)
+    if not distributed:
+        tasks = 1
+    elif isinstance(devices, int) and devices > 0:
+        tasks = devices
+    elif isinstance(devices, str) and devices.isdigit() and int(devices) > 0:
+        tasks = int(devices)
+    elif OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        tasks = len(devices)
+    else:
+        raise ValueError(f"trainer.devices={devices}: a SLURM job runs one task per device and needs their number; "
+                         "set trainer.devices=N")
+    if what == "tasks_per_node":
+        return tasks
+    if what == "gpus_per_node":
+        return tasks if str(trainer.get("accelerator")) in ("gpu", "cuda") else None
+    raise ValueError(f"slurm_layout: unknown field {what!r}")
+
+
+RESOLVERS = {"vq_downsample": vq_downsample, "slurm_layout": slurm_layout, "wandb_mode": wandb_mode, "run_dir": run_dir, "new_dir": new_dir,
              "multirun_group": multirun_group, "join": join}
 CACHED = ("run_dir", "new_dir")  # resolved once per config: a second look must not make another dir
 
