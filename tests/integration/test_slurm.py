@@ -8,11 +8,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import make_image_folder
-from run_helpers import run, synthetic
+from conftest import REPO, make_image_folder
+from run_helpers import THREADS, run, synthetic
 from slurm_cluster import Unavailable, start_cluster
 
 pytestmark = pytest.mark.integration
@@ -65,3 +70,85 @@ def test_the_readme_sweep_runs_as_written_on_the_default_trainer(slurm, tmp_path
     scripts = [p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_submission.sh")]
     assert scripts and all("--ntasks-per-node=1" in s and "--nodes=1" in s and "gpus" not in s for s in scripts)
     assert all(f"--partition={slurm.partition}" in s for s in scripts)
+
+
+def test_two_task_ddp_under_srun_counts_every_val_sample_once(slurm, tmp_path):
+    """trainer=ddp with 2 CPU devices: one job of 2 srun tasks on the node; rank 0 alone writes the outputs."""
+    images = make_image_folder(tmp_path / "images", classes=3, train=12, val=4)  # val: 12 samples in shards of 10 + 2
+    run("-m", *synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "hydra/launcher=submitit_slurm", "local=slurm",
+        _local_slurm(tmp_path, slurm), f"hydra.sweep.dir={tmp_path}/sweep", "trainer=ddp", "trainer.accelerator=cpu",
+        "trainer.devices=2", "trainer.limit_val_batches=null", "seed=0")
+    summaries = list((tmp_path / "sweep").rglob("summary.json"))
+    assert len(summaries) == 1  # rank 0 only
+    summary = json.loads(summaries[0].read_text())
+    assert summary["world_size"] == 2 and summary["metrics"]["val/samples"] == 12
+    assert summary["samples_seen_per_rank"][0] == summary["samples_seen_per_rank"][1]
+    run_dir = summaries[0].parent
+    assert len(list(run_dir.rglob("last.ckpt"))) == 1 and len(list(run_dir.rglob("metrics.csv"))) == 1
+    script = next((tmp_path / "sweep" / ".submitit").rglob("*_submission.sh")).read_text()
+    assert "--ntasks-per-node=2" in script and "gpus" not in script
+    logs = sorted((tmp_path / "sweep" / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 2  # one per srun task
+
+
+def _final_lr(run_dir: Path) -> tuple[int, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/lr/pg1")]
+    return int(rows[-1]["step"]), float(rows[-1]["train/lr/pg1"])
+
+
+def _job_ids(cluster) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, env={**os.environ, **cluster.env()})
+    return out.stdout.split()
+
+
+def _start_requeued_now(cluster, job: str, timeout_s: float = 120) -> None:
+    """SLURM holds a requeued batch job back for about two minutes (its begin time); start it at once."""
+    env = {**os.environ, **cluster.env()}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env).stdout
+        if state.strip() == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=env)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"job {job} was not requeued within {timeout_s:.0f}s")
+
+
+def test_usr2_mid_epoch_requeues_once_and_the_job_ends_where_an_uninterrupted_run_does(slurm, tmp_path):
+    images = make_image_folder(tmp_path / "images", classes=3, train=12, val=4)
+    common = [*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "trainer.max_epochs=20",
+              "trainer.limit_train_batches=null", "data.batch_size=4", "scheduler.warmup_epochs=2",
+              "callbacks.last_checkpoint.every_n_train_steps=3"]
+    total = 20 * 9
+    run(*common, f"hydra.run.dir={tmp_path}/ref")
+
+    env = {**THREADS, **os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen([sys.executable, "run.py", "-m", *common, "hydra/launcher=submitit_slurm", "local=slurm",
+                                 _local_slurm(tmp_path, slurm), f"hydra.sweep.dir={tmp_path}/sweep"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "sweep" / "0" / "checkpoints" / "last.ckpt"
+    deadline, step = time.monotonic() + 300, 0
+    while step < 6 and time.monotonic() < deadline and launcher.poll() is None:
+        if last.is_file():
+            step = torch.load(last, weights_only=True)["global_step"]
+        time.sleep(0.05)
+    jobs = _job_ids(slurm)
+    assert len(jobs) == 1, jobs
+    subprocess.run(["scancel", "--signal=USR2", jobs[0]], check=True, env={**os.environ, **slurm.env()})
+    _start_requeued_now(slurm, jobs[0])
+    out, _ = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, out[-3000:]
+    signalled_at = torch.load(last, weights_only=True)["global_step"]
+    assert 6 <= step < total
+    summary = json.loads((tmp_path / "sweep" / "0" / "summary.json").read_text())
+    assert summary["global_step"] == total
+    ref_step, ref_lr = _final_lr(tmp_path / "ref")
+    got_step, got_lr = _final_lr(tmp_path / "sweep" / "0")
+    assert got_step == ref_step and got_lr == pytest.approx(ref_lr, rel=1e-6)
+    ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert abs(summary["val/acc1"] - ref["val/acc1"]) <= 0.2  # measured 1.0 and 1.0
+    show = subprocess.run(["scontrol", "show", "job", jobs[0]], capture_output=True, text=True,
+                          env={**os.environ, **slurm.env()}).stdout
+    assert "Restarts=1" in show, show  # one signal, one requeue (submitit's), not two
+    assert signalled_at == total
