@@ -152,3 +152,8 @@ def test_usr2_mid_epoch_requeues_once_and_the_job_ends_where_an_uninterrupted_ru
                           env={**os.environ, **slurm.env()}).stdout
     assert "Restarts=1" in show, show  # one signal, one requeue (submitit's), not two
     assert signalled_at == total
+    first, second = summary["segments"]  # the summary's times add up over the requeue
+    assert (first["slurm_job_id"], first["slurm_restart"]) == (jobs[0], 0) and second["slurm_restart"] == 1
+    assert first["steps"][1] >= 6 and second["steps"] == [first["steps"][1], total]  # resumed where it stopped
+    assert summary["wall_s"] == pytest.approx(first["wall_s"] + second["wall_s"], abs=2e-3)
+    assert first["wall_s"] > 0 and summary["launch_wall_s"] == second["wall_s"]

@@ -147,6 +147,10 @@ def test_resume_continues_the_budget_the_curve_and_the_cosine(tmp_path):
     # each LR reads the clock of one step before (within a step: 0.03 of the cosine here)
     assert model.lrs[0] == pytest.approx(cosine_factor(state["train_s"] / 0.6, 0.0), abs=0.1)
     assert all(b <= a for a, b in zip(model.lrs, model.lrs[1:])) and model.lrs[-1] < 0.05
+    # the launches are listed: the first as its checkpoint saw it, then this one, steps joined end to start
+    (seg1,), (a, b) = state["segments"], resumed.segments()
+    assert a == seg1 and a["steps"] == [0, 15] and b["steps"] == [15, trainer.global_step]
+    assert 0 < a["train_s"] <= a["wall_s"] and 0 < b["train_s"] <= b["wall_s"]
 
 
 def test_cosine_over_the_budget():

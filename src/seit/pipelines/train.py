@@ -144,13 +144,16 @@ def train(cfg: DictConfig) -> dict:
     wall = time.perf_counter() - start
     train_s = budget.launch_train_seconds
     samples_per_rank = gather(budget.launch_samples)
+    segments = budget.segments(wall)
 
     metrics = {k: to_float(v) for k, v in trainer.callback_metrics.items()}
     ckpt = trainer.checkpoint_callback
     summary = {
         "task": cfg.task.name,
         "metrics": {k: v for k, v in sorted(metrics.items()) if v is not None},
-        "wall_s": round(wall, 3),
+        "wall_s": round(sum(seg["wall_s"] for seg in segments), 3),  # every launch of the run (requeues too)
+        "launch_wall_s": round(wall, 3),
+        "segments": segments,
         "train_s": round(train_s, 3),  # this launch's training: validation and checkpoint writes excluded
         "world_size": trainer.world_size,
         "samples_seen": sum(samples_per_rank),

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytorch_lightning as pl
 import torch
@@ -112,6 +113,11 @@ class TrainingBudget(Timer):
         self._next_validation_s = self.val_every_s
         self._held_val_check_batch = None
         self._point: dict = {}  # the curve point of the validation under way
+        # the run's launches (a requeued SLURM job, a resumed run): earlier ones from the checkpoint
+        self._segments: list[dict] = []
+        self._launch_began = time.monotonic()
+        self._launch_began_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._launch_steps = [0, 0]  # global step at this launch's first and latest training batch
 
     # -- the clock -------------------------------------------------------------------------
     def _saved_seconds(self) -> float:
@@ -189,6 +195,7 @@ class TrainingBudget(Timer):
             raise ValueError("callbacks.budget.val_every cannot be combined with a time-based "
                              "trainer.val_check_interval: give one of the two")
         self._define_wandb_axis(trainer)
+        self._launch_steps = [trainer.global_step, trainer.global_step]
         self._enter("train")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -196,6 +203,7 @@ class TrainingBudget(Timer):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.launch_samples += extract_batch_size(batch)
+        self._launch_steps[1] = trainer.global_step
         if self.max_time_s is None and self.val_every_s is None:
             return  # nothing to decide: no per-step broadcast
         self._agreed_train_s = float(trainer.strategy.broadcast(self.train_seconds, src=0))
@@ -300,10 +308,22 @@ class TrainingBudget(Timer):
                 "checkpoint_s": round(self.checkpoint_seconds, 3), "val_every_s": self.val_every_s,
                 "stopped_by_budget": self.stopped_by_budget}
 
+    def segments(self, wall_s: float | None = None) -> list[dict]:
+        """The run's launches, earlier ones first: when each began (UTC), its wall seconds (up to its last
+        checkpoint for an interrupted one; ``wall_s`` for this one, else until now), its training
+        seconds, the global steps it went from and to, and its SLURM job id and restart count."""
+        wall = time.monotonic() - self._launch_began if wall_s is None else wall_s
+        this = {"began_at": self._launch_began_at, "wall_s": round(wall, 3),
+                "train_s": round(self.launch_train_seconds, 3), "steps": list(self._launch_steps)}
+        if "SLURM_JOB_ID" in os.environ:
+            this.update(slurm_job_id=os.environ["SLURM_JOB_ID"],
+                        slurm_restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+        return [*self._segments, this]
+
     def state_dict(self) -> dict:
         return {"train_s": self.train_seconds, "validation_s": self.validation_seconds,
                 "checkpoint_s": self.checkpoint_seconds, "samples_seen": self.samples_seen,
-                "curve": [dict(p) for p in self.curve]}
+                "curve": [dict(p) for p in self.curve], "segments": self.segments()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = {"train": float(state_dict["train_s"]), "validation": float(state_dict["validation_s"]),
@@ -311,6 +331,7 @@ class TrainingBudget(Timer):
         self._launch = dict.fromkeys(PHASES, 0.0)
         self.launch_samples = 0
         self.curve = [dict(p) for p in state_dict["curve"]]
+        self._segments = [dict(s) for s in state_dict.get("segments", [])]  # none in older checkpoints
         if self.val_every_s is not None:  # this launch's val_every, from where the clock stands
             self._next_validation_s = (math.floor(self._restored["train"] / self.val_every_s) + 1) * self.val_every_s
         self._agreed_train_s = self._restored["train"]
