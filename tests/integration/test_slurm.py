@@ -157,3 +157,56 @@ def test_usr2_mid_epoch_requeues_once_and_the_job_ends_where_an_uninterrupted_ru
     assert first["steps"][1] >= 6 and second["steps"] == [first["steps"][1], total]  # resumed where it stopped
     assert summary["wall_s"] == pytest.approx(first["wall_s"] + second["wall_s"], abs=2e-3)
     assert first["wall_s"] > 0 and summary["launch_wall_s"] == second["wall_s"]
+
+
+def test_a_job_reaching_its_time_limit_is_requeued_and_finishes(slurm, tmp_path):
+    """--time=1 with the USR2 warning 40 s before it: submitit requeues the job each time, and the
+    run goes on from last.ckpt until it is done; the summary lists every launch."""
+    images = make_image_folder(tmp_path / "images", classes=3, train=12, val=4)
+    total = 150 * 9  # well over a minute of training on one CPU
+    env = {**THREADS, **os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "run.py", "-m", *synthetic(tmp_path, images), f"data.root={tmp_path}/ds",
+         "trainer.max_epochs=150", "trainer.limit_train_batches=null", "data.batch_size=4",
+         "callbacks.last_checkpoint.every_n_train_steps=20", "hydra/launcher=submitit_slurm", "local=slurm",
+         _local_slurm(tmp_path, slurm), "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=40",
+         f"hydra.sweep.dir={tmp_path}/sweep"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    deadline, requeues = time.monotonic() + 600, 0
+    while launcher.poll() is None and time.monotonic() < deadline:
+        jobs = _job_ids(slurm)
+        if jobs and _pending_after_a_run(slurm, jobs[0]):
+            subprocess.run(["scontrol", "update", f"JobId={jobs[0]}", "StartTime=now"], env={**os.environ, **slurm.env()})
+            requeues += 1
+        time.sleep(0.5)
+    out, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode == 0, out[-3000:]
+    summary = json.loads((tmp_path / "sweep" / "0" / "summary.json").read_text())
+    assert summary["global_step"] == total
+    segments = summary["segments"]
+    assert len(segments) >= 2 and requeues >= 1
+    assert [s["slurm_restart"] for s in segments] == list(range(len(segments)))
+    assert all(a["steps"][1] == b["steps"][0] for a, b in zip(segments, segments[1:]))  # each goes on from the last
+    assert all(s["wall_s"] < 75 for s in segments[:-1])  # each launch ended at its 1-minute limit
+
+
+def _pending_after_a_run(cluster, job: str) -> bool:
+    """The job is pending again after it ran (requeued), held back by SLURM's begin time."""
+    env = {**os.environ, **cluster.env()}
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True, env=env).stdout
+    return out.startswith("PENDING") and "BeginTime" in out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hydra.launcher.partition=nosuch", "hydra.launcher.partition=nosuch: the cluster has no such partition (it has: cpu)"),
+    ("trainer.accelerator=gpu", "hydra.launcher.gpus_per_node=1: partition cpu has no GPUs"),
+    ("hydra.launcher.cpus_per_task=64", "asks for 64 CPUs per node, but the nodes of partition cpu have"),
+])
+def test_a_misconfigured_launcher_is_refused_by_key_before_submitting(slurm, tmp_path, override, message):
+    images = make_image_folder(tmp_path / "images")
+    proc = run("-m", *synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "hydra/launcher=submitit_slurm",
+               "local=slurm", _local_slurm(tmp_path, slurm), f"hydra.sweep.dir={tmp_path}/sweep", override, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]  # the error line (Hydra's own warnings may come before it)
+    assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
+    assert not _job_ids(slurm) and not list((tmp_path / "sweep").glob("*/summary.json"))
