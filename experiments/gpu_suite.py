@@ -639,7 +639,6 @@ def stage_tokenize(st: Stage, args, data: Data, work: Path) -> None:
 
 # --- 3. loader --------------------------------------------------------------------------------
 def loader_rate(root: Path, batch: int, workers: int, device, window_s: float) -> dict:
-    import torch
     from omegaconf import OmegaConf
 
     from seit.data.datamodule import TokenDataModule
@@ -1124,6 +1123,12 @@ def fmt(v, spec: str = "", none: str = "-") -> str:
     return format(v, spec) if spec else str(v)
 
 
+def reason_row(labels: list, row: dict, columns: int) -> str:
+    """A table row for what was not measured: its labels, then its status and reason, the rest empty."""
+    cells = [str(x) for x in labels] + [f"{row.get('status')}: {row.get('reason')}"]
+    return "| " + " | ".join(cells + [""] * (columns - len(cells))) + " |"
+
+
 def markdown(rep: dict) -> str:
     st = rep["stages"]
     lines = [f"GPU suite: **{rep.get('device')}**, {rep['date']}, torch {rep.get('torch')} (CUDA {rep.get('cuda')}), "
@@ -1143,7 +1148,7 @@ def markdown(rep: dict) -> str:
             lines.append(f"| {r['model']} | {r['feed']} | {r['img_per_s']:,.0f} | {r['step_ms']:.1f} | {fmt(gf)} | "
                          f"{fmt(r.get('achieved_tflops'), '.3g')} | {mfu} | {fmt(r.get('peak_mem_gib'))} |")
         else:
-            lines.append(f"| {r.get('model', key)} | {key} | {r.get('status')}: {r.get('reason')} | | | | | |")
+            lines.append(reason_row([r.get('model', key), key], r, 8))
     if t.get("status") not in ("ok", "partial"):
         lines.append(f"\n{t.get('status')}: {t.get('reason')}")
     if t.get("token_over_pixel"):
@@ -1159,7 +1164,7 @@ def markdown(rep: dict) -> str:
             lines.append(f"| {key} | {r['images']} | {r['decode_workers']} | {r['torch_threads']} | {r['wall_s']:.1f} | "
                          f"{r['img_per_s']:,.2f} | {fmt(r.get('fixed_s'), '.1f')} | {fmt(r.get('img_per_s_marginal'), ',.2f')} |")
         else:
-            lines.append(f"| {key} | {r.get('status')}: {r.get('reason')} | | | | | | |")
+            lines.append(reason_row([key], r, 8))
     cpu = (k.get("rows") or {}).get("cpu", {})
     if cpu.get("all_cores_img_per_s_estimate"):
         lines.append(f"\nThe CPU row is one core (one worker decodes and encodes, one thread); all "
@@ -1181,7 +1186,7 @@ def markdown(rep: dict) -> str:
             lines.append(f"| {name} | {r['grid']}{note} | {r['codec']} | {r['samples_per_s']:,.0f} | {fmt(r.get('headroom'))} | "
                          f"{fmt({True: 'yes', False: '**no**'}.get(r.get('keeps_up')))} |")
         else:
-            lines.append(f"| {name} | {r.get('status')}: {r.get('reason')} | | | | |")
+            lines.append(reason_row([name], r, 6))
     if ld.get("status") not in ("ok", "partial"):
         lines.append(f"\n{ld.get('status')}: {ld.get('reason')}")
     titles = {"long_mtm": "4a. MTM pre-train 200 + fine-tune 50 against scratch 250 (mtm_tiny20.py rows)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -16,11 +17,16 @@ from conftest import REPO
 THREADS = {"OMP_NUM_THREADS": "1"}
 
 
+def env(**overrides: str | None) -> dict[str, str]:
+    """The environment run.py gets in the tests; an override of None removes that variable."""
+    out = {**THREADS, **os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **overrides}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def run(*overrides: str, check: bool = True, **env_overrides: str | None) -> subprocess.CompletedProcess:
     """run.py in a subprocess; an env override of None removes that variable."""
-    env = {**THREADS, **os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **env_overrides}
-    env = {k: v for k, v in env.items() if v is not None}
-    proc = subprocess.run([sys.executable, "run.py", *overrides], cwd=REPO, env=env, capture_output=True,
+    env_ = env(**env_overrides)
+    proc = subprocess.run([sys.executable, "run.py", *overrides], cwd=REPO, env=env_, capture_output=True,
                           text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py {' '.join(overrides)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -39,8 +45,23 @@ def synthetic(tmp: Path, images: Path, **tok) -> list[str]:
             "data.build.chunk_size=4", "debug=fast", "aug.crop=6", *[f"tokenizer.{k}={v}" for k, v in t.items()]]
 
 
-def start(*overrides: str) -> subprocess.Popen:
-    """run.py in the background (for tests that interrupt it)."""
-    env = {**THREADS, **os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "run.py", *overrides], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(*overrides: str, output: bool = False) -> subprocess.Popen:
+    """run.py in the background (for tests that interrupt it); ``output``: stdout and stderr piped, as text."""
+    pipe = subprocess.PIPE if output else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "run.py", *overrides], cwd=REPO, env=env(), stdout=pipe,
+                            stderr=subprocess.STDOUT if output else subprocess.DEVNULL, text=output)
+
+
+def resumable(tmp: Path, images: Path, epochs: int) -> list[str]:
+    """A synthetic run of ``epochs`` x 9 steps (36 train images, batch 4) that checkpoints every 3 steps:
+    long enough to interrupt mid-way, with a warm-up then cosine LR to compare after a resume."""
+    return [*synthetic(tmp, images), f"data.root={tmp}/ds", f"trainer.max_epochs={epochs}",
+            "trainer.limit_train_batches=null", "data.batch_size=4", "scheduler.warmup_epochs=2",
+            "callbacks.last_checkpoint.every_n_train_steps=3"]
+
+
+def final_lr(run_dir: Path) -> tuple[int, float]:
+    """The step and LR of the last logged training row of a run's csv/metrics.csv."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/lr/pg1")]
+    return int(rows[-1]["step"]), float(rows[-1]["train/lr/pg1"])

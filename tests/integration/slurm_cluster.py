@@ -35,9 +35,13 @@ class Cluster:
     def env(self) -> dict[str, str]:
         return {"SLURM_CONF": str(self.conf)}
 
+    def cmd(self, *args: str, check: bool = False) -> str:
+        """A SLURM command (squeue, scancel, scontrol ...) against this cluster; its stdout."""
+        return subprocess.run(args, capture_output=True, text=True, timeout=60, check=check,
+                              env={**os.environ, **self.env()}).stdout
+
     def stop(self) -> None:
-        subprocess.run(["scancel", "--full", "--user", "root"], env={**os.environ, **self.env()}, capture_output=True,
-                       timeout=30)
+        self.cmd("scancel", "--full", "--user", "root")
         for pid in self.pids:
             try:
                 os.kill(pid, signal.SIGTERM)

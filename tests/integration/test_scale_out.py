@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from conftest import make_image_folder
-from run_helpers import run, start, synthetic
+from run_helpers import final_lr, resumable, run, start, synthetic
 
 pytestmark = pytest.mark.integration
 
@@ -52,17 +51,9 @@ def test_optuna_sweep_returns_the_metric(tmp_path):
     assert set(result["best_params"]) == {"optim.lr", "optim.weight_decay"}
 
 
-def _final_lr(run_dir: Path) -> tuple[int, float]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("train/lr/pg1")]
-    return int(rows[-1]["step"]), float(rows[-1]["train/lr/pg1"])
-
-
 def test_kill_then_resume_continues_step_and_schedule(tmp_path):
     images = make_image_folder(tmp_path / "images", classes=3, train=12, val=4)
-    common = [*synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "trainer.max_epochs=30",
-              "trainer.limit_train_batches=null", "data.batch_size=4", "scheduler.warmup_epochs=2",
-              "callbacks.last_checkpoint.every_n_train_steps=3"]
+    common = resumable(tmp_path, images, epochs=30)
     total = 30 * 9
     run(*common, f"hydra.run.dir={tmp_path}/ref")
 
@@ -82,6 +73,6 @@ def test_kill_then_resume_continues_step_and_schedule(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["global_step"] == total
     assert summary["samples_seen"] <= (total - killed_at + 9) * 4  # continued, did not start over
-    ref_step, ref_lr = _final_lr(tmp_path / "ref")
-    step, lr = _final_lr(tmp_path / "run")
+    ref_step, ref_lr = final_lr(tmp_path / "ref")
+    step, lr = final_lr(tmp_path / "run")
     assert step == ref_step and lr == pytest.approx(ref_lr, rel=1e-6)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, make_image_folder
-from run_helpers import THREADS, run
+from run_helpers import env, run
 
 pytestmark = pytest.mark.integration
 
@@ -25,17 +24,14 @@ def _tokenize(tmp: Path, images: Path, root: str) -> list[str]:
 
 
 def _ranks(*overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**THREADS, **os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           "run.py", *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "run.py", *overrides], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
 
 
 def _as_rank(rank: int, world: int, port: int, *overrides: str) -> subprocess.CompletedProcess:
     """One rank of a launch, started by hand (as srun would): its rank and world from the environment."""
-    env = {**THREADS, **os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "RANK": str(rank),
-           "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    return subprocess.run([sys.executable, "run.py", *overrides], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return run(*overrides, check=False, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def _shards(root: Path) -> dict[str, str]:

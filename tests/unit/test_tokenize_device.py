@@ -86,26 +86,33 @@ def _cfg(tmp_path, **tokenizer):
 
 def test_the_plan_records_the_precision_and_a_resume_keeps_it(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
-    calls = []
     real = tk.run_shards
-    monkeypatch.setattr(tk, "run_shards", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(KeyboardInterrupt))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tk, "run_shards", interrupted)
     with pytest.raises(KeyboardInterrupt):  # interrupted after planning
         tk.tokenize(cfg, rank=0, world=1)
     plan = json.loads((tmp_path / "ds" / ".progress" / "plan.json").read_text())
     assert plan["tokenizer"]["precision"] == "fp32"
 
-    cfg.tokenizer.precision = "bf16"
-    cfg.tokenizer.kind = "patch_kmeans"
-    with pytest.raises(ValueError, match="tokenizer.precision=bf16: the patch_kmeans tokenizer encodes in fp32 only"):
+    plan["tokenizer"]["precision"] = "bf16"  # as if started in bf16 on a GPU: an explicit fp32 resume is refused
+    (tmp_path / "ds" / ".progress" / "plan.json").write_text(json.dumps(plan))
+    cfg.tokenizer.precision = "fp32"
+    with pytest.raises(Exception, match=r"tokenizer.precision=fp32 \(built with bf16\)"):
         tk.tokenize(cfg, rank=0, world=1)
+    plan["tokenizer"]["precision"] = "fp32"
+    (tmp_path / "ds" / ".progress" / "plan.json").write_text(json.dumps(plan))
+
     cfg.tokenizer.precision = "auto"
     monkeypatch.setattr(tk, "run_shards", real)
     meta = tk.tokenize(cfg, rank=0, world=1)
     assert meta["build"]["tokenizer"]["precision"] == "fp32" and meta["tokenizer"]["device"] == "cpu"
-    assert meta["num_samples"] == 16 and len(calls) == 1
-    # a finished dataset answers "nothing to do" to auto, and names an explicit other precision
+    assert meta["num_samples"] == 16
+    # a finished dataset answers "nothing to do" to auto and to the precision it was built in
     assert tk.tokenize(cfg, rank=0, world=1)["num_samples"] == 16
-    cfg.tokenizer.kind, cfg.tokenizer.precision = "patch_kmeans", "fp32"
+    cfg.tokenizer.precision = "fp32"
     assert tk.tokenize(cfg, rank=0, world=1)["num_samples"] == 16
 
 

@@ -390,7 +390,7 @@ def _gather(jobs: list[dict], own: list[dict], world: int, stall_s: float) -> li
 
 def _follow(cfg, rank: int, world: int) -> dict:
     """A rank > 0: once its rank 0 has planned the build, encode and write the shards ``i % world == rank``."""
-    root, build = Path(cfg.data.root), cfg.data.build
+    root = Path(cfg.data.root)
     if (root / INFO_FILE).is_file():
         return {}
     validate_settings(cfg)
