@@ -52,11 +52,17 @@ def become(request: dict) -> None:
     os.close(devnull)
     sys.stdin = open(0, closefd=False)
     os.chdir(request["cwd"])
+    ours = _pythonpath(os.environ)
     os.environ.clear()
     os.environ.update(request["env"])
     script = os.path.join(request["cwd"], request["argv"][0])
     sys.argv = [script, *request["argv"][1:]]
-    sys.path[0] = os.path.dirname(script)
+    # sys.path as Python builds it at start-up: the script's dir, then PYTHONPATH, then the rest
+    sys.path[:1 + len(ours)] = [os.path.dirname(script), *_pythonpath(request["env"])]
+
+
+def _pythonpath(env) -> list[str]:
+    return [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
 def main() -> None:

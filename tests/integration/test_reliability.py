@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import REPO, make_image_folder
-from run_helpers import paths, run, synthetic
+from run_helpers import final_lr, paths, resumable, run, synthetic
+from signal_at import signal_at
 
 pytestmark = pytest.mark.integration
 
@@ -104,6 +105,31 @@ def test_kill9_then_resume_keeps_the_metric_history(tmp_path, long_run):
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
         epochs_validated = [r["epoch"] for r in csv.DictReader(f) if r.get("val/acc1")]
     assert epochs_validated == ["0", "1", "2"]
+
+
+def test_resumes_from_an_epochs_last_batch_and_a_sigterm_while_restoring_end_where_an_uninterrupted_run_does(tmp_path):
+    """Two gaps a SLURM requeue found (1353 steps for 1350): a SIGTERM during a resumed launch's
+    restore was swallowed (training went on, then the grace timer killed it without a checkpoint),
+    and a resume from a checkpoint at an epoch's last batch left Lightning's loop "mid epoch", so the
+    next epoch's mid-epoch checkpoint read as a finished epoch and the resume after it replayed it."""
+    images = make_image_folder(tmp_path / "images", classes=3, train=12, val=4)
+    common = resumable(tmp_path, images, epochs=4)  # 36 steps, last.ckpt every 3
+    env = {"PYTHONPATH": str(Path(__file__).parent)}
+    run(*common, f"hydra.run.dir={tmp_path}/ref")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+    run(*common, *signal_at("on_train_batch_end", "SIGKILL", 19), check=False, **env)
+    assert ckpt_step(last) == 18  # epoch 1's last batch
+    restoring = run(*common, *signal_at("on_fit_start", "SIGTERM"), check=False, **env)
+    assert restoring.returncode in (-signal.SIGTERM, 143), restoring.stderr[-2000:]  # stopped, not trained on
+    assert ckpt_step(last) == 18 and not (tmp_path / "run" / "summary.json").exists()
+    run(*common, *signal_at("on_train_batch_end", "SIGKILL", 22), check=False, **env)
+    assert ckpt_step(last) == 21  # 3 batches into epoch 2
+    run(*common)
+
+    assert final_lr(tmp_path / "run") == final_lr(tmp_path / "ref")  # step 35 and its LR, not 3 steps more
+    assert train_steps(tmp_path / "run") == train_steps(tmp_path / "ref") == list(range(36))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 36
 
 
 def test_unnamed_runs_started_together_get_their_own_dirs(tmp_path):

@@ -31,6 +31,7 @@ from timm.utils import ModelEmaV3
 
 from seit.augment.pipeline import global_rngs_seeded, step_seed
 from seit.data.dataset_info import DatasetError
+from seit.utils.resume import finish_restart_at_epoch_end
 from seit.utils.validate import DATA_HINT
 
 
@@ -151,7 +152,16 @@ class SeitTask(pl.LightningModule):
             self._seeded_rngs.__exit__(None, None, None)
             self._seeded_rngs = None
 
+    def on_train_start(self) -> None:
+        """After a resume: the first epoch must count and start as it would have uninterrupted, and a
+        resumed partial epoch draws its batches from its own epoch's order, not epoch 0's."""
+        finish_restart_at_epoch_end(self.trainer)
+        self.set_data_epoch()
+
     def on_train_epoch_start(self) -> None:
+        self.set_data_epoch()
+
+    def set_data_epoch(self) -> None:
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "set_epoch"):
             dm.set_epoch(self.current_epoch)

@@ -11,6 +11,14 @@ Lightning already catches SIGTERM in every setup: its handler only sets a flag, 
   status 143 (128 + SIGTERM) and one line on stderr, without a new checkpoint (the previous last.ckpt
   stays intact: saves are atomic). A stop that is already saving is left to finish.
 
+The handler is installed at ``on_train_start``, after Lightning has restored the checkpoint and
+registered its own SIGTERM handler (which it then calls): a SIGTERM that comes earlier, while a
+resumed launch sets up, either ends the process at once (before Lightning's handler exists; the
+checkpoint on disk is untouched) or is already flagged by Lightning, and starts the grace timer
+here. (Installed at ``on_fit_start``, it once swallowed a SIGTERM that came during the restore:
+Lightning had not registered yet, so no stop was flagged, training went on and the grace timer
+killed it 20 s later without a checkpoint.)
+
 The handler runs in Python's main thread; a hang inside C code that never returns to the interpreter
 is beyond it (SLURM's SIGKILL after KillWait ends those).
 """
@@ -40,13 +48,20 @@ class StopOnSigterm(Callback):
         self._signals = 0
         self._saving = False
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning registers its own handler after on_fit_start and chains to this one.
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-            self._installed = True
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._installed = True
+        if trainer.received_sigterm:  # flagged by Lightning's handler before this one was installed
+            self._count()
 
     def _on_sigterm(self, signum, frame) -> None:
+        if callable(self._previous):  # Lightning's: flags the stop for the loops
+            self._previous(signum, frame)
+        self._count()
+
+    def _count(self) -> None:
         self._signals += 1
         if self._signals > 1:
             _exit_now("a second SIGTERM")
