@@ -66,3 +66,50 @@ def test_a_second_sigterm_exits_at_once():
     rc = proc.wait(timeout=60)
     assert rc == 143 and time.monotonic() - t0 < 5
     assert "error: stopped by SIGTERM (a second SIGTERM)" in proc.stderr.read()
+
+
+REQUEUED = """
+import signal, sys, time, torch, pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+from seit.utils.signals import StopOnSigterm
+
+def requeue(signum, frame):  # what submitit's handler does: requeue the job, then exit on the spot
+    print(f"requeued at step {trainer.global_step}", flush=True)
+    sys.exit(-1)
+
+signal.signal(signal.SIGUSR2, requeue)
+
+class Model(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(2, 1)
+    def training_step(self, batch, i):
+        if self.global_step == 5:
+            print("step 5", flush=True)
+            time.sleep(1)  # the signal lands mid-step
+        return self.w(batch).sum()
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), 0.1)
+
+trainer = pl.Trainer(callbacks=[StopOnSigterm(grace_s=60), ModelCheckpoint(sys.argv[1], save_last=True, save_top_k=0)],
+                     logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=1000)
+trainer.fit(Model(), DataLoader(torch.zeros(64, 2), batch_size=4))
+"""
+
+
+def test_the_requeue_signal_saves_last_ckpt_at_a_batch_then_hands_over_to_the_requeue(tmp_path):
+    """SLURM's USR2 under submitit: last.ckpt at the next batch boundary first, then submitit's own
+    handler (here a stand-in that prints and exits) requeues, once."""
+    import torch
+
+    proc = subprocess.Popen([sys.executable, "-c", REQUEUED, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while (line := proc.stdout.readline()) and line.strip() != "step 5":
+        pass
+    proc.send_signal(signal.SIGUSR2)
+    rc = proc.wait(timeout=60)
+    out = proc.stdout.read()
+    assert rc == 255 and out.count("requeued at step") == 1, (rc, out, proc.stderr.read()[-2000:])
+    step = torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"]
+    assert out.strip() == f"requeued at step {step}" and step == 6  # saved right after the signalled step

@@ -1,4 +1,5 @@
-"""Stop promptly on SIGTERM (SLURM's time limit, ``timeout``, ``kill``) and leave a last.ckpt.
+"""Stop promptly on SIGTERM (SLURM's time limit, ``timeout``, ``kill``) or on SLURM's requeue
+warning (``SIGUSR2`` under the submitit launcher), and leave a last.ckpt.
 
 Lightning already catches SIGTERM in every setup: its handler only sets a flag, and the loops raise
 ``SIGTERMException`` at the next batch boundary. Two gaps remain, which this callback closes:
@@ -41,9 +42,25 @@ EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 class StopOnSigterm(Callback):
-    def __init__(self, grace_s: float = 20.0):
+    """SIGTERM, and the SLURM requeue warning: save last.ckpt at the next batch boundary, then stop.
+
+    ``requeue_signal`` (``SIGUSR2``, what the submitit launcher asks SLURM to send ``signal_delay_s``
+    before the time limit, and what ``scancel --signal=USR2`` sends) is taken over from the handler
+    already installed for it (submitit's), which otherwise requeues the job and exits at once,
+    wherever training is: the relaunch then goes back to the last periodic checkpoint. Here the
+    warning stops training like a SIGTERM (rank 0 flags it and Lightning passes the flag to every
+    rank at the next step), every rank saves last.ckpt at that boundary, the loggers write their
+    rows, and then submitit's handler requeues the job (rank 0) and exits. Without such a handler
+    (no submitit) the signal is left alone.
+    """
+
+    def __init__(self, grace_s: float = 20.0, requeue_signal: str | None = "SIGUSR2"):
         self.grace_s = float(grace_s)
+        self.requeue_signum = getattr(signal, requeue_signal) if requeue_signal else None
         self._previous = None
+        self._requeue = None  # the requeue signal's own handler (submitit's), run after the save
+        self._requeue_pending: tuple | None = None
+        self._trainer: pl.Trainer | None = None
         self._installed = False
         self._signals = 0
         self._saving = False
@@ -51,7 +68,10 @@ class StopOnSigterm(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        self._trainer = trainer
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.requeue_signum is not None and callable(signal.getsignal(self.requeue_signum)):
+            self._requeue = signal.signal(self.requeue_signum, self._on_requeue_signal)
         self._installed = True
         if trainer.received_sigterm:  # flagged by Lightning's handler before this one was installed
             self._count()
@@ -59,6 +79,15 @@ class StopOnSigterm(Callback):
     def _on_sigterm(self, signum, frame) -> None:
         if callable(self._previous):  # Lightning's: flags the stop for the loops
             self._previous(signum, frame)
+        self._count()
+
+    def _on_requeue_signal(self, signum, frame) -> None:
+        log.info("%s: saving last.ckpt at the next batch, then requeueing", signal.Signals(signum).name)
+        self._requeue_pending = (signum, frame)
+        if self._trainer.is_global_zero:
+            # Lightning's stop flag (no public setter): the loops stop at the next boundary, and
+            # under DDP rank 0's flag is broadcast to every rank before each step
+            self._trainer._signal_connector.received_sigterm = True
         self._count()
 
     def _count(self) -> None:
@@ -71,6 +100,7 @@ class StopOnSigterm(Callback):
 
     def _on_timeout(self) -> None:
         if not self._saving:
+            self._hand_over_requeue()
             _exit_now(f"no batch boundary reached within {self.grace_s:g}s of SIGTERM")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -82,9 +112,25 @@ class StopOnSigterm(Callback):
         for path in last_checkpoint_paths(trainer):
             trainer.save_checkpoint(path)
             saved.append(str(path))
-        exception.report = (f"stopped by SIGTERM at step {trainer.global_step}; saved "  # run.py prints it
+        cause = "the requeue signal" if self._requeue_pending else "SIGTERM"
+        exception.report = (f"stopped by {cause} at step {trainer.global_step}; saved "  # run.py prints it
                             + (", ".join(saved) or "no checkpoint (no ModelCheckpoint with save_last)"))
         log.info(exception.report)
+        if self._requeue_pending:
+            for logger in trainer.loggers:  # submitit's handler exits: write the rows first
+                logger.finalize("failed")
+            self._hand_over_requeue()
+
+    def _hand_over_requeue(self) -> None:
+        """Run the requeue signal's own handler (submitit: ``scontrol requeue`` on rank 0, then
+        ``sys.exit(-1)``; in the grace timer's thread that exit only ends the thread)."""
+        if self._requeue_pending and callable(self._requeue):
+            pending, self._requeue_pending = self._requeue_pending, None
+            try:
+                self._requeue(*pending)
+            except SystemExit:
+                if threading.current_thread() is threading.main_thread():
+                    raise
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()
@@ -92,6 +138,8 @@ class StopOnSigterm(Callback):
     def _restore(self) -> None:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
+            if self._requeue is not None:
+                signal.signal(self.requeue_signum, self._requeue)
             self._installed = False
 
 
