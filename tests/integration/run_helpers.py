@@ -67,11 +67,11 @@ class ForkServer:
                 request = {"argv": argv, "cwd": str(REPO), "env": env_, "stdout": out, "stderr": err}
                 self.proc.stdin.write(json.dumps(request) + "\n")
                 self.proc.stdin.flush()
-                pid = json.loads(self.proc.stdout.readline())["pid"]
+                pid = self._reply()["pid"]
                 timed_out = threading.Event()
                 timer = threading.Timer(timeout, lambda: (timed_out.set(), os.kill(pid, signal.SIGKILL)))
                 timer.start()
-                code = json.loads(self.proc.stdout.readline())["returncode"]
+                code = self._reply()["returncode"]
                 timer.cancel()
                 if timed_out.is_set():
                     raise subprocess.TimeoutExpired(argv, timeout, Path(out).read_text(), Path(err).read_text())
@@ -79,6 +79,13 @@ class ForkServer:
                                                    Path(err).read_text())
         finally:
             self.lock.release()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server (pid {self.proc.pid}) ended (status {self.proc.wait()}); "
+                               "its stderr is in the test output; SEIT_TEST_FORK=0 runs without it")
+        return json.loads(line)
 
 
 FORK_SERVER = ForkServer()

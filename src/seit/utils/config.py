@@ -111,8 +111,8 @@ def slurm_layout(what: str, trainer) -> int | None:
     raise ValueError(f"slurm_layout: unknown field {what!r}")
 
 
-RESOLVERS = {"vq_downsample": vq_downsample, "slurm_layout": slurm_layout, "wandb_mode": wandb_mode, "run_dir": run_dir, "new_dir": new_dir,
-             "multirun_group": multirun_group, "join": join}
+RESOLVERS = {"vq_downsample": vq_downsample, "slurm_layout": slurm_layout, "wandb_mode": wandb_mode,
+             "run_dir": run_dir, "new_dir": new_dir, "multirun_group": multirun_group, "join": join}
 CACHED = ("run_dir", "new_dir")  # resolved once per config: a second look must not make another dir
 
 

@@ -93,7 +93,7 @@ class StopOnSigterm(Callback):
     def _count(self) -> None:
         self._signals += 1
         if self._signals > 1:
-            _exit_now("a second SIGTERM")
+            _exit_now(f"a second signal after {self._cause()}")
         timer = threading.Timer(self.grace_s, self._on_timeout)
         timer.daemon = True
         timer.start()
@@ -101,7 +101,7 @@ class StopOnSigterm(Callback):
     def _on_timeout(self) -> None:
         if not self._saving:
             self._hand_over_requeue()
-            _exit_now(f"no batch boundary reached within {self.grace_s:g}s of SIGTERM")
+            _exit_now(f"no batch boundary reached within {self.grace_s:g}s of {self._cause()}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
@@ -112,14 +112,16 @@ class StopOnSigterm(Callback):
         for path in last_checkpoint_paths(trainer):
             trainer.save_checkpoint(path)
             saved.append(str(path))
-        cause = "the requeue signal" if self._requeue_pending else "SIGTERM"
-        exception.report = (f"stopped by {cause} at step {trainer.global_step}; saved "  # run.py prints it
+        exception.report = (f"stopped by {self._cause()} at step {trainer.global_step}; saved "  # run.py prints it
                             + (", ".join(saved) or "no checkpoint (no ModelCheckpoint with save_last)"))
         log.info(exception.report)
         if self._requeue_pending:
             for logger in trainer.loggers:  # submitit's handler exits: write the rows first
                 logger.finalize("failed")
             self._hand_over_requeue()
+
+    def _cause(self) -> str:
+        return "the requeue signal" if self._requeue_pending else "SIGTERM"
 
     def _hand_over_requeue(self) -> None:
         """Run the requeue signal's own handler (submitit: ``scontrol requeue`` on rank 0, then
@@ -152,6 +154,6 @@ def last_checkpoint_paths(trainer: pl.Trainer) -> list[Path]:
 
 
 def _exit_now(why: str) -> None:
-    sys.stderr.write(f"error: stopped by SIGTERM ({why}); no new checkpoint, the last one saved is kept\n")
+    sys.stderr.write(f"error: stopped ({why}); no new checkpoint, the last one saved is kept\n")
     sys.stderr.flush()
     os._exit(EXIT_SIGTERM)
