@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,34 @@ def tokenize_config(images: Path, root: Path, **build):
 
 def label_of(key: str, num_classes: int) -> int:
     return sum(map(ord, key)) % num_classes
+
+
+def spawn_ranks(fn, *args, world: int = 2, timeout: float = 300) -> None:
+    """``fn(rank, world, *args)`` in ``world`` processes at once, as ``torch.multiprocessing.spawn`` would
+    (``fn`` at a test module's top level, ``args`` picklable), but forked by the fork server: a fresh
+    interpreter per rank costs about 10 s here, and forking pytest itself can hang in OpenMP."""
+    import pickle
+    import subprocess
+    import tempfile
+
+    from fork_server import FORK_SERVER, env
+
+    with tempfile.TemporaryDirectory() as tmp:
+        call = Path(tmp) / "call.pkl"
+        call.write_bytes(pickle.dumps((fn.__module__, fn.__name__, args)))
+        # as many torch threads as this process has, as spawned ranks would: sums can differ in the
+        # last bit between thread counts
+        code = (f"import importlib, pickle, sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
+                "sys.path[:0] = sys.argv[3:]; "
+                f"module, name, args = pickle.loads(open({str(call)!r}, 'rb').read()); "
+                "getattr(importlib.import_module(module), name)(int(sys.argv[1]), int(sys.argv[2]), *args)")
+        where = [str(Path(sys.modules[fn.__module__].__file__).parent), str(REPO / "tests")]
+        procs = [subprocess.Popen([FORK_SERVER.python(), "-c", code, str(rank), str(world), *where], cwd=REPO,
+                                  env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for rank in range(world)]
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {rank} of {fn.__name__} failed ({p.returncode}):\n{out[-4000:]}"
 
 
 @pytest.fixture

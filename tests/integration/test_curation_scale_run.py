@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from conftest import make_image_folder
 from conftest import REPO
-from run_helpers import THREADS, run, synthetic
+from fork_server import FORK_SERVER, THREADS
+from run_helpers import run, synthetic
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ def _ranks(*overrides: str, world: int = 2) -> None:
     for rank in range(world):
         env = {**THREADS, **os.environ, "WANDB_MODE": "disabled", "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "run.py", *overrides[:-1], f"{overrides[-1]}/rank{rank}"],
+        procs.append(subprocess.Popen([FORK_SERVER.python(), "run.py", *overrides[:-1], f"{overrides[-1]}/rank{rank}"],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
         out, _ = p.communicate(timeout=600)

@@ -8,12 +8,12 @@ device, and the MFU must be null; the long schedules either finish their toy run
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
+import torch
 from conftest import REPO
+from fork_server import FORK_SERVER, env
 
 STAGES = ("throughput", "tokenize", "loader", "long_mtm", "long_ablation", "long_continual")
 
@@ -21,9 +21,9 @@ STAGES = ("throughput", "tokenize", "loader", "long_mtm", "long_ablation", "long
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "experiments/gpu_suite.py", "--smoke", "--budget", "100", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+    hide_gpus = {"CUDA_VISIBLE_DEVICES": ""} if torch.cuda.is_available() else {}  # else the fork server's python
+    proc = subprocess.run([FORK_SERVER.python(), "experiments/gpu_suite.py", "--smoke", "--budget", "100", "--out", str(out)],
+                          cwd=REPO, env=env(**hide_gpus), capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "gpu_suite.json").read_text()), proc
 

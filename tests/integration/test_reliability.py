@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, make_image_folder
+from fork_server import FORK_SERVER, env
 from run_helpers import final_lr, paths, resumable, run, synthetic
 from signal_at import signal_at
 
@@ -33,8 +32,7 @@ def long_run(tmp_path) -> list[str]:
 def start(tmp: Path, *overrides: str, name: str = "proc") -> tuple[subprocess.Popen, Path, Path]:
     """run.py in the background, its stdout and stderr in files that the test reads while it runs."""
     out, err = tmp / f"{name}.out", tmp / f"{name}.err"
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "run.py", *overrides], cwd=REPO, env=env, stdout=out.open("w"),
+    proc = subprocess.Popen([FORK_SERVER.python(), "run.py", *overrides], cwd=REPO, env=env(), stdout=out.open("w"),
                             stderr=err.open("w"))
     return proc, out, err
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, make_image_folder
-from run_helpers import env, run
+from fork_server import env
+from run_helpers import run
 
 pytestmark = pytest.mark.integration
 

@@ -64,7 +64,7 @@ def test_killing_tokenize_kills_its_workers(tmp_path):
     overrides = [o for o in synthetic(tmp_path, images, image_size=32, patch_size=4)
                  if not o.startswith(("data.build.workers=", "data.build.shard_size="))]
     proc = start(*overrides, "task=tokenize", f"data.root={root}", "data.build.workers=2", "data.build.shard_size=8",
-                 "data.build.codec_fit_samples=16", "tokenizer.fit_images=64")
+                 "data.build.codec_fit_samples=16", "tokenizer.fit_images=64", fresh=True)
     deadline = time.monotonic() + 120
     while not (root / "shards").is_dir() or not any((root / "shards").glob("*.tar")):
         assert proc.poll() is None and time.monotonic() < deadline, "tokenize ended before it wrote a shard"

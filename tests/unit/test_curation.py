@@ -6,10 +6,9 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 
-from conftest import write_token_dataset
+from conftest import spawn_ranks, write_token_dataset
 from seit.curation import embed as embed_mod
 from seit.curation.dbp import dbp_select, water_fill
 from seit.curation.embed import Embeddings, embed_split, open_embeddings
@@ -183,7 +182,7 @@ def _distributed_worker(rank, world, port, x, out):
 def test_distributed_kmeans_matches_one_process(tmp_path):
     x = _blobs(seed=4)
     port = 29500 + os.getpid() % 1000
-    torch.multiprocessing.spawn(_distributed_worker, args=(2, port, x, str(tmp_path / "c.npy")), nprocs=2)
+    spawn_ranks(_distributed_worker, port, x, str(tmp_path / "c.npy"))
     one = kmeans(x, 6, niter=8, seed=1, spherical=True, backend="torch")
     np.testing.assert_allclose(np.load(tmp_path / "c.npy"), one, atol=1e-5)
 
@@ -289,15 +288,15 @@ def test_whitened_thumbnails_have_the_asked_dims(dataset, tmp_path):
 def test_embed_splits_shards_over_ranks(dataset, tmp_path):
     """Two ranks (as torchrun sets RANK/WORLD_SIZE) share the shards and end with the one-process result."""
     import subprocess
-    import sys
 
     from conftest import REPO
+    from fork_server import FORK_SERVER, env
 
     code = ("import sys; from seit.curation.embed import embed_split; from seit.data.dataset_info import TokenDatasetInfo; "
             f"embed_split(TokenDatasetInfo.open({str(dataset.root)!r}), 'train', None, {str(tmp_path / 'ranks')!r}, "
             "features='thumbnail', thumbnail_grid=2)")
-    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(REPO / "src")}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}) for r in (0, 1)]
+    procs = [subprocess.Popen([FORK_SERVER.python(), "-c", code],
+                              env=env(WORLD_SIZE="2", RANK=str(r), PYTHONPATH=str(REPO / "src"))) for r in (0, 1)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     records = {p.name: json.loads(p.read_text())["keys"] for p in (tmp_path / "ranks" / ".progress").glob("train-*.json")}
     assert len(records) == 3

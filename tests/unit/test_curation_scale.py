@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import spawn_ranks
 
 from seit.curation.embed import Embeddings, open_embeddings
 from seit.curation.hierarchical import hierarchical_kmeans
@@ -167,7 +168,7 @@ def test_semdedup_over_two_ranks_equals_one_rank(tmp_path):
     clusters = cluster(_store(x), 12, niter=8, seed=0, backend="torch", device="cpu")
     port = 29600 + os.getpid() % 1000
     out = str(tmp_path / "r")
-    torch.multiprocessing.spawn(_semdedup_worker, args=(2, port, x, clusters, out), nprocs=2)
+    spawn_ranks(_semdedup_worker, port, x, clusters, out)
     for probes, with_alive in CASES:
         one_m, one_p = semdedup_scores(_store(x), clusters, block=16, probes=probes, alive=_alive(len(x), with_alive),
                                        device="cpu")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 
 from conftest import REPO
+from fork_server import FORK_SERVER, env
 
 STUCK = """
 import sys, time, torch, pytorch_lightning as pl
@@ -39,8 +38,8 @@ pl.Trainer(callbacks=[StopOnSigterm(grace_s=float(sys.argv[1]))], logger=False, 
 
 
 def stuck_run(grace_s: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", STUCK, str(grace_s)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen([FORK_SERVER.python(), "-c", STUCK, str(grace_s)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())
     while (line := proc.stdout.readline()) and line.strip() != "stuck":
         pass
     assert proc.poll() is None, proc.stderr.read()
@@ -103,8 +102,8 @@ def test_the_requeue_signal_saves_last_ckpt_at_a_batch_then_hands_over_to_the_re
     handler (here a stand-in that prints and exits) requeues, once."""
     import torch
 
-    proc = subprocess.Popen([sys.executable, "-c", REQUEUED, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen([FORK_SERVER.python(), "-c", REQUEUED, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())
     while (line := proc.stdout.readline()) and line.strip() != "step 5":
         pass
     proc.send_signal(signal.SIGUSR2)
