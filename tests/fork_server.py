@@ -165,6 +165,7 @@ def serve(listener: socket.socket) -> tuple[dict, list[int]] | None:
     import selectors
 
     wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -197,7 +198,10 @@ def serve(listener: socket.socket) -> tuple[dict, list[int]] | None:
                 children[pid] = conn
                 sel.register(conn, selectors.EVENT_READ, pid)
             elif key.data == "reap":
-                while os.read(wake_r, 4096) == 4096:
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
                     pass
                 _reap(children, sel)
             elif key.data == "stdin":
@@ -296,6 +300,7 @@ def main() -> None:
     import gc
     import glob
     import importlib
+    import shutil
     import tempfile
 
     for name in PRELOAD:
@@ -316,7 +321,7 @@ def main() -> None:
     os.dup2(2, 1)  # the server's own output never mixes with the protocol
     received = serve(listener)
     if received is None:
-        os.unlink(address)
+        shutil.rmtree(os.path.dirname(address), ignore_errors=True)  # the socket and the stand-in
         return
     request, fds = received
     become(request, fds)
