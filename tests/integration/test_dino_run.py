@@ -96,11 +96,11 @@ def test_imagenet_recipes_run_in_seconds(tmp_path):
         run(*base, f"experiment={experiment}", f"hydra.run.dir={tmp_path}/{experiment}")
         s = summary(tmp_path, experiment)
         assert s["global_step"] == 3
-        hp = torch.load(s["last_ckpt_path"], weights_only=True)["hyper_parameters"]
+        hp = torch.load(s["last_ckpt_path"], weights_only=True, mmap=True)["hyper_parameters"]
         assert hp["heads"]["prototypes"] == 65536 and hp["model"]["init_values"] == 1e-5
         assert hp["teacher"]["momentum"] == 0.994 and hp["weight_decay_end"] == 0.2
         exports[experiment] = s["dino_export"]
     run(*base, "experiment=distill_vits_tokens", f"task.teacher.checkpoint={exports['dino_vitb_tokens']}",
         f"hydra.run.dir={tmp_path}/distill")
-    hp = torch.load(summary(tmp_path, "distill")["last_ckpt_path"], weights_only=True)["hyper_parameters"]
+    hp = torch.load(summary(tmp_path, "distill")["last_ckpt_path"], weights_only=True, mmap=True)["hyper_parameters"]
     assert hp["model"]["embed_dim"] == 384 and hp["model"]["drop_path_rate"] == 0.0 and hp["masks"]["probability"] == 0
