@@ -17,12 +17,16 @@ starts and any ``python SCRIPT`` the child spawns are forked as well.
 
 A fresh interpreter (``exec`` of the real one, so nothing changes for the caller) is used for
 anything else: Python options other than ``-u``, ``-m`` and ``-c``; an environment whose
-import-time variables (``IMPORT_TIME_ENV``) differ from the server's; ``SEIT_TEST_FORK=0``; a SLURM
-job (it runs where slurmd started it, in its cgroup, under its signals); no server to connect to.
+import-time variables (``IMPORT_TIME_ENV``, and ``PYTHON*`` ones other than ``FORK_HONOURS``) differ
+from the server's; ``SEIT_TEST_FORK=0``; a SLURM job (it runs where slurmd started it, in its cgroup,
+under its signals); multiprocessing's helpers and ``PID_IS_ID``; no server to connect to.
 
-The differences from a fresh interpreter that remain: the child's parent is the server, not the
-client (tests that walk the process tree use the real interpreter), and the child leads its own
-process group.
+A child gets what the libraries fixed at import afresh where that matters (standard streams,
+numpy's and torch's global seeds, Lightning's rank). The differences from a fresh interpreter that
+remain: its parent is the server, not the client (tests that walk the process tree use the real
+interpreter); it leads its own process group and dies with the server; the str hash seed,
+``sys.orig_argv``, warnings already shown and the signal mask are the server's; and at exit,
+objects still alive are not finalized (open files are flushed; see ``exit_as_python_does``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ HERE = Path(__file__).resolve().parent
 IMPORT_TIME_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF")
 PRELOAD = ("torch", "torchvision", "timm", "torchmetrics", "pytorch_lightning", "hydra", "omegaconf",
            "webdataset", "PIL.Image", "numpy", "scipy.signal", "sklearn")
+# The PYTHON* variables a forked child honours (the others act at start-up: a fresh interpreter runs).
+FORK_HONOURS = ("PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONFAULTHANDLER")
 PID_IS_ID = ("submitit.local._local",)  # its Popen pid names the job: a forked child's pid would not
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -54,7 +60,8 @@ def client(address: str, python: str, import_env: dict[str, str | None]) -> None
     args, env = sys.argv[1:], dict(os.environ)
     what = _parse(args)
     if (what is None or env.get("SEIT_TEST_FORK") == "0" or "SLURM_JOB_ID" in env
-            or any(env.get(k) != v for k, v in import_env.items())):
+            or any(env.get(k) != v for k, v in import_env.items())
+            or any(k.startswith("PYTHON") and k not in FORK_HONOURS and k not in import_env for k in env)):
         os.execv(python, [python, *args])
     mode, target, rest, unbuffered = what
     if unbuffered:
@@ -62,10 +69,13 @@ def client(address: str, python: str, import_env: dict[str, str | None]) -> None
     child, pending = [], []
 
     def forward(signum, _frame):
-        if child:
-            os.kill(child[0], signum)
-        else:
+        if not child:
             pending.append(signum)
+            return
+        try:
+            os.kill(child[0], signum)
+        except ProcessLookupError:
+            pass  # it has ended: its status is on the way
 
     for signum in FORWARDED:
         signal.signal(signum, forward)
@@ -81,14 +91,15 @@ def client(address: str, python: str, import_env: dict[str, str | None]) -> None
     replies = conn.makefile("r")
     child.append(json.loads(replies.readline())["pid"])
     for signum in pending:
-        os.kill(child[0], signum)
+        forward(signum, None)
     line = replies.readline()
     if not line:
         print(f"fork_server: the server ended before child {child[0]} did", file=sys.stderr)
         os._exit(1)
     code = json.loads(line)["returncode"]
-    if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
+    if code < 0:  # killed by a signal: so is this process
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code & 0xFF)
 
@@ -184,6 +195,7 @@ def serve(listener: socket.socket) -> tuple[dict, list[int]] | None:
                     continue
                 pid = os.fork()
                 if pid == 0:
+                    _die_with_parent()
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     for s in (listener, conn, *children.values()):
@@ -194,8 +206,16 @@ def serve(listener: socket.socket) -> tuple[dict, list[int]] | None:
                     return received
                 for fd in received[1]:
                     os.close(fd)
-                conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+                try:
+                    os.setpgid(pid, pid)  # as the child does: either may run first
+                except OSError:
+                    pass
                 children[pid] = conn
+                try:
+                    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+                except OSError:  # the client died in the meantime: its child goes too
+                    _kill_group(pid)
+                    continue
                 sel.register(conn, selectors.EVENT_READ, pid)
             elif key.data == "reap":
                 try:
@@ -209,12 +229,22 @@ def serve(listener: socket.socket) -> tuple[dict, list[int]] | None:
                     for pid in children:
                         _kill_group(pid)
                     return None
-            elif not key.fileobj.recv(4096):  # the client died first: its child goes too
-                sel.unregister(key.fileobj)
+            elif key.fileobj in sel.get_map() and not _recv(key.fileobj):  # the client died first:
+                sel.unregister(key.fileobj)                                  # its child goes too
                 _kill_group(key.data)
 
 
+def _recv(conn: socket.socket) -> bytes:
+    try:
+        return conn.recv(4096)
+    except OSError:
+        return b""
+
+
 def _receive(conn: socket.socket) -> tuple[dict, list[int]] | None:
+    """The request and descriptors a client sends right after it connects (None if it does not: a
+    client that stalls cannot stall the server for more than a few seconds)."""
+    conn.settimeout(5)
     try:
         _, fds, _, _ = socket.recv_fds(conn, 1, 3)
         data = b""
@@ -225,6 +255,7 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]] | None:
             data += more
     except OSError:
         return None
+    conn.settimeout(None)
     return json.loads(data), fds
 
 
@@ -248,6 +279,16 @@ def _reap(children: dict[int, socket.socket], sel) -> None:
         conn.close()
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the server dies, however it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -265,9 +306,9 @@ def become(request: dict, fds: list[int]) -> None:
     ours = _pythonpath(os.environ)
     os.environ.clear()
     os.environ.update(request["env"])
-    if os.environ.get("PYTHONUNBUFFERED"):
-        sys.stdout.reconfigure(line_buffering=True, write_through=True)
-        sys.stderr.reconfigure(line_buffering=True, write_through=True)
+    sys.stdout = sys.__stdout__ = _stdio(1, sys.stdout, bool(os.environ.get("PYTHONUNBUFFERED")))
+    sys.stderr = sys.__stderr__ = _stdio(2, sys.stderr, bool(os.environ.get("PYTHONUNBUFFERED")))
+    _fresh_process_state()
     mode, target = request["mode"], request["target"]
     first = os.path.dirname(os.path.abspath(target)) if mode == "script" else "" if mode == "-c" else os.getcwd()
     sys.argv = [{"script": target, "-c": "-c", "-m": target}[mode], *request["argv"]]
@@ -275,25 +316,62 @@ def become(request: dict, fds: list[int]) -> None:
     sys.path[:1 + len(ours)] = [first, *_pythonpath(request["env"])]
 
 
+def _stdio(fd: int, old, unbuffered: bool):
+    """A standard stream as Python builds it at start-up: block-buffered to a pipe or file (stderr
+    and a terminal: line-buffered), or unbuffered under -u / PYTHONUNBUFFERED."""
+    import io
+
+    raw = io.FileIO(fd, "w", closefd=False)
+    return io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=old.encoding, errors=old.errors,
+                            line_buffering=fd == 2 or raw.isatty(), write_through=unbuffered)
+
+
+def _fresh_process_state() -> None:
+    """What the preloaded libraries fixed at import that a fresh process would not share with its
+    siblings: the global RNG seeds of numpy and torch (Python's ``random`` reseeds itself after a
+    fork), and Lightning's rank, read from RANK / LOCAL_RANK / SLURM_PROCID at import. (The str hash
+    seed stays the server's: it cannot change in a running interpreter.)"""
+    import numpy as np
+    import torch
+    from lightning_fabric.utilities import rank_zero
+
+    np.random.seed()
+    torch.seed()
+    rank_zero.rank_zero_only.rank = rank_zero._get_rank() or 0  # as lightning_fabric sets it at import
+
+
 def _pythonpath(env) -> list[str]:
     return [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
 def run_request(request: dict) -> None:
-    """Run the request's script, module or code as ``__main__``; an uncaught error exits 1 with its
+    """Run the request's script, module or code as ``__main__`` (``__file__`` absolute, no
+    ``__spec__``, as Python 3.9+ sets them for a script); an uncaught error exits 1 with its
     traceback, as python does."""
+    import builtins
     import runpy
+    import types
 
-    if request["mode"] == "script":
-        runpy.run_path(request["target"], run_name="__main__")
-    elif request["mode"] == "-m":
-        runpy.run_module(request["target"], run_name="__main__", alter_sys=True)
+    mode, target = request["mode"], request["target"]
+    if mode == "-m":
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+        return
+    main = types.ModuleType("__main__")
+    main.__builtins__ = builtins
+    if mode == "script":
+        path = os.path.abspath(target)
+        try:
+            with open(path, "rb") as f:
+                source = f.read()
+        except OSError as e:
+            print(f"{sys.executable}: can't open file {path!r}: [Errno {e.errno}] {e.strerror}", file=sys.stderr)
+            raise SystemExit(2)
+        main.__file__, main.__cached__ = path, None
     else:
-        import types
-
-        main = types.ModuleType("__main__")
-        sys.modules["__main__"] = main
-        exec(compile(request["target"], "<string>", "exec"), main.__dict__)
+        source, path = target, "<string>"
+        main.__annotations__ = {}
+    sys.modules["__main__"] = main
+    exec(compile(source, path, "exec"), main.__dict__)
 
 
 def main() -> None:
@@ -314,6 +392,7 @@ def main() -> None:
     listener.bind(address)
     listener.listen(64)
     import_env = {k: os.environ.get(k) for k in IMPORT_TIME_ENV}
+    import_env.update((k, v) for k, v in os.environ.items() if k.startswith("PYTHON") and k not in FORK_HONOURS)
     if not glob.glob("/dev/nvidia[0-9]*"):  # no GPU to show or hide (submitit_local hides them all)
         import_env = {k: v for k, v in import_env.items() if not k.startswith(("CUDA_", "PYTORCH_CUDA_"))}
     print(json.dumps({"ready": os.getpid(), "address": address, "python": sys.executable, "import_env": import_env}),
@@ -329,12 +408,31 @@ def main() -> None:
     exit_as_python_does(run_request, request)
 
 
+def _open_writers() -> list:
+    """The child's file objects still open for writing: the teardown would flush them as it
+    closes them (the frozen server objects are not among them)."""
+    import gc
+    import io
+
+    return [o for o in gc.get_objects() if isinstance(o, (io.BufferedWriter, io.TextIOWrapper, io.BufferedRandom))
+            and not o.closed and o.writable()]
+
+
+def _print_uncaught(e: BaseException) -> None:
+    """``sys.excepthook`` on ``e`` without the frames of this file and runpy, as python prints it."""
+    tb = e.__traceback__
+    while tb is not None and (tb.tb_frame.f_code.co_filename == __file__ or "runpy" in tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    sys.excepthook(type(e), e.with_traceback(tb), tb)
+
+
 def exit_as_python_does(fn, *args) -> None:
     """Call ``fn(*args)`` as a script's ``__main__``, then end the process as the interpreter would:
     the status of an uncaught SystemExit (an error: its traceback, 1; Ctrl-C: killed by SIGINT), then
-    non-daemon threads joined, atexit handlers run and the standard streams flushed. It skips the
-    module teardown after that, which costs about a second per process with torch loaded and only
-    frees memory the kernel frees anyway."""
+    non-daemon threads joined, atexit handlers run, the standard streams and every file still open
+    for writing flushed. It skips the module teardown after that (about a second per process with
+    torch loaded): objects alive at exit are not finalized, so a ``__del__`` that does more than
+    close a file does not run, which Python does not promise at exit either."""
     import atexit
     import threading
 
@@ -347,15 +445,15 @@ def exit_as_python_does(fn, *args) -> None:
         else:
             print(e.code, file=sys.stderr)
             code = 1
-    except KeyboardInterrupt:
-        sys.excepthook(*sys.exc_info())
+    except KeyboardInterrupt as e:
+        _print_uncaught(e)
         kill = signal.SIGINT
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
+    except BaseException as e:
+        _print_uncaught(e)
         code = 1
     threading._shutdown()
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr, *_open_writers()):
         try:
             stream.flush()
         except (OSError, ValueError):

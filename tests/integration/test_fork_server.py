@@ -50,12 +50,23 @@ def test_a_forked_run_py_answers_as_a_fresh_interpreter_does(tmp_path):
      "threading.Thread(target=lambda: print('thread joined')).start(); sys.exit('bye')", 1),
     ("raise ValueError('boom')", 1),
     ("raise KeyboardInterrupt", -signal.SIGINT),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL),
+    ("import sys; open(sys.argv[1], 'w').write('kept'); print(open(sys.argv[1]).read() or 'lost', file=sys.stderr)", 0),
 ])
-def test_exit_status_output_and_shutdown_match(code, status):
-    fresh, forked = both(["-c", code, "a", "b"])
+def test_exit_status_output_and_shutdown_match(code, status, tmp_path):
+    fresh, forked = both(["-c", code, str(tmp_path / "unclosed"), "b"])
     assert forked.returncode == fresh.returncode == status
+    assert forked.stderr == fresh.stderr  # no frames of the fork server in a traceback either
     assert forked.stdout == fresh.stdout
-    assert forked.stderr.splitlines()[-1:] == fresh.stderr.splitlines()[-1:]
+
+
+def test_each_child_draws_its_own_seeds_and_lightning_reads_its_rank_from_its_environment():
+    draw = "import numpy, torch; print(numpy.random.randint(1 << 30), torch.randint(1 << 30, ()).item())"
+    first, second = (fork(["-c", draw]).stdout.split() for _ in range(2))
+    assert first[0] != second[0] and first[1] != second[1]
+    code = "from pytorch_lightning.utilities import rank_zero_only; print(rank_zero_only.rank)"
+    assert fork(["-c", code], LOCAL_RANK="1").stdout.strip() == "1"
+    assert fork(["-c", code]).stdout.strip() == "0"
 
 
 def test_signals_reach_the_child_and_a_killed_client_takes_it_along():
