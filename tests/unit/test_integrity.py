@@ -169,7 +169,7 @@ def test_ids_beyond_the_codebook_are_refused_on_every_codec_and_path(tmp_path):
 
 
 def test_labels_outside_the_class_list_are_refused(tmp_path):
-    info = _dataset(tmp_path, counts={"train": [16], "val": [8]}, num_classes=5)
+    _dataset(tmp_path, counts={"train": [16], "val": [8]}, num_classes=5)
     labels = np.array([0, 1, 2, 3, 4, 5, 0, 1])
     record = write_shard(tmp_path / SHARD_DIR / "val-000000.tar", np.zeros((8, 8, 8), np.uint16), labels,
                          [f"v{i}" for i in range(8)], split="val", codec="zstd-planes", codebook_size=300, chunk_size=8)

@@ -137,8 +137,6 @@ def test_copy_margin_trades_exactness_for_repeats():
 
 
 def test_a_tokenizer_saved_before_the_codebook_dim_rename_loads(tmp_path):
-    import json
-
     tok = VQTokenizer(VQModel(**TINY), image_size=32)
     path = tmp_path / "old.safetensors"
     tok.save(path)
