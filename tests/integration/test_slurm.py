@@ -198,9 +198,10 @@ def _pending_after_a_run(cluster, job: str) -> bool:
 ])
 def test_a_misconfigured_launcher_is_refused_by_key_before_submitting(slurm, tmp_path, override, message):
     images = make_image_folder(tmp_path / "images")
+    before = set(_job_ids(slurm))  # an earlier test's job may still be completing
     proc = run("-m", *synthetic(tmp_path, images), f"data.root={tmp_path}/ds", "hydra/launcher=submitit_slurm",
                "local=slurm", _local_slurm(tmp_path, slurm), f"hydra.sweep.dir={tmp_path}/sweep", override, check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]  # the error line (Hydra's own warnings may come before it)
     assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
-    assert not _job_ids(slurm) and not list((tmp_path / "sweep").glob("*/summary.json"))
+    assert not set(_job_ids(slurm)) - before and not list((tmp_path / "sweep").glob("*/summary.json"))
