@@ -1,9 +1,10 @@
-"""A fork server for the integration tests: it imports run.py's heavy third-party libraries once, then
+"""A fork server for the tests: it imports run.py's heavy third-party libraries once, then
 forks a child per request that runs a Python script as ``python SCRIPT ARGS`` would.
 
 Why: about 11 s of every ``python run.py`` start on the 2-core CI machine is importing torch,
-torchvision, timm, torchmetrics and Lightning, and the integration tests start Python more than a
-hundred and fifty times (run.py, its DDP ranks, background runs, the GPU suite's stages).
+torchvision, timm, torchmetrics and Lightning, and the tests start Python well over a hundred times
+(run.py, its DDP ranks, background runs, the GPU suite's stages, unit tests' ranks), and about 3 s
+of each exit is tearing those libraries down.
 
 How a test reaches it: ``FORK_SERVER.python()`` starts the server and writes a tiny executable, ``python``, whose
 ``client()`` stands in for the interpreter. Given ``[-u] SCRIPT ARGS`` it connects to the server's
@@ -111,7 +112,7 @@ def _parse(args: list[str]) -> tuple[str, str, list[str], bool] | None:
     args = args[1:] if unbuffered else args
     if len(args) >= 2 and args[0] in ("-m", "-c"):
         if "multiprocessing" in args[1] or args[1] in PID_IS_ID:
-            return None  # multiprocessing's children read descriptors they inherit: only fds 0-2 travel
+            return None  # descriptors inherited beyond 0-2 (multiprocessing) or the pid itself matter
         return args[0], args[1], args[2:], unbuffered
     if args and not args[0].startswith("-"):
         return "script", args[0], args[1:], unbuffered
@@ -145,8 +146,8 @@ class ForkServer:
         if os.environ.get("SEIT_TEST_FORK", "1") == "0" or not hasattr(os, "fork"):
             return sys.executable
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self.shim = self._start()
+            if self.proc is None or (self.shim and self.proc.poll() is not None):  # once more after a death,
+                self.shim = self._start()                                          # never after a failed start
         return self.shim or sys.executable
 
     def _start(self) -> str | None:
@@ -156,6 +157,9 @@ class ForkServer:
         ready = json.loads(self.proc.stdout.readline() or "{}")
         if "ready" not in ready:
             self.proc.kill()
+            return None
+        if len(f"#!{ready['python']} -ES") > 255:  # Linux cuts longer #! lines: use the plain interpreter
+            self.proc.stdin.close()
             return None
         shim = Path(ready["address"]).with_name("python")
         shim.write_text(f"#!{ready['python']} -ES\nimport sys\nsys.path.insert(0, {str(HERE)!r})\n"
