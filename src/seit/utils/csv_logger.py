@@ -4,8 +4,12 @@ Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts, so a r
 last.ckpt (after a kill, a preemption, a requeue) keeps only the rows logged after the resume. This
 one keeps the file and appends. Of the earlier rows it drops those at or after the first step that
 the resumed run logs: they were logged after the checkpoint it resumed from, and the resumed run
-logs those steps again. The rows buffered in memory are written out whenever a checkpoint is saved,
-so a kill -9 loses none of the rows that came before the checkpoint the run resumes from.
+logs those steps again.
+
+A kill -9 must lose none of the rows up to the checkpoint the run resumes from. Lightning saves a
+step's checkpoint in ``on_train_batch_end`` and logs that step's row only afterwards, so the
+``StepRowBeforeCheckpoint`` callback writes the row first, as part of the checkpoint's save, and the
+writer then drops the copy that Lightning logs for the same step.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ from __future__ import annotations
 import csv
 import io
 
+import pytorch_lightning as pl
+from lightning_fabric.utilities.apply_func import convert_tensors_to_scalars
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.utilities import rank_zero_only
 
 from seit.utils.io import atomic_open
 
@@ -32,8 +39,60 @@ class ResumableCSVLogger(CSVLogger):
     def after_save_checkpoint(self, checkpoint_callback) -> None:
         self.save()
 
+    @rank_zero_only
+    def log_step_ahead(self, metrics: dict[str, float], step: int) -> None:
+        """Write a training step's row now (before the checkpoint that includes the step); the row
+        that Lightning logs for ``step`` next does not repeat ``metrics``' keys."""
+        self.experiment.log_metrics(metrics, step)
+        self.experiment.logged_ahead = (step, set(metrics))
+        self.save()
+
+
+class StepRowBeforeCheckpoint(pl.Callback):
+    """Write the current training step's metrics row to every ``ResumableCSVLogger`` when a checkpoint
+    is saved inside ``on_train_batch_end`` (Lightning's ModelCheckpoint with ``every_n_train_steps``,
+    or any callback that saves there): without it, a kill between the checkpoint's write and the row's
+    loses that row for good, since the resumed run starts at the next step.
+
+    It mirrors the conditions under which Lightning's logger connector logs the step right after the
+    hook (``update_train_step_metrics``), so the row is the one Lightning would have written.
+    """
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)]
+        if not loggers or not trainer.is_global_zero or not trainer.training:
+            return
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current
+        if batches.processed == batches.completed:  # between batches: the last one's row is logged
+            return
+        if trainer.fit_loop._should_accumulate() and pl_module.automatic_optimization:
+            return
+        connector = trainer._logger_connector  # no public access to the step's pending metrics
+        if not (connector.should_update_logs or trainer.fast_dev_run):
+            return
+        metrics = convert_tensors_to_scalars(connector.metrics["log"])
+        if not metrics:
+            return
+        metrics.setdefault("epoch", trainer.current_epoch)  # as the connector adds it
+        for logger in loggers:
+            logger.log_step_ahead(metrics, trainer.fit_loop.epoch_loop._batches_that_stepped)
+
 
 class AppendingWriter(ExperimentWriter):
+    def __init__(self, log_dir: str) -> None:
+        self.logged_ahead: tuple[int, set[str]] | None = None
+        super().__init__(log_dir)
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        if self.logged_ahead is not None:
+            ahead_step, keys = self.logged_ahead
+            self.logged_ahead = None
+            if step == ahead_step:
+                metrics_dict = {k: v for k, v in metrics_dict.items() if k not in keys}
+                if not metrics_dict:
+                    return
+        super().log_metrics(metrics_dict, step)
+
     def _check_log_dir_exists(self) -> None:
         """Read the rows of a previous start instead of deleting them (the base class deletes)."""
         self._earlier: list[dict] | None = None
