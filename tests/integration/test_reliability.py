@@ -100,22 +100,24 @@ def test_kill9_then_resume_keeps_the_metric_history(tmp_path, long_run):
     assert steps == train_steps(tmp_path / "ref") == list(range(27))  # each step once, none lost
     for run_dir in (tmp_path / "ref", tmp_path / "run"):  # 3 colour classes: chance 1/3, measured 1.0
         assert json.loads((run_dir / "summary.json").read_text())["val/acc1"] >= 0.6
-    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
-        epochs_validated = [r["epoch"] for r in csv.DictReader(f) if r.get("val/acc1")]
-    assert epochs_validated == ["0", "1", "2"]
+    assert validated_epochs(tmp_path / "run") == ["0", "1", "2"]
 
 
 def test_resumes_from_an_epochs_last_batch_and_a_sigterm_while_restoring_end_where_an_uninterrupted_run_does(tmp_path):
     """Two gaps a SLURM requeue found (1353 steps for 1350): a SIGTERM during a resumed launch's
     restore was swallowed (training went on, then the grace timer killed it without a checkpoint),
     and a resume from a checkpoint at an epoch's last batch left Lightning's loop "mid epoch", so the
-    next epoch's mid-epoch checkpoint read as a finished epoch and the resume after it replayed it."""
+    next epoch's mid-epoch checkpoint read as a finished epoch and the resume after it replayed it.
+    And a third: a kill during an epoch's validation resumed from the periodic checkpoint saved just
+    before it, at the epoch's last batch, and the epoch was never validated."""
     images = make_image_folder(tmp_path / "images", classes=3, train=12, val=4)
     common = resumable(tmp_path, images, epochs=4)  # 36 steps, last.ckpt every 3
     env = {"PYTHONPATH": str(Path(__file__).parent)}
     run(*common, f"hydra.run.dir={tmp_path}/ref")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
 
+    run(*common, *signal_at("on_validation_start", "SIGKILL", 9), check=False, **env)
+    assert ckpt_step(last) == 6  # not step 9's, which Lightning saves before epoch 0's validation
     run(*common, *signal_at("on_train_batch_end", "SIGKILL", 19), check=False, **env)
     assert ckpt_step(last) == 18  # epoch 1's last batch
     restoring = run(*common, *signal_at("on_fit_start", "SIGTERM"), check=False, **env)
@@ -128,6 +130,12 @@ def test_resumes_from_an_epochs_last_batch_and_a_sigterm_while_restoring_end_whe
     assert final_lr(tmp_path / "run") == final_lr(tmp_path / "ref")  # step 35 and its LR, not 3 steps more
     assert train_steps(tmp_path / "run") == train_steps(tmp_path / "ref") == list(range(36))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 36
+    assert validated_epochs(tmp_path / "run") == validated_epochs(tmp_path / "ref") == ["0", "1", "2", "3"]
+
+
+def validated_epochs(run_dir: Path) -> list[str]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [r["epoch"] for r in csv.DictReader(f) if r.get("val/acc1")]
 
 
 def test_unnamed_runs_started_together_get_their_own_dirs(tmp_path):
