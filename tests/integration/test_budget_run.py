@@ -33,7 +33,7 @@ def test_two_seeds_stop_at_their_budget_with_a_curve_each_and_one_sweep_figure(t
         assert budget["excluded"] == ["validation", "checkpointing"] and budget["validation_s"] > 0
         step_s = budget["train_seconds"] / summary["global_step"]
         # it stops at the step that crosses the budget (measured: 4.00-4.02 s, steps of ~20 ms)
-        assert BUDGET_S <= budget["train_seconds"] <= BUDGET_S + 3 * step_s + 0.2
+        assert BUDGET_S <= budget["train_seconds"] <= BUDGET_S + 3 * step_s + 0.5  # 0.5: a stalled step
         assert summary["train_s"] == budget["train_seconds"]  # one launch: the same clock
 
         assert len(curve) >= 4 and all({"train_s", "samples_seen", "epoch", "step", "val/acc1"} <= set(p) for p in curve)
@@ -42,7 +42,7 @@ def test_two_seeds_stop_at_their_budget_with_a_curve_each_and_one_sweep_figure(t
         assert [p["samples_seen"] for p in curve] == sorted(p["samples_seen"] for p in curve)
         epoch_steps = 3 * 12 // 4
         mid_epoch = [p for p in curve[:-1] if p["step"] % epoch_steps]  # val_every=1, not an epoch's end
-        assert len(mid_epoch) >= 2 and all(any(k <= p["train_s"] <= k + 3 * step_s + 0.2 for k in (1, 2, 3))
+        assert len(mid_epoch) >= 2 and all(any(k <= p["train_s"] <= k + 3 * step_s + 0.5 for k in (1, 2, 3))
                                            for p in mid_epoch), mid_epoch
         assert summary["curve_png"].endswith("accuracy_vs_time.png") and valid_png(summary["curve_png"])
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.utils.data
 from PIL import Image
 
 from conftest import make_image_folder
@@ -73,7 +74,9 @@ def test_killing_tokenize_kills_its_workers(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(workers) >= 2
-    deadline = time.monotonic() + 5
+    # an idle torch worker notices its parent is gone at its next queue poll, every 5 s
+    # (MP_STATUS_CHECK_INTERVAL); measured 4.1-4.99 s after the kill, so 5 s left no margin
+    deadline = time.monotonic() + torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL + 10
     while any(map(_alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [w for w in workers if _alive(w)]

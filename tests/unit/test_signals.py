@@ -59,7 +59,7 @@ def test_a_stuck_run_exits_grace_s_after_sigterm():
 def test_a_second_sigterm_exits_at_once():
     proc = stuck_run(grace_s=600)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    time.sleep(2)  # handled by then (two signals pending at once would be delivered as one)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=60)
@@ -86,7 +86,9 @@ class Model(pl.LightningModule):
     def training_step(self, batch, i):
         if self.global_step == 5:
             print("step 5", flush=True)
-            time.sleep(1)  # the signal lands mid-step
+            deadline = time.monotonic() + 60
+            while not self.trainer.received_sigterm and time.monotonic() < deadline:
+                time.sleep(0.01)  # the signal lands mid-step
         return self.w(batch).sum()
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), 0.1)
