@@ -42,7 +42,8 @@ class Saves(TorchCheckpointIO):
 
 
 def loader(n: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(n, 3), torch.randn(n, 1)), batch_size=2)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3), torch.randn(n, 1))
+    return torch.utils.data.DataLoader(data, batch_size=2)
 
 
 @pytest.mark.parametrize("validate", [True, False])
@@ -72,3 +73,47 @@ def test_saves_inside_an_epoch_are_made_at_their_batch(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     trainer.fit(model, loader(10), loader(4))  # 5 steps an epoch: saves at 2, 4 | 6, 8 | 10 at the end
     assert io.seen == [(2, 0), (4, 0), (6, 1), (8, 1), (10, 2)]
+
+
+class Killed(Exception):
+    """A kill -9 during a validation: no hook after it runs, no checkpoint."""
+
+
+class KilledInValidation(Regression):
+    def __init__(self, at_step: int | None):
+        super().__init__()
+        self.at_step, self.validated_at = at_step, []
+
+    def on_validation_start(self):
+        if not self.trainer.sanity_checking and self.trainer.global_step == self.at_step:
+            raise Killed
+
+    def on_validation_end(self):
+        super().on_validation_end()
+        self.validated_at.append(self.trainer.global_step)
+
+
+def fit_validating_twice_an_epoch(root, kill_at: int | None = None, ckpt_path=None) -> list[int]:
+    torch.manual_seed(0)
+    model = KilledInValidation(kill_at)
+    every_2 = PeriodicCheckpoint(dirpath=root, save_top_k=0, save_last=True, every_n_train_steps=2)
+    trainer = pl.Trainer(max_epochs=2, val_check_interval=0.5, logger=False, num_sanity_val_steps=0, callbacks=[every_2],
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    try:
+        trainer.fit(model, loader(8), loader(4), ckpt_path=ckpt_path)
+    except Killed:
+        pass
+    return model.validated_at
+
+
+def test_a_kill_during_a_validation_inside_the_epoch_resumes_before_it(tmp_path):
+    assert fit_validating_twice_an_epoch(tmp_path / "ref") == [2, 4, 6, 8]  # 4 steps an epoch, 2 validations
+    assert fit_validating_twice_an_epoch(tmp_path / "run", kill_at=6) == [2, 4]
+    last = tmp_path / "run" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4  # the save due at step 6 waited
+    assert fit_validating_twice_an_epoch(tmp_path / "run", ckpt_path=last) == [6, 8]  # step 6 validated after all
+
+
+def test_a_monitor_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="leave monitor unset"):
+        PeriodicCheckpoint(dirpath=tmp_path, monitor="val/acc1", every_n_train_steps=2)

@@ -1,12 +1,13 @@
-"""``last.ckpt`` every N training steps, never between an epoch's last batch and its validation.
+"""``last.ckpt`` every N training steps, never between a batch and the validation that follows it.
 
 Lightning's ``ModelCheckpoint(every_n_train_steps=N)`` saves in ``on_train_batch_end``. When step N
-falls on an epoch's last batch, that checkpoint comes before the epoch-end validation, and it records
-the epoch's batches as all done. A run killed during that validation (a preemption, an OOM kill)
-resumes from it and goes straight on to the next epoch: the epoch is never validated, so its
-``val/*`` row and its say in the best checkpoint are lost. Here that one save waits for the
-epoch's end (``on_train_epoch_end``, after the validation); a kill during the validation resumes
-from the previous checkpoint and validates the epoch when it gets there.
+is a batch that a validation follows (an epoch's last batch, a ``val_check_interval``, the budget's
+``val_every`` grid, a stop), that checkpoint comes before the validation, and it records the batch
+as done. A run killed during that validation (a preemption, an OOM kill) resumes from it past the
+validation, which never happens: its ``val/*`` row, its curve point and its say in the best
+checkpoint are lost. Here that one save waits for the validation's end (an epoch's last batch: for
+the epoch's end, after its validation); a kill during the validation resumes from the previous
+checkpoint and validates when it gets there again.
 """
 
 from __future__ import annotations
@@ -16,22 +17,43 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` for ``every_n_train_steps`` saves (same arguments), with the save due on an
-    epoch's last batch made at the epoch's end instead."""
+    """``ModelCheckpoint`` for ``every_n_train_steps`` (or ``train_time_interval``) saves, same
+    arguments but no ``monitor`` (the best checkpoint is another callback's job), with a save due on
+    a batch that a validation follows made after that validation.
+
+    Raises:
+        ValueError: ``monitor`` is set.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._due_at_epoch_end = False
+        if self.monitor is not None:
+            raise ValueError(f"PeriodicCheckpoint saves every N steps, not the best by {self.monitor!r}: "
+                             "leave monitor unset (callbacks.model_checkpoint keeps the best)")
+        self._waiting: str | None = None  # a due save waits for "validation" (inside the epoch) or "epoch end"
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
-            self._due_at_epoch_end = True
-            return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
+            self._waiting = "epoch end"  # its validation comes before on_train_epoch_end
+        elif epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            # Lightning's own test for a validation after this batch; the callbacks before this one
+            # have run (the budget's val_every grid and its stop are in it)
+            self._waiting = "validation"
+        else:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._waiting == "validation":
+            self._save_waiting(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._due_at_epoch_end:
-            self._due_at_epoch_end = False
-            super().on_train_batch_end(trainer, pl_module, None, None, -1)  # saves if the step is due
+        if self._waiting:  # the epoch's last batch, or a validation that did not come after all
+            self._save_waiting(trainer, pl_module)
+
+    def _save_waiting(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._waiting = None
+        super().on_train_batch_end(trainer, pl_module, None, None, -1)  # saves if the step is due
