@@ -17,9 +17,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` for ``every_n_train_steps`` (or ``train_time_interval``) saves, same
-    arguments but no ``monitor`` (the best checkpoint is another callback's job), with a save due on
-    a batch that a validation follows made after that validation.
+    """``ModelCheckpoint`` for ``every_n_train_steps`` saves, same arguments but no ``monitor`` (the
+    best checkpoint is another callback's job), with a save due on a batch that a validation follows
+    made after that validation (``train_time_interval`` saves are made as Lightning makes them).
 
     Raises:
         ValueError: ``monitor`` is set.
@@ -34,14 +34,21 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
+        if self._every_n_train_steps < 1 or trainer.global_step % self._every_n_train_steps:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # no step save due
+            return
         epoch_loop = trainer.fit_loop.epoch_loop
+        waiting = None
         if epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
-            self._waiting = "epoch end"  # its validation comes before on_train_epoch_end
+            waiting = "epoch end"  # its validation comes before on_train_epoch_end
         elif epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
             # Lightning's own test for a validation after this batch; the callbacks before this one
             # have run (the budget's val_every grid and its stop are in it)
-            self._waiting = "validation"
-        else:
+            waiting = "validation"
+        # every rank saves at the same point (the save is collective), so rank 0's view decides: a
+        # time-based val_check_interval reads each rank's clock
+        self._waiting = trainer.strategy.broadcast(waiting)
+        if self._waiting is None:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
